@@ -1,0 +1,70 @@
+"""Shared fixtures: deterministic tiny models built offline (see interlace.models.demo).
+
+Set INTERLACE_TEST_MODELS_DIR to build the models there once and reuse them across runs;
+otherwise they are built (in about a second) under pytest's temp dir each session.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before transformers is imported anywhere: model hubs are unreachable, so fail fast
+# instead of waiting on network timeouts if something tries to download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from interlace.models.demo import build_tiny_gpt2, build_tiny_llama, build_tiny_mlp  # noqa: E402
+
+ET_PROMPT = "The Eiffel Tower is in the city of"
+MSG_PROMPT = "Madison Square Garden is located in the city of"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tiny models live: INTERLACE_TEST_MODELS_DIR (cached) or a session temp dir."""
+    cached = os.environ.get("INTERLACE_TEST_MODELS_DIR")
+    if cached:
+        path = Path(cached).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_path(models_dir: Path) -> Path:
+    """A GPT-2 (4 layers x 128, vocab 512) with its tokenizer, loadable by path."""
+    return build_tiny_gpt2(models_dir / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(models_dir: Path) -> Path:
+    """A Llama (2 layers x 64, grouped-query attention) with its tokenizer, loadable by path."""
+    return build_tiny_llama(models_dir / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_mlp() -> torch.nn.Sequential:
+    """A fresh layer1 -> act -> layer2 MLP per test, since tests may modify it."""
+    return build_tiny_mlp()
+
+
+@pytest.fixture
+def tiny_input() -> torch.Tensor:
+    """A (1, 5) input for ``tiny_mlp``."""
+    torch.manual_seed(0)
+    return torch.rand(1, 5)
+
+
+@pytest.fixture
+def et_prompt() -> str:
+    return ET_PROMPT
+
+
+@pytest.fixture
+def msg_prompt() -> str:
+    return MSG_PROMPT
