@@ -1,0 +1,3 @@
+__version__ = "0.1.0"
+#: Version of the client/server protocol and wire format; a major mismatch is refused.
+PROTOCOL_VERSION = 1

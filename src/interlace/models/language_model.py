@@ -1,0 +1,293 @@
+"""`LanguageModel`: Hugging Face causal LMs with tokenization, batching and generation."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import TracingError
+from ..tracing.interleaver import Interleaver
+from .generation import GenerateTracer, Generator
+from ..tracing.envoy import Envoy
+from .nnsight import NNsight
+
+__all__ = ["LanguageModel"]
+
+#: Keyword arguments meant for the tokenizer. Passing one to trace()/generate() is an error
+#: (the peer routes them silently, so `generate(max_length=6)` never caps generation).
+TOKENIZER_OPTIONS = frozenset(
+    {
+        "add_special_tokens", "padding", "truncation", "max_length", "stride", "is_split_into_words",
+        "pad_to_multiple_of", "padding_side", "return_tensors", "return_token_type_ids",
+        "return_attention_mask", "return_overflowing_tokens", "return_special_tokens_mask",
+        "return_offsets_mapping", "return_length", "text_pair", "text_target",
+    }
+)
+
+
+class LanguageModel(NNsight):
+    """A Hugging Face causal language model, by hub id, local path or loaded module.
+
+    The architecture is built on the meta device (no weights, no memory) until the first local
+    run, or at once with `dispatch=True`. `load_kwargs` go to `from_pretrained`
+    (`torch_dtype=`, `device_map=`, `revision=`, ...). Options for the tokenizer go in
+    `tokenizer_kwargs={...}` on `trace`/`generate`.
+    """
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        *,
+        tokenizer: Any = None,
+        dispatch: bool = False,
+        rename: dict[str, str | list[str]] | None = None,
+        **load_kwargs: Any,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if isinstance(model, torch.nn.Module):
+            module = model
+            repo_id = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
+            dispatched = True
+        elif isinstance(model, str):
+            repo_id = model
+            if dispatch:
+                module = self._load(repo_id, load_kwargs)
+                dispatched = True
+            else:
+                config_kwargs = {k: v for k, v in load_kwargs.items() if k in ("revision", "trust_remote_code", "cache_dir", "token")}
+                config = AutoConfig.from_pretrained(repo_id, **config_kwargs)
+                with torch.device("meta"):
+                    module = AutoModelForCausalLM.from_config(config, trust_remote_code=load_kwargs.get("trust_remote_code", False))
+                dispatched = False
+        else:
+            raise TypeError(
+                f"LanguageModel takes a hub id, a local path or a torch.nn.Module, got {type(model).__name__}."
+            )
+        super().__init__(module, rename=rename)
+        d = self.__dict__
+        d["repo_id"] = repo_id
+        d["_load_kwargs"] = dict(load_kwargs)
+        d["_dispatched"] = dispatched
+        d["tokenizer"] = tokenizer if tokenizer is not None else self._load_tokenizer(repo_id, load_kwargs, module)
+        if d["tokenizer"] is not None and getattr(d["tokenizer"], "pad_token", None) is None:
+            d["tokenizer"].pad_token = d["tokenizer"].eos_token
+        d["_position_ids_ok"] = None
+        self._attach_generator()
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _load(repo_id: str, load_kwargs: dict[str, Any]) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        module = AutoModelForCausalLM.from_pretrained(repo_id, **load_kwargs)
+        module.eval()
+        return module
+
+    @staticmethod
+    def _load_tokenizer(repo_id: str, load_kwargs: dict[str, Any], module: torch.nn.Module) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            kwargs = {k: v for k, v in load_kwargs.items() if k in ("revision", "trust_remote_code", "cache_dir", "token")}
+            return AutoTokenizer.from_pretrained(repo_id, padding_side="left", **kwargs)
+        except (OSError, ValueError, TypeError):
+            if isinstance(module, torch.nn.Module) and not isinstance(repo_id, str):
+                return None
+            return None
+
+    @property
+    def dispatched(self) -> bool:
+        return self.__dict__["_dispatched"]
+
+    def dispatch(self) -> "LanguageModel":
+        """Load the real weights now (done automatically before the first local run)."""
+        d = self.__dict__
+        if not d["_dispatched"]:
+            module = self._load(d["repo_id"], d["_load_kwargs"])
+            d["_module"] = module
+            d["_children"].clear()
+            d["_index_map"] = None
+            d["_dispatched"] = True
+            d["_position_ids_ok"] = None
+            self._attach_generator()
+        return self
+
+    def _before_run(self) -> None:
+        self.dispatch()
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _tokenizer(self) -> Any:
+        tok = self.__dict__["tokenizer"]
+        if tok is None:
+            raise TracingError(
+                "This LanguageModel has no tokenizer, so text inputs cannot be used. Pass one: "
+                "`LanguageModel(module, tokenizer=AutoTokenizer.from_pretrained(path))`, or pass "
+                "token ids (`model.trace(torch.tensor([[1, 2, 3]]))`)."
+            )
+        return tok
+
+    def _prepare_input(self, *inputs: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
+        """Tokenize one invoke's input. Returns ((), model kwargs with `rows`, batch size).
+
+        Rows are kept unpadded (lists of ids) so several invokes can be padded together.
+        """
+        bad = sorted(set(kwargs) & TOKENIZER_OPTIONS)
+        if bad:
+            raise TracingError(
+                f"{', '.join(bad)} {'is a tokenizer option' if len(bad) == 1 else 'are tokenizer options'}; "
+                "pass tokenizer options explicitly so they cannot be mistaken for model or "
+                f"generation options: `model.trace(text, tokenizer_kwargs={{{bad[0]!r}: ...}})`"
+                + (" (to cap generation use `max_new_tokens=`)" if "max_length" in bad else "")
+            )
+        tokenizer_kwargs = dict(kwargs.pop("tokenizer_kwargs", None) or {})
+        if not inputs and "input_ids" in kwargs:
+            inputs = (kwargs.pop("input_ids"),)
+        if len(inputs) != 1:
+            raise TracingError(
+                f"Expected one input (text, a list of texts, token ids or a tokenizer output), got {len(inputs)}. "
+                "For several inputs use invokes: `with tracer.invoke(text):`."
+            )
+        value = inputs[0]
+        mask = kwargs.pop("attention_mask", None)
+        rows, masks = self._rows(value, mask, tokenizer_kwargs)
+        if not rows or any(len(r) == 0 for r in rows):
+            raise TracingError("The input produced zero tokens. Pass a non-empty prompt or non-empty `input_ids`.")
+        kwargs["__rows__"] = (rows, masks)
+        return (), kwargs, len(rows)
+
+    def _rows(self, value: Any, mask: Any, tokenizer_kwargs: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            encoded = self._tokenizer()(value if isinstance(value, list) else [value], **tokenizer_kwargs)
+            ids = [list(r) for r in encoded["input_ids"]]
+            masks = [list(r) for r in encoded["attention_mask"]] if "attention_mask" in encoded else [[1] * len(r) for r in ids]
+            return _strip_padding(ids, masks)
+        if isinstance(value, Mapping):
+            if "input_ids" not in value:
+                raise TracingError("A dict input must hold `input_ids` (and optionally `attention_mask`).")
+            return self._rows(value["input_ids"], value.get("attention_mask", mask), tokenizer_kwargs)
+        if isinstance(value, torch.Tensor):
+            ids_t = value if value.dim() == 2 else value.reshape(1, -1)
+            ids = ids_t.tolist()
+        elif isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            ids = [list(value)]
+        elif isinstance(value, list) and value and all(isinstance(v, (list, tuple)) for v in value):
+            ids = [list(v) for v in value]
+        else:
+            raise TracingError(
+                f"Unsupported input of type {type(value).__name__}. Pass a string, a list of strings, "
+                "token ids (list[int], list[list[int]] or a tensor) or a dict with `input_ids`."
+            )
+        if mask is None:
+            masks = [[1] * len(r) for r in ids]
+        else:
+            mask_t = mask if isinstance(mask, torch.Tensor) else torch.tensor(mask)
+            masks = mask_t.reshape(len(ids), -1).tolist()
+        return _strip_padding(ids, masks)
+
+    def _batch(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict, int]:
+        rows: list[list[int]] = []
+        masks: list[list[int]] = []
+        extra: dict[str, Any] = {}
+        for _, kwargs, _ in prepared:
+            r, m = kwargs["__rows__"]
+            rows += r
+            masks += m
+            for key, value in kwargs.items():
+                if key != "__rows__":
+                    if key in extra and not _same(extra[key], value):
+                        raise TracingError(
+                            f"Invokes pass different values for `{key}`; model options apply to the "
+                            "whole batch, so pass them to `model.trace(...)` instead."
+                        )
+                    extra[key] = value
+        tok = self.__dict__["tokenizer"]
+        pad_id = getattr(tok, "pad_token_id", None) if tok is not None else None
+        pad_id = 0 if pad_id is None else pad_id
+        width = max(len(r) for r in rows)
+        left = getattr(tok, "padding_side", "left") != "right"
+        ids_out, mask_out = [], []
+        for r, m in zip(rows, masks):
+            pad = width - len(r)
+            ids_out.append(([pad_id] * pad + r) if left else (r + [pad_id] * pad))
+            mask_out.append(([0] * pad + m) if left else (m + [0] * pad))
+        input_ids = torch.tensor(ids_out, dtype=torch.long)
+        attention_mask = torch.tensor(mask_out, dtype=torch.long)
+        device = self._device()
+        kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), **extra}
+        padded = any(len(r) != width for r in rows)
+        if padded and "position_ids" not in kwargs and self._accepts_position_ids():
+            # Left padding must not shift positions, or a padded row would differ from the same
+            # prompt run alone.
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        return (), kwargs, len(rows)
+
+    def _accepts_position_ids(self) -> bool:
+        d = self.__dict__
+        if d["_position_ids_ok"] is None:
+            try:
+                d["_position_ids_ok"] = "position_ids" in inspect.signature(self._module.forward).parameters
+            except (TypeError, ValueError):
+                d["_position_ids_ok"] = False
+        return d["_position_ids_ok"]
+
+    def _device(self) -> torch.device:
+        for p in self._module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _call_model(self, kind: str, args: tuple, kwargs: dict, interleaver: Interleaver) -> Any:
+        if kind == "generate":
+            return self._generate(kwargs, interleaver)
+        kwargs = {k: v for k, v in kwargs.items() if k != "generation_kwargs"}
+        return self._module(*args, **kwargs)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _attach_generator(self) -> None:
+        d = self.__dict__
+        if "_generator" not in d:
+            d["_generator"] = Generator()
+        self._extra_modules["generator"] = d["_generator"]
+
+    def _result_envoy(self, kind: str) -> "Envoy":
+        return self._child("generator") if kind == "generate" else self
+
+    def generate(self, *inputs: Any, remote: bool | str = False, backend: Any = None, **kwargs: Any) -> GenerateTracer:
+        """Generate with the `with` body beside every step (`tracer.iter[...]`, `tracer.all()`)."""
+        backend = self._backend_for(remote, backend, kwargs)
+        return GenerateTracer(self, *inputs, backend=backend, **kwargs)
+
+    def _generate(self, kwargs: dict[str, Any], interleaver: Interleaver) -> Any:
+        from .generation import run_generate
+
+        return run_generate(self, kwargs, interleaver)
+
+
+def _strip_padding(ids: list[list[int]], masks: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Drop padded positions so rows can be re-padded together with other invokes."""
+    out_ids, out_masks = [], []
+    for r, m in zip(ids, masks):
+        if len(m) != len(r):
+            raise TracingError(f"attention_mask has {len(m)} positions but input_ids has {len(r)}.")
+        if 0 in m and all(x in (0, 1) for x in m):
+            kept = [(t, x) for t, x in zip(r, m) if x]
+            out_ids.append([t for t, _ in kept])
+            out_masks.append([1] * len(kept))
+        else:
+            out_ids.append(list(r))
+            out_masks.append(list(m))
+    return out_ids, out_masks
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b

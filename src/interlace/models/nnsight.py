@@ -1,0 +1,234 @@
+"""`NNsight`: wrap any `torch.nn.Module` so its inside can be read and edited in traces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import TracingError
+from ..tracing.envoy import Envoy
+from ..tracing.interleaver import Interleaver, Mediator
+from ..tracing.tracer import InterleavingTracer, Session
+
+__all__ = ["NNsight"]
+
+
+class NNsight(Envoy):
+    """The root envoy of a wrapped model.
+
+    ```python
+    model = NNsight(torch.nn.Sequential(...))
+    with model.trace(x):
+        hidden = model[0].output.save()
+    ```
+    `rename={"transformer.h": "layers", "mlp": "ffn"}` adds aliases: a dotted key is a path
+    mounted on the root (`model.layers`), a plain name renames that child everywhere.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str | list[str]] | None = None) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(
+                f"NNsight wraps a torch.nn.Module, got {type(module).__name__}. For a Hugging Face "
+                "model id or path use `interlace.LanguageModel(...)`."
+            )
+        super().__init__(module, "model", None)
+        d = self.__dict__
+        d["_rename"] = dict(rename or {})
+        d["_root_aliases"] = {}
+        d["_name_aliases"] = {}
+        for key, aliases in (rename or {}).items():
+            for alias in [aliases] if isinstance(aliases, str) else list(aliases):
+                key = key.lstrip(".")
+                if "." in key:
+                    d["_root_aliases"][alias] = key
+                else:
+                    d["_name_aliases"][alias] = key
+        d["_index_map"] = None
+        d["_modules_list"] = []
+        d["_paths_list"] = []
+        d["_active"] = None
+        d["_default_edits"] = []
+        # Modules that are not part of the torch model but can be traced like them
+        # (LanguageModel's `generator`); step loops do not apply to them.
+        d["_extra_modules"] = {}
+
+    # -- module index (for the interleaver's per-module counters) -----------------------------
+
+    def _rebuild_index(self) -> None:
+        modules: list[torch.nn.Module] = []
+        paths: list[str] = []
+        index: dict[int, int] = {}
+        for name, module in self._module.named_modules():
+            index[id(module)] = len(modules)
+            modules.append(module)
+            paths.append(f"model.{name}" if name else "model")
+        unstepped = set()
+        for extra_name, extra in self.__dict__["_extra_modules"].items():
+            for name, module in extra.named_modules(prefix=extra_name):
+                index[id(module)] = len(modules)
+                if module is extra:
+                    unstepped.add(len(modules))
+                modules.append(module)
+                paths.append(f"model.{name}")
+        self.__dict__["_unstepped"] = unstepped
+        d = self.__dict__
+        d["_index_map"], d["_modules_list"], d["_paths_list"] = index, modules, paths
+
+    def _module_index(self, module: torch.nn.Module) -> int:
+        index = self.__dict__["_index_map"]
+        if index is None or id(module) not in index:
+            self._rebuild_index()
+            index = self.__dict__["_index_map"]
+            if id(module) not in index:
+                raise TracingError(f"{type(module).__name__} is not part of this model.")
+        return index[id(module)]
+
+    @property
+    def _extra_modules(self) -> dict[str, torch.nn.Module]:
+        return self.__dict__["_extra_modules"]
+
+    def _child(self, name: str) -> Envoy:
+        extra = self.__dict__["_extra_modules"].get(name)
+        if extra is not None:
+            children = self.__dict__["_children"]
+            envoy = children.get(name)
+            if envoy is None or envoy._module is not extra:
+                envoy = children[name] = Envoy(extra, f"model.{name}", self)
+            return envoy
+        return super()._child(name)
+
+    def _step_for(self, idx: int) -> int | None:
+        """Call index to use for module `idx`: None means "the invoke's current step"."""
+        return 0 if idx in self.__dict__.get("_unstepped", ()) else None
+
+    def _result_envoy(self, kind: str) -> Envoy:
+        return self
+
+    # -- aliases --------------------------------------------------------------------------------
+
+    def _alias_target(self, envoy: Envoy, name: str) -> Envoy | None:
+        d = self.__dict__
+        if envoy is self and name in d["_root_aliases"]:
+            return self.get(d["_root_aliases"][name])
+        if envoy is self and name in d["_extra_modules"]:
+            return self._child(name)
+        real = d["_name_aliases"].get(name)
+        if real is not None and real in envoy._module._modules:
+            return envoy._child(real)
+        return None
+
+    def _tree_repr(self, envoy: Envoy) -> str:
+        reverse_names = {v: k for k, v in self.__dict__["_name_aliases"].items()}
+
+        def render(module: torch.nn.Module, indent: str) -> list[str]:
+            extra = module.extra_repr()
+            children = list(module._modules.items())
+            if not children:
+                return [f"{type(module).__name__}({extra})"]
+            lines = [f"{type(module).__name__}(" + (extra if extra else "")]
+            for name, child in children:
+                label = f"{name}/{reverse_names[name]}" if name in reverse_names else name
+                sub = render(child, indent + "  ")
+                lines.append(f"{indent}  ({label}): {sub[0]}")
+                lines.extend(sub[1:])
+            lines.append(f"{indent})")
+            return lines
+
+        text = "\n".join(render(envoy._module, ""))
+        if envoy is self and self.__dict__["_root_aliases"]:
+            text += "\naliases: " + ", ".join(f"{a} -> {p}" for a, p in self.__dict__["_root_aliases"].items())
+        return text
+
+    # -- contexts -------------------------------------------------------------------------------
+
+    def trace(self, *inputs: Any, remote: bool | str = False, backend: Any = None, **kwargs: Any) -> InterleavingTracer:
+        """Run the model on `inputs` with the `with` body beside it.
+
+        `remote=False` runs here, `remote="local"` runs the full remote path in-process (a
+        faithful simulation), `remote=True` runs on an Interlace server.
+        """
+        backend = self._backend_for(remote, backend, kwargs)
+        return InterleavingTracer(self, *inputs, backend=backend, **kwargs)
+
+    def session(self, *, remote: bool | str = False, backend: Any = None, **kwargs: Any) -> Session:
+        """Group several traces; values flow between them, only saved ones leave the session."""
+        backend = self._backend_for(remote, backend, kwargs)
+        if kwargs:
+            raise TypeError(f"model.session() got unexpected arguments: {', '.join(kwargs)}")
+        return Session(self, backend=backend)
+
+    def _backend_for(self, remote: bool | str, backend: Any, kwargs: dict[str, Any]) -> Any:
+        if backend is not None:
+            return backend
+        from ..backends import select_backend
+
+        return select_backend(self, remote, kwargs)
+
+    # -- what subclasses adapt ------------------------------------------------------------------
+
+    def _prepare_input(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
+        """Normalise one invoke's input; returns (args, kwargs, batch size)."""
+        size = 1
+        for value in list(args) + list(kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                size = value.shape[0]
+                break
+        return args, kwargs, size
+
+    def _batch(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict, int]:
+        """Combine several invokes' inputs into one batch (concatenating tensors on dim 0)."""
+        if len(prepared) == 1:
+            args, kwargs, size = prepared[0]
+            return args, kwargs, size
+        total = sum(p[2] for p in prepared)
+        first_args, first_kwargs, _ = prepared[0]
+        try:
+            args = tuple(_cat([p[0][i] for p in prepared]) for i in range(len(first_args)))
+            kwargs = {k: _cat([p[1][k] for p in prepared]) for k in first_kwargs}
+        except (IndexError, KeyError, TypeError, RuntimeError) as e:
+            raise TracingError(
+                f"Cannot batch these invokes' inputs for {type(self._module).__name__} ({e}). "
+                "Invokes are batched by concatenating their tensors along dim 0, so each must "
+                "pass the same arguments with matching shapes apart from the batch dimension. "
+                "Otherwise use separate traces, or subclass NNsight and override `_batch`."
+            ) from None
+        return args, kwargs, total
+
+    def _call_model(self, kind: str, args: tuple, kwargs: dict, interleaver: Interleaver) -> Any:
+        return self._module(*args, **kwargs)
+
+    def _before_run(self) -> None:
+        """Called before each local run (LanguageModel loads its weights here)."""
+
+    def _edit_mediators(self, ns: dict[str, Any]) -> list[Mediator]:
+        return []
+
+    def _new_interleaver(self, mediators: list[Mediator], batch_size: int, steps: int | None) -> Interleaver:
+        if self.__dict__["_index_map"] is None:
+            self._rebuild_index()
+        d = self.__dict__
+        return Interleaver(d["_modules_list"], d["_paths_list"], mediators, batch_size, steps)
+
+    def _begin_run(self, interleaver: Interleaver) -> None:
+        d = self.__dict__
+        if d["_active"] is not None:
+            raise TracingError(
+                "This model is already running a trace (in another thread, or a trace inside a "
+                "trace's body). Run traces one after another, or group them in `model.session()`."
+            )
+        d["_active"] = interleaver
+        interleaver.install()
+
+    def _end_run(self, interleaver: Interleaver) -> None:
+        interleaver.uninstall()
+        self.__dict__["_active"] = None
+
+
+def _cat(values: list[Any]) -> Any:
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.cat(values, dim=0)
+    first = values[0]
+    if all(v == first for v in values):
+        return first
+    raise TypeError("non-tensor arguments differ between invokes")

@@ -1,0 +1,279 @@
+"""Turn the body of a `with model.trace(...)` block into a code object.
+
+Design note
+-----------
+Python runs the body of a `with` statement right after `__enter__`, but a trace must run it
+*beside* the model's forward, later. So `__enter__` reads the source of the block (linecache
+covers files, IPython and Jupyter cells, and sources we register ourselves for remote jobs),
+finds the `With` node by line number, compiles its body once per call site, and then stops
+Python from running the body itself (see `skip_body`).
+
+The body is compiled as module-level code and executed with `exec(code, namespace)`. Every
+assignment in the body lands in that namespace dict, so values survive early stops and errors,
+several invokes can share variables through it, and after the run we pick out exactly the
+saved names. Line numbers and the filename are the user's own, so tracebacks and linecache
+point at the user's lines with no remapping.
+"""
+
+from __future__ import annotations
+
+import ast
+import dis
+import linecache
+import sys
+import textwrap
+import types
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SourceNotFoundError, TracingError
+
+__all__ = ["Block", "capture_block", "block_from_source", "skip_body", "SkipBody", "SAVE_HELPER"]
+
+#: Name under which the `.save()` rewrite calls the save function inside compiled bodies.
+SAVE_HELPER = "__interlace_save__"
+
+
+@dataclass(frozen=True)
+class Block:
+    """One `with` block, compiled.
+
+    `source` is the dedented text of the whole `with` statement and `first_lineno` the line
+    it starts on in `filename`; together they are what travels to a server, which rebuilds
+    the same Block with `block_from_source`.
+    """
+
+    filename: str
+    first_lineno: int
+    source: str
+    code: types.CodeType
+    loaded_names: tuple[str, ...]
+    stored_names: frozenset[str]
+    as_name: str | None
+    is_empty: bool
+
+
+class SkipBody(Exception):
+    """Raised by the trace function to stop Python from running a captured body."""
+
+
+_block_cache: dict[tuple[str, int, str], tuple[list[str], Block]] = {}
+_tree_cache: dict[str, tuple[list[str], ast.Module | None]] = {}
+
+
+def capture_block(frame: types.FrameType, what: str = "model.trace(...)") -> Block:
+    """Find and compile the `with` block that `frame` is entering."""
+    filename = frame.f_code.co_filename
+    lineno = frame.f_lineno
+    lines = linecache.getlines(filename, frame.f_globals)
+    key = (filename, lineno, frame.f_code.co_name)
+    hit = _block_cache.get(key)
+    if hit is not None and hit[0] is lines:
+        return hit[1]
+    if not lines:
+        raise SourceNotFoundError(_no_source_message(filename, lineno, what))
+    tree = _parse_file(filename, lines)
+    if tree is None:
+        raise SourceNotFoundError(
+            f"Interlace could not parse the source of {filename} to find the block at line "
+            f"{lineno}. Check that the file on disk matches the code that is running "
+            "(save the file and restart, or re-run the notebook cell)."
+        )
+    node = _find_with(tree, lineno)
+    if node is None:
+        raise SourceNotFoundError(
+            f"Interlace could not find the `with {what}:` block at {filename}:{lineno}. "
+            "The file may have changed since it was imported; re-run it. A trace must be "
+            "entered directly by a `with` statement:\n\n    with " + what + " as tracer:\n        ..."
+        )
+    block = _compile_with_node(node, lines, filename)
+    _block_cache[key] = (lines, block)
+    return block
+
+
+def block_from_source(source: str, filename: str, first_lineno: int) -> Block:
+    """Rebuild a Block from the dedented `with` statement text (the server side).
+
+    The text is registered in linecache under `filename` (padded so line numbers match the
+    user's), which lets invokes and nested traces inside the body be captured the same way.
+    """
+    text = "\n" * (first_lineno - 1) + source
+    if not text.endswith("\n"):
+        text += "\n"
+    lines = text.splitlines(keepends=True)
+    linecache.cache[filename] = (len(text), None, lines, filename)
+    tree = _parse_file(filename, lines)
+    if tree is None or not tree.body or not isinstance(tree.body[0], (ast.With, ast.AsyncWith)):
+        raise TracingError(f"The traced source for {filename}:{first_lineno} is not a `with` statement.")
+    return _compile_with_node(tree.body[0], lines, filename)
+
+
+def _no_source_message(filename: str, lineno: int, what: str) -> str:
+    return (
+        f"Interlace needs the source code of the `with {what}:` block, but none is available "
+        f"for {filename} (line {lineno}). This happens in the plain `python` REPL, with "
+        "`python -c`, and for code built with exec(). Put the code in a .py file, a Jupyter "
+        "notebook cell or an IPython session, or register its text with "
+        "`linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)`."
+    )
+
+
+def _parse_file(filename: str, lines: list[str]) -> ast.Module | None:
+    hit = _tree_cache.get(filename)
+    if hit is not None and hit[0] is lines:
+        return hit[1]
+    try:
+        tree: ast.Module | None = ast.parse("".join(lines), filename)
+    except SyntaxError:
+        tree = None
+    _tree_cache[filename] = (lines, tree)
+    return tree
+
+
+def _find_with(tree: ast.Module, lineno: int) -> ast.With | ast.AsyncWith | None:
+    """The innermost `with` whose header (not body) spans `lineno`."""
+    best = None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.With, ast.AsyncWith)):
+            header_end = node.body[0].lineno if node.body[0].lineno > node.lineno else node.lineno
+            first_item = node.items[0].context_expr
+            if node.lineno <= lineno <= max(header_end, first_item.end_lineno or node.lineno):
+                if best is None or node.lineno >= best.lineno:
+                    best = node
+    return best
+
+
+class _SaveRewriter(ast.NodeTransformer):
+    """`x.save()` becomes `__interlace_save__(x)`, so any object can be saved without
+    patching `object` (the peer mounts a method on every Python object with a C extension)."""
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "save" and not node.args and not node.keywords:
+            call = ast.Call(func=ast.Name(id=SAVE_HELPER, ctx=ast.Load()), args=[func.value], keywords=[])
+            return ast.copy_location(call, node)
+        return node
+
+
+def _reject_returns(body: list[ast.stmt], filename: str) -> None:
+    for stmt in body:
+        for node in ast.walk(stmt):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                continue
+            if isinstance(node, ast.Return) and _top_level(stmt, node):
+                raise TracingError(
+                    f"{filename}:{node.lineno}: `return` inside a traced block is not supported, "
+                    "because the block runs beside the model, not in your function. Save the "
+                    "value and return it after the block:\n\n"
+                    "    with model.trace(x):\n        h = model.layer.output.save()\n    return h"
+                )
+
+
+def _top_level(stmt: ast.stmt, target: ast.AST) -> bool:
+    """True when `target` is not inside a nested function or class of `stmt`."""
+    stack: list[ast.AST] = [stmt]
+    while stack:
+        node = stack.pop()
+        if node is target:
+            return True
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)) and node is not stmt:
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filename: str) -> Block:
+    first = node.lineno
+    last = node.end_lineno or first
+    chunk = list(lines[first - 1 : last])
+    # A `with` may sit after other code on its first line (`x = 1; with ...`): blank that out.
+    chunk[0] = " " * node.col_offset + chunk[0][node.col_offset :]
+    source = textwrap.dedent("".join(chunk))
+    as_name = None
+    for item in node.items:
+        if isinstance(item.optional_vars, ast.Name):
+            as_name = item.optional_vars.id
+            break
+    body = node.body
+    is_empty = all(isinstance(s, ast.Pass) for s in body)
+    _reject_returns(body, filename)
+    module = ast.Module(body=[_SaveRewriter().visit(s) for s in body], type_ignores=[])
+    ast.fix_missing_locations(module)
+    try:
+        code = compile(module, filename, "exec", dont_inherit=True)
+    except SyntaxError as e:  # e.g. `yield` or `nonlocal` at block level
+        raise TracingError(f"{filename}:{e.lineno}: this statement cannot run inside a traced block: {e.msg}") from None
+    loaded, stored = _names(code)
+    return Block(
+        filename=filename,
+        first_lineno=first,
+        source=source,
+        code=code,
+        loaded_names=tuple(sorted(loaded)),
+        stored_names=frozenset(stored),
+        as_name=as_name,
+        is_empty=is_empty,
+    )
+
+
+_LOAD_OPS = {"LOAD_NAME", "LOAD_GLOBAL", "DELETE_NAME", "DELETE_GLOBAL"}
+_STORE_OPS = {"STORE_NAME", "STORE_GLOBAL"}
+
+
+def _names(code: types.CodeType) -> tuple[set[str], set[str]]:
+    """Global names the body (and anything nested in it) reads, and names it assigns."""
+    loaded: set[str] = set()
+    stored: set[str] = set()
+    stack = [code]
+    while stack:
+        co = stack.pop()
+        for ins in dis.get_instructions(co):
+            if ins.opname in _LOAD_OPS:
+                loaded.add(ins.argval)
+            elif ins.opname in _STORE_OPS:
+                stored.add(ins.argval)
+        stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+    loaded.discard(SAVE_HELPER)
+    return loaded, stored
+
+
+# -- stopping Python from running the body ---------------------------------------------------
+
+_NOOP = lambda *args: None  # noqa: E731 - a trace function must be installed for f_trace to fire
+
+
+class BodySkipper:
+    """Makes the frame raise `SkipBody` at its next opcode (the first of the `with` body).
+
+    Opcode events (not line events) are used so one-line bodies (`with m.trace(x): ...`) are
+    skipped too. The previous global trace function (debugger, coverage) is put back in
+    `restore`, unlike the peer, which clears it.
+    """
+
+    __slots__ = ("frame", "previous", "previous_local", "armed")
+
+    def __init__(self, frame: types.FrameType) -> None:
+        self.frame = frame
+        self.previous = sys.gettrace()
+        self.previous_local = frame.f_trace
+        self.armed = True
+        sys.settrace(self.previous or _NOOP)
+        frame.f_trace_opcodes = True
+        frame.f_trace = self._trace
+
+    def _trace(self, frame: types.FrameType, event: str, arg: Any) -> Any:
+        if self.armed and event == "opcode":
+            self.armed = False
+            raise SkipBody()
+        return self._trace
+
+    def restore(self) -> None:
+        self.armed = False
+        self.frame.f_trace_opcodes = False
+        self.frame.f_trace = self.previous_local
+        sys.settrace(self.previous)
+
+
+def skip_body(frame: types.FrameType) -> BodySkipper:
+    return BodySkipper(frame)

@@ -1,0 +1,85 @@
+"""Frame plumbing: where the user is, writing saved values back, and clean tracebacks."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import types
+from typing import Any, Mapping
+
+__all__ = ["NAMESPACE_MARKER", "is_namespace", "push_to_frame", "user_location", "clean_traceback"]
+
+#: Key present in every namespace dict that runs a traced body.
+NAMESPACE_MARKER = "__interlace_namespace__"
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HIDDEN_DIRS = (
+    _PACKAGE_DIR + os.sep,
+    os.path.dirname(os.path.abspath(__import__("torch").__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(__import__("greenlet").__file__)) + os.sep,
+)
+
+
+def is_namespace(mapping: Mapping[str, Any]) -> bool:
+    return NAMESPACE_MARKER in mapping
+
+
+def push_to_frame(frame: types.FrameType, values: Mapping[str, Any]) -> None:
+    """Bind `values` as variables in `frame`.
+
+    Design note: CPython 3.11 keeps function locals in "fast" slots; writing `f_locals` alone
+    changes a snapshot, so `PyFrame_LocalsToFast` copies it back. Module, class and exec'd
+    frames use a real dict and need nothing more. On 3.13+ (PEP 667) `f_locals` writes through.
+    """
+    if not values:
+        return
+    f_locals = frame.f_locals
+    if f_locals is frame.f_globals or sys.version_info >= (3, 13):
+        for name, value in values.items():
+            f_locals[name] = value
+        return
+    f_locals.update(values)
+    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+def _is_internal(filename: str) -> bool:
+    return filename.startswith(_HIDDEN_DIRS)
+
+
+def user_location(skip_internal: bool = True) -> tuple[str, int]:
+    """(filename, line) of the innermost frame that is the user's code."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not (skip_internal and _is_internal(filename)):
+            return filename, frame.f_lineno
+        frame = frame.f_back
+    return "<unknown>", 0
+
+
+def clean_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """Drop Interlace, torch and greenlet frames so the traceback shows the user's lines.
+
+    Set `interlace.CONFIG.APP.DEBUG = True` to keep every frame.
+    """
+    if _debug():
+        return tb
+    frames: list[types.TracebackType] = []
+    while tb is not None:
+        if not _is_internal(tb.tb_frame.f_code.co_filename):
+            frames.append(tb)
+        tb = tb.tb_next
+    new: types.TracebackType | None = None
+    for entry in reversed(frames):
+        new = types.TracebackType(new, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return new
+
+
+def _debug() -> bool:
+    try:
+        from ..config import CONFIG
+
+        return bool(CONFIG.APP.DEBUG)
+    except Exception:  # config not importable during early start-up
+        return False

@@ -1,0 +1,415 @@
+"""Running intervention bodies beside a model's forward.
+
+Design note
+-----------
+Each invoke body (a "mediator") runs in its own greenlet; the model runs in the caller's.
+Exactly one of them runs at any moment, and a switch costs about a microsecond (the peer uses
+one OS thread per invoke with lock-step mailboxes).
+
+For the duration of one run every module's `forward` is wrapped (an instance attribute, put
+back afterwards). The wrapper counts calls per module, which gives two things cheaply:
+- order checks at the access: asking for `h[0].output` after h[0] has finished raises
+  `OutOfOrderError` right there, in the user's line, instead of after the run;
+- step addressing for generation: step k of a module is its k-th call.
+Modules nobody asked for cost one Python call and two list updates.
+
+Waiting mediators are kept per module; when a module starts (inputs) or ends (output) the
+mediators waiting on that call are resumed in invoke order with their rows of the value.
+A mediator that asks again for the value it is being served gets it without any switch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+from greenlet import getcurrent, greenlet
+
+from ..errors import GenerationEndedWarning, ModuleNotCalledError, OutOfOrderError, TracingError
+from .batching import BatchGroup, narrow, splice, whole
+from .frames import user_location
+
+__all__ = ["Interleaver", "Mediator", "current_mediator", "INPUT", "OUTPUT"]
+
+INPUT = 0
+OUTPUT = 1
+_KIND_NAME = {INPUT: "input", OUTPUT: "output"}
+
+# What a body greenlet hands back to the model side when it gives up control.
+_WAIT = "wait"
+_DONE = "done"
+_STOP = "stop"
+_BARRIER = "barrier"
+
+
+class _StopForward(Exception):
+    """Unwinds the model's forward after `tracer.stop()`."""
+
+
+class _GenerationEnded(BaseException):
+    """Ends a body that waits for a generation step that will never come."""
+
+
+class _Slot:
+    __slots__ = ("kind", "idx", "n", "value", "view", "skips")
+
+    def __init__(self, kind: int, idx: int, n: int, value: Any) -> None:
+        self.kind = kind
+        self.idx = idx
+        self.n = n
+        self.value = value
+        self.view: Any = _NOTHING
+        self.skips: list[tuple[Mediator, Any]] = []
+
+
+_NOTHING = object()
+
+
+class _BodyGreenlet(greenlet):
+    mediator: "Mediator"
+
+
+def current_mediator() -> "Mediator | None":
+    return getattr(getcurrent(), "mediator", None)
+
+
+class Mediator:
+    """One invoke body and its place in the batch."""
+
+    def __init__(
+        self,
+        code: Any,
+        namespace: dict[str, Any],
+        group: BatchGroup,
+        index: int,
+        label: str = "invoke",
+    ) -> None:
+        self.code = code
+        self.namespace = namespace
+        self.group = group
+        self.index = index
+        self.label = label
+        self.step = 0
+        self.iter_depth = 0  # > 0 inside `tracer.iter[...]`
+        self.interleaver: Interleaver | None = None
+        self.greenlet: _BodyGreenlet | None = None
+        self.current: _Slot | None = None
+        self.want: tuple[int, int, int] | None = None
+        self.done = False
+        self.barrier: Any = None
+
+    # -- body side (runs in the mediator's greenlet) ------------------------------------------
+
+    def _run(self) -> str:
+        try:
+            exec(self.code, self.namespace)
+        except _GenerationEnded:
+            pass
+        self.done = True
+        return _DONE
+
+    def request(self, kind: int, idx: int, it: int | None = None) -> Any:
+        """The value of module `idx` (its inputs or output) at call `it`, for this invoke."""
+        il = self.interleaver
+        assert il is not None
+        if it is None:
+            it = self.step
+        slot = self.current
+        if slot is not None and slot.kind == kind and slot.idx == idx and slot.n == it:
+            if slot.view is _NOTHING:
+                slot.view = narrow(slot.value, self.group, il.batch_size)
+            return slot.view
+        self._check_not_passed(kind, idx, it)
+        self.want = (kind, idx, it)
+        il.waiting(kind).setdefault(idx, []).append(self)
+        return il.main.switch(_WAIT)
+
+    def swap(self, kind: int, idx: int, value: Any, it: int | None = None) -> None:
+        """Replace module `idx`'s inputs or output (this invoke's rows) with `value`."""
+        self.request(kind, idx, it)
+        slot = self.current
+        assert slot is not None
+        il = self.interleaver
+        assert il is not None
+        slot.value = splice(slot.value, value, self.group, il.batch_size)
+        slot.view = _NOTHING
+
+    def skip(self, idx: int, value: Any, it: int | None = None) -> None:
+        self.request(INPUT, idx, it)
+        slot = self.current
+        assert slot is not None
+        if any(m is self for m, _ in slot.skips):
+            raise TracingError(f"{self.interleaver.path(idx)} is already skipped in this invoke.")  # type: ignore[union-attr]
+        slot.skips.append((self, value))
+
+    def stop(self) -> None:
+        il = self.interleaver
+        assert il is not None
+        il.main.switch(_STOP)
+
+    def wait_barrier(self, barrier: Any) -> None:
+        self.barrier = barrier
+        self.interleaver.main.switch(_BARRIER)  # type: ignore[union-attr]
+
+    def _check_not_passed(self, kind: int, idx: int, it: int) -> None:
+        il = self.interleaver
+        assert il is not None
+        count = il.started[idx] if kind == INPUT else il.finished[idx]
+        if count > it:
+            filename, line = user_location()
+            what = f"{il.path(idx)}.{_KIND_NAME[kind]}"
+            step = f" (call {it})" if it else ""
+            raise OutOfOrderError(
+                f"`{what}`{step} was requested at {filename}:{line}, but {il.path(idx)} has "
+                "already run in this forward, so its value is gone. Within one invoke, access "
+                "modules in the order the model runs them (inputs before outputs, earlier "
+                "layers first). To use a later value earlier, split the work into two invokes "
+                "or two traces:\n\n"
+                "    with model.trace() as tracer:\n"
+                "        with tracer.invoke(x):\n            late = model.layer_b.output.save()\n"
+                "        with tracer.invoke():\n            early = model.layer_a.output.save()"
+            )
+
+
+class Interleaver:
+    """One run of a model with a set of mediators."""
+
+    def __init__(
+        self,
+        modules: Sequence[Any],
+        paths: Sequence[str],
+        mediators: list[Mediator],
+        batch_size: int,
+        steps: int | None = None,
+    ) -> None:
+        self.modules = modules
+        self.paths = paths
+        self.mediators = mediators
+        self.batch_size = batch_size
+        self.steps = steps
+        n = len(modules)
+        self.started = [0] * n
+        self.finished = [0] * n
+        self.input_waiters: dict[int, list[Mediator]] = {}
+        self.output_waiters: dict[int, list[Mediator]] = {}
+        self.observers: dict[int, list[Callable[..., None]]] = {}
+        self.main = getcurrent()
+        self.bypass = 0
+        self.stopped = False
+        self._saved_forwards: list[tuple[Any, Any]] = []
+
+    def path(self, idx: int) -> str:
+        return self.paths[idx]
+
+    def waiting(self, kind: int) -> dict[int, list[Mediator]]:
+        return self.input_waiters if kind == INPUT else self.output_waiters
+
+    # -- module wrapping ---------------------------------------------------------------------
+
+    def install(self) -> None:
+        for idx, module in enumerate(self.modules):
+            d = module.__dict__
+            previous = d.get("forward", _NOTHING)
+            inner = previous if previous is not _NOTHING else type(module).forward.__get__(module)
+            self._saved_forwards.append((module, previous))
+            d["forward"] = self._wrap(idx, inner)
+
+    def uninstall(self) -> None:
+        for module, previous in self._saved_forwards:
+            if previous is _NOTHING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+        self._saved_forwards.clear()
+
+    def _wrap(self, idx: int, inner: Callable[..., Any]) -> Callable[..., Any]:
+        call = self._call
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.bypass or getcurrent() is not self.main:
+                return inner(*args, **kwargs)
+            return call(idx, inner, args, kwargs)
+
+        return forward
+
+    def _call(self, idx: int, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        n = self.started[idx]
+        self.started[idx] = n + 1
+        skipped: Any = _NOTHING
+        if idx in self.input_waiters:
+            args, kwargs, skipped = self._serve_input(idx, n, args, kwargs)
+        out = inner(*args, **kwargs) if skipped is _NOTHING else skipped
+        self.finished[idx] += 1
+        if idx in self.output_waiters:
+            out = self._serve(self.output_waiters, OUTPUT, idx, n, out)
+        observers = self.observers.get(idx)
+        if observers:
+            for observe in observers:
+                observe(idx, n, args, kwargs, out)
+        return out
+
+    # -- serving values ----------------------------------------------------------------------
+
+    def _serve_input(self, idx: int, n: int, args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
+        slot_value, skips = self._serve(self.input_waiters, INPUT, idx, n, (args, kwargs), collect_skips=True)
+        new_args, new_kwargs = slot_value
+        skipped = _NOTHING
+        if skips:
+            skipped = self._combine_skips(idx, skips)
+        return tuple(new_args), dict(new_kwargs), skipped
+
+    def _serve(
+        self,
+        table: dict[int, list[Mediator]],
+        kind: int,
+        idx: int,
+        n: int,
+        value: Any,
+        collect_skips: bool = False,
+    ) -> Any:
+        waiters = table[idx]
+        ready = [m for m in waiters if m.want is not None and m.want[2] == n]
+        skips: list[tuple[Mediator, Any]] = []
+        if ready:
+            rest = [m for m in waiters if m not in ready]
+            if rest:
+                table[idx] = rest
+            else:
+                del table[idx]
+            ready.sort(key=lambda m: m.index)
+            slot = _Slot(kind, idx, n, value)
+            for mediator in ready:
+                mediator.want = None
+                self._resume(mediator, slot, serve=True)
+                value = slot.value
+            skips = slot.skips
+        return (value, skips) if collect_skips else value
+
+    def _resume(self, mediator: Mediator, slot: _Slot | None, serve: bool = False) -> None:
+        """Hand control to `mediator` until it waits, parks at a barrier, ends or stops."""
+        mediator.current = slot
+        try:
+            if serve:
+                assert slot is not None
+                # Views differ per invoke (their rows), so they are made per resume.
+                slot.view = narrow(slot.value, mediator.group, self.batch_size)
+                signal = mediator.greenlet.switch(slot.view)  # type: ignore[union-attr]
+            else:
+                signal = mediator.greenlet.switch()  # type: ignore[union-attr]
+        finally:
+            mediator.current = None
+        self._handle_signal(mediator, signal, slot)
+
+    def _handle_signal(self, mediator: Mediator, signal: str, slot: _Slot | None) -> None:
+        if signal == _STOP:
+            self.stopped = True
+            raise _StopForward()
+        if signal == _BARRIER:
+            barrier = mediator.barrier
+            barrier.arrived.append(mediator)
+            if len(barrier.arrived) >= barrier.parties:
+                arrived, barrier.arrived = barrier.arrived, []
+                for m in sorted(arrived, key=lambda m: m.index):
+                    m.barrier = None
+                    self._resume(m, slot)
+
+    def _combine_skips(self, idx: int, skips: list[tuple[Mediator, Any]]) -> Any:
+        import torch
+
+        if len(skips) == 1 and whole(skips[0][0].group, self.batch_size):
+            return skips[0][1]
+        groups = sorted(skips, key=lambda s: s[0].group[0] if s[0].group else 0)
+        covered = sum(m.group[1] if m.group else self.batch_size for m, _ in groups)
+        if covered != self.batch_size or any(m.group is None for m, _ in groups):
+            raise TracingError(
+                f"{self.path(idx)} was skipped by some invokes but not all. A skipped module does "
+                "not run at all, so every invoke in the batch must give it a value: call "
+                f"`{self.path(idx)}.skip(value)` in each invoke, or in one empty invoke for the "
+                "whole batch."
+            )
+        values = [v for _, v in groups]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            return torch.cat(values, dim=0)
+        if all(isinstance(v, tuple) for v in values):
+            return tuple(torch.cat(parts, dim=0) if isinstance(parts[0], torch.Tensor) else parts[0] for parts in zip(*values))
+        raise TracingError(f"Cannot combine per-invoke skip values for {self.path(idx)}; pass tensors.")
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """Run each body until its first request; False if a body stopped the run."""
+        for mediator in self.mediators:
+            mediator.interleaver = self
+            g = _BodyGreenlet(mediator._run, parent=self.main)
+            g.mediator = mediator
+            mediator.greenlet = g
+        try:
+            for mediator in self.mediators:
+                self._resume(mediator, None)
+        except _StopForward:
+            return False
+        return True
+
+    def finish(self, generation: bool = False) -> None:
+        """After the forward: every body still waiting learns its module never came."""
+        pending = sorted(
+            {id(m): m for table in (self.input_waiters, self.output_waiters) for ms in table.values() for m in ms}.values(),
+            key=lambda m: m.index,
+        )
+        self.input_waiters.clear()
+        self.output_waiters.clear()
+        for mediator in pending:
+            kind, idx, it = mediator.want  # type: ignore[misc]
+            mediator.want = None
+            if generation and mediator.iter_depth and it > 0:
+                warnings.warn(
+                    f"Generation ended after {self.finished[0]} step(s), before step {it} that "
+                    f"the {mediator.label} was waiting for at `{self.path(idx)}.{_KIND_NAME[kind]}`; "
+                    "the rest of that loop body did not run. Values saved so far are kept.",
+                    GenerationEndedWarning,
+                    stacklevel=2,
+                )
+                self._throw(mediator, _GenerationEnded())
+                continue
+            step = f" at call {it}" if it else ""
+            self._throw(
+                mediator,
+                ModuleNotCalledError(
+                    f"`{self.path(idx)}.{_KIND_NAME[kind]}`{step} was requested, but the forward "
+                    f"ended without {self.path(idx)} running"
+                    + (f" a {it + 1}th time" if it else "")
+                    + ". Check that this module is used by the model's forward for this input "
+                    "(a skipped parent, an early `tracer.stop()`, or a branch not taken "
+                    "would explain it)."
+                ),
+            )
+        for mediator in self.mediators:
+            if mediator.barrier is not None:
+                barrier = mediator.barrier
+                mediator.barrier = None
+                self._throw(
+                    mediator,
+                    TracingError(
+                        f"tracer.barrier({barrier.parties}) was reached by only "
+                        f"{len(barrier.arrived)} invoke(s); every participating invoke must call it."
+                    ),
+                )
+
+    def _throw(self, mediator: Mediator, exc: BaseException) -> None:
+        g = mediator.greenlet
+        if g is None or g.dead:
+            return
+        signal = g.throw(exc)
+        if signal == _WAIT:  # body caught the error and asked for more: nothing will come
+            mediator.want = None
+            g.throw(ModuleNotCalledError("The forward has ended; no more module values will arrive."))
+
+    def close(self) -> None:
+        """Unwind any suspended body (after stop or an error) so its `finally` blocks run."""
+        for mediator in self.mediators:
+            g = mediator.greenlet
+            if g is not None and not g.dead:
+                try:
+                    g.throw()  # GreenletExit
+                except BaseException:
+                    pass

@@ -1,0 +1,64 @@
+"""Step loops: `tracer.iter[...]` and `tracer.all()`.
+
+Step k of a module is its k-th call in this run (during generation, the forward for token k).
+Inside a loop every module access of the invoke addresses the current step. Open-ended
+slices stop at the run's known number of steps (`max_new_tokens` for generation, 1 for a
+trace), so a loop can never wait past the end and lose what was saved.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from ..errors import TracingError
+from .interleaver import current_mediator
+
+if TYPE_CHECKING:
+    from .tracer import InterleavingTracer
+
+__all__ = ["IterProxy", "StepLoop"]
+
+
+class IterProxy:
+    """`tracer.iter[0:3]`, `tracer.iter[[0, 2]]`, `tracer.iter[1]`: loop over generation steps."""
+
+    def __init__(self, tracer: "InterleavingTracer") -> None:
+        self.tracer = tracer
+
+    def __getitem__(self, key: int | slice | list[int]) -> "StepLoop":
+        limit = self.tracer._steps() or 1
+        if isinstance(key, int):
+            if key < 0:
+                raise TracingError("Generation steps cannot be negative: use tracer.iter[0], tracer.iter[1], ...")
+            steps = [key]
+        elif isinstance(key, slice):
+            if (key.start or 0) < 0 or (key.stop is not None and key.stop < 0):
+                raise TracingError("Generation steps cannot be negative: use tracer.iter[a:b] with 0 <= a <= b.")
+            steps = list(range(*key.indices(limit)))
+        elif isinstance(key, (list, tuple)):
+            steps = sorted(set(int(k) for k in key))
+            if steps and steps[0] < 0:
+                raise TracingError("Generation steps cannot be negative.")
+        else:
+            raise TracingError(f"tracer.iter[...] takes an int, a slice or a list of ints, not {type(key).__name__}.")
+        return StepLoop(steps, limit)
+
+
+class StepLoop:
+    def __init__(self, steps: list[int], limit: int) -> None:
+        self.steps = steps
+        self.limit = limit
+
+    def __iter__(self) -> Iterator[int]:
+        mediator = current_mediator()
+        if mediator is None:
+            raise TracingError("tracer.iter[...] can only be looped over inside the traced body while the model runs.")
+        previous = mediator.step
+        mediator.iter_depth += 1
+        try:
+            for step in self.steps:
+                mediator.step = step
+                yield step
+        finally:
+            mediator.step = previous
+            mediator.iter_depth -= 1

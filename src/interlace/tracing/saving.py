@@ -1,0 +1,106 @@
+"""`.save()`: marking which values leave a trace.
+
+Only saved values are bound in the caller's scope after the outermost trace (or session)
+ends, in every mode, so forgetting `.save()` fails the same way locally and remotely.
+Saves are kept by identity in the registry of the outermost running trace, holding a
+reference so an id cannot be reused by another object while the trace runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["save", "SaveRegistry", "active_registry", "push_registry", "pop_registry"]
+
+T = TypeVar("T")
+
+
+class SaveRegistry:
+    __slots__ = ("saved",)
+
+    def __init__(self) -> None:
+        self.saved: dict[int, Any] = {}
+
+    def add(self, value: Any) -> None:
+        self.saved[id(value)] = value
+
+    def __contains__(self, value: Any) -> bool:
+        return id(value) in self.saved and self.saved[id(value)] is value
+
+    def select(self, namespace: dict[str, Any]) -> dict[str, Any]:
+        """The saved values among `namespace`'s variables."""
+        saved = self.saved
+        return {
+            name: value
+            for name, value in namespace.items()
+            if id(value) in saved and saved[id(value)] is value and not name.startswith("__interlace")
+        }
+
+
+_local = threading.local()
+
+
+def _stack() -> list[SaveRegistry]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def active_registry() -> SaveRegistry | None:
+    stack = _stack()
+    return stack[0] if stack else None
+
+
+def push_registry() -> SaveRegistry:
+    """Enter a trace; returns the registry of the outermost one (a new one if this is it)."""
+    stack = _stack()
+    registry = stack[0] if stack else SaveRegistry()
+    stack.append(registry)
+    return registry
+
+
+def pop_registry() -> None:
+    _stack().pop()
+
+
+def save(value: T) -> T:
+    """Mark `value` to be returned from the trace; returns `value` unchanged.
+
+    Works for any object (`interlace.save(my_list)`); tensors also have `tensor.save()`, and
+    inside a traced block `anything.save()` is rewritten to this call. A value that is edited
+    in place after saving changes too; save a copy (`h.clone().save()`) to keep a snapshot.
+    Outside a trace it does nothing.
+    """
+    registry = active_registry()
+    if registry is not None:
+        registry.add(value)
+    return value
+
+
+def save_in_body(value: T) -> T:
+    """What `x.save()` in a traced body calls: the object's own `save()` wins if it has one."""
+    own = getattr(type(value), "save", None)
+    if own is not None and own is not _tensor_save:
+        return value.save()
+    return save(value)
+
+
+def _tensor_save(self: torch.Tensor) -> torch.Tensor:
+    """Mark this tensor to be returned from the enclosing trace (see `interlace.save`)."""
+    return save(self)
+
+
+def mount_tensor_save() -> None:
+    """Give tensors a `.save()` method so helpers called from a trace can save too.
+
+    Only added when torch does not define one; nothing else in torch is touched.
+    """
+    if not hasattr(torch.Tensor, "save"):
+        torch.Tensor.save = _tensor_save  # type: ignore[attr-defined]
+
+
+mount_tensor_save()

@@ -1,0 +1,345 @@
+"""Trace, invoke and session contexts.
+
+A tracer captures its `with` body (see `capture.py`), hands itself to a backend when the
+block ends, and binds what comes back in the caller's frame. The backend is the one seam
+where local runs, the local simulation and the server differ; all of them end up calling
+`Tracer.execute(namespace)` on a tracer whose body and inputs may have crossed the wire.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+import types
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from ..errors import TracingError
+from .capture import SAVE_HELPER, Block, SkipBody, capture_block, skip_body
+from .frames import NAMESPACE_MARKER, clean_traceback, is_namespace, push_to_frame
+from .interleaver import Interleaver, Mediator, _StopForward, current_mediator
+from .saving import SaveRegistry, pop_registry, push_registry, save_in_body
+
+if TYPE_CHECKING:
+    from ..models.nnsight import NNsight
+    from .iteration import IterProxy, StepLoop
+
+__all__ = ["Tracer", "InterleavingTracer", "Invoker", "Session", "Barrier", "new_namespace"]
+
+_BUILTINS = builtins.__dict__
+
+
+def _entered_frame() -> types.FrameType:
+    """The user's frame that executes the `with` statement (skipping wrapper __enter__s)."""
+    frame = sys._getframe(2)
+    while frame.f_code.co_name == "__enter__":
+        frame = frame.f_back  # type: ignore[assignment]
+    return frame
+
+
+def new_namespace(block: Block, lookup: Callable[[str], Any] | None = None, module_name: str = "__main__") -> dict[str, Any]:
+    """A fresh namespace for a body: the names it reads, taken from `lookup`."""
+    ns: dict[str, Any] = {"__builtins__": _BUILTINS, "__name__": module_name, NAMESPACE_MARKER: True, SAVE_HELPER: save_in_body}
+    if lookup is not None:
+        for name in block.loaded_names:
+            value = lookup(name)
+            if value is not _MISSING:
+                ns[name] = value
+    return ns
+
+
+def frame_lookup(frame: types.FrameType) -> Callable[[str], Any]:
+    f_locals = frame.f_locals
+    f_globals = frame.f_globals
+    missing = _MISSING
+
+    def lookup(name: str) -> Any:
+        value = f_locals.get(name, missing)
+        if value is missing:
+            value = f_globals.get(name, missing)
+        return value
+
+    return lookup
+
+
+_MISSING = object()
+
+
+def user_variables(ns: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in ns.items() if not (k.startswith("__") and k.endswith("__")) and not k.startswith("__interlace")}
+
+
+class Tracer:
+    """Base of every `with` context that captures its body."""
+
+    kind = "session"
+
+    def __init__(self, model: "NNsight | None", *args: Any, backend: Any = None, **kwargs: Any) -> None:
+        self.model = model
+        self.args = args
+        self.kwargs = kwargs
+        self.backend = backend
+        self.block: Block | None = None
+        self._frame: types.FrameType | None = None
+        self._skipper: Any = None
+        self._registry: SaveRegistry | None = None
+        self._nested = False
+        self.job: Any = None
+
+    # -- capture ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Tracer":
+        frame = _entered_frame()
+        self.block = capture_block(frame, self._describe())
+        self._frame = frame
+        self._nested = is_namespace(frame.f_globals)
+        self._registry = push_registry()
+        self._skipper = skip_body(frame)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._skipper.restore()
+        try:
+            if exc_type is not None and exc_type is not SkipBody:
+                return False
+            try:
+                values = self._run_backend()
+            except BaseException as error:
+                partial = getattr(error, "_interlace_partial", None)
+                if partial:
+                    push_to_frame(self._frame, partial)  # type: ignore[arg-type]
+                error.__traceback__ = clean_traceback(error.__traceback__)
+                raise error from error.__cause__
+            if values:
+                push_to_frame(self._frame, values)  # type: ignore[arg-type]
+            return True
+        finally:
+            pop_registry()
+            self._frame = None
+
+    def _describe(self) -> str:
+        return "model.trace(...)"
+
+    def _run_backend(self) -> dict[str, Any]:
+        backend = self.backend
+        if backend is None:
+            from ..backends.local import LocalBackend
+
+            backend = LocalBackend()
+        return backend(self)
+
+    # -- what the backend needs ---------------------------------------------------------------
+
+    @property
+    def is_root(self) -> bool:
+        return not self._nested
+
+    def namespace_from_caller(self) -> dict[str, Any]:
+        assert self.block is not None and self._frame is not None
+        ns = new_namespace(self.block, frame_lookup(self._frame), self._frame.f_globals.get("__name__", "__main__"))
+        if self.block.as_name:
+            ns[self.block.as_name] = self
+        return ns
+
+    def results(self, ns: dict[str, Any]) -> dict[str, Any]:
+        """What to bind in the caller: saved values for the outermost trace, all for inner ones."""
+        if self.is_root:
+            assert self._registry is not None
+            return self._registry.select(ns)
+        return user_variables(ns)
+
+    def execute(self, ns: dict[str, Any]) -> None:
+        """Run the body in `ns` (a session: inner traces run as they are reached)."""
+        assert self.block is not None
+        exec(self.block.code, ns)
+
+
+class Session(Tracer):
+    """`with model.session():` groups traces; values flow between them without saving."""
+
+    kind = "session"
+
+    def _describe(self) -> str:
+        return "model.session()"
+
+
+class InterleavingTracer(Tracer):
+    """`with model.trace(inputs):` runs the model once with the body beside it."""
+
+    kind = "trace"
+
+    def __init__(self, model: "NNsight", *args: Any, backend: Any = None, **kwargs: Any) -> None:
+        super().__init__(model, *args, backend=backend, **kwargs)
+        self._invokes: list[tuple[Block, dict[str, Any], Any]] = []
+        self._collecting = False
+        self._interleaver: Interleaver | None = None
+        self.output: Any = None
+
+    def _describe(self) -> str:
+        return "model.trace(...)"
+
+    @property
+    def has_input(self) -> bool:
+        return bool(self.args) or bool(self.kwargs)
+
+    # -- body-side API ------------------------------------------------------------------------
+
+    def invoke(self, *args: Any, **kwargs: Any) -> "Invoker":
+        """One input (or, with no arguments, the whole batch) with its own body."""
+        if not self._collecting:
+            if current_mediator() is not None:
+                raise TracingError(
+                    "tracer.invoke(...) cannot be used inside a trace that already has an input "
+                    "or inside another invoke. Give the trace no input and put each input in its "
+                    "own invoke:\n\n    with model.trace() as tracer:\n        with tracer.invoke(a):\n"
+                    "            ...\n        with tracer.invoke(b):\n            ..."
+                )
+            raise TracingError("tracer.invoke(...) can only be used inside its trace's `with` block.")
+        return Invoker(self, args, kwargs)
+
+    def stop(self) -> None:
+        """End the forward here; values saved so far are kept, later code does not run."""
+        mediator = current_mediator()
+        if mediator is None:
+            raise TracingError("tracer.stop() can only be called while the model runs (inside an invoke or a trace with input).")
+        mediator.stop()
+
+    def barrier(self, parties: int) -> "Barrier":
+        """A meeting point for `parties` invokes at the same module (activation patching)."""
+        return Barrier(parties)
+
+    @property
+    def iter(self) -> "IterProxy":
+        """Loop over steps: `for step in tracer.iter[0:3]:` (see `tracing/iteration.py`)."""
+        from .iteration import IterProxy
+
+        return IterProxy(self)
+
+    def all(self) -> "StepLoop":
+        """Every step of the run: `for step in tracer.all():`."""
+        return self.iter[:]
+
+    @property
+    def result(self) -> Any:
+        """The traced call's return value (the model output, or the generated ids)."""
+        return self.model._result_envoy(self.kind).output  # type: ignore[union-attr]
+
+    def next(self, step: int = 1) -> None:
+        mediator = current_mediator()
+        if mediator is None:
+            raise TracingError("tracer.next() can only be called while the model runs.")
+        mediator.step += step
+
+    # -- running ------------------------------------------------------------------------------
+
+    def execute(self, ns: dict[str, Any]) -> None:
+        assert self.block is not None and self.model is not None
+        model = self.model
+        model._before_run()
+        if self.has_input:
+            prepared = [model._prepare_input(*self.args, **self.kwargs)]
+            mediators = [Mediator(self.block.code, ns, None, 0, label="trace body")]
+        else:
+            self._collecting = True
+            try:
+                exec(self.block.code, ns)
+            finally:
+                self._collecting = False
+            if not self._invokes:
+                return
+            prepared = []
+            mediators = []
+            start = 0
+            for i, (block, invoke_ns, prep) in enumerate(self._invokes):
+                group = None
+                if prep is not None:
+                    size = prep[2]
+                    group = (start, size)
+                    start += size
+                    prepared.append(prep)
+                mediators.append(Mediator(block.code, invoke_ns, group, i, label=f"invoke {i}"))
+            if not prepared:
+                raise TracingError(
+                    "Every invoke in this trace is empty, so there is no input to run the model "
+                    "on. Pass the input to one invoke: `with tracer.invoke(inputs):`."
+                )
+        mediators = model._edit_mediators(ns) + mediators
+        for i, m in enumerate(mediators):
+            m.index = i
+        args, kwargs, batch_size = model._batch(prepared)
+        if len(prepared) == 1:
+            for m in mediators:
+                m.group = None
+        self._run(mediators, args, kwargs, batch_size)
+
+    def _run(self, mediators: list[Mediator], args: tuple, kwargs: dict, batch_size: int) -> None:
+        model = self.model
+        assert model is not None
+        il = model._new_interleaver(mediators, batch_size, steps=self._steps())
+        self._interleaver = il
+        model._begin_run(il)
+        try:
+            if il.start():
+                try:
+                    self.output = model._call_model(self.kind, args, kwargs, il)
+                except _StopForward:
+                    pass
+                else:
+                    il.finish(generation=self.kind == "generate")
+        finally:
+            model._end_run(il)
+            il.close()
+            self._interleaver = None
+
+    def _steps(self) -> int | None:
+        return 1
+
+
+class Invoker:
+    """`with tracer.invoke(inputs):` one input of a batched trace, with its own body."""
+
+    def __init__(self, tracer: InterleavingTracer, args: tuple, kwargs: dict) -> None:
+        self.tracer = tracer
+        self.args = args
+        self.kwargs = kwargs
+        self._skipper: Any = None
+
+    def __enter__(self) -> "Invoker":
+        frame = _entered_frame()
+        self.block = capture_block(frame, "tracer.invoke(...)")
+        self._frame = frame
+        self._skipper = skip_body(frame)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._skipper.restore()
+        if exc_type is not None and exc_type is not SkipBody:
+            return False
+        frame = self._frame
+        if is_namespace(frame.f_globals):
+            ns = frame.f_globals
+        else:  # an invoke inside a helper function: its variables come from that function
+            ns = new_namespace(self.block, frame_lookup(frame), frame.f_globals.get("__name__", "__main__"))
+        if self.block.as_name:
+            ns[self.block.as_name] = self
+        prep = None
+        if self.args or self.kwargs:
+            prep = self.tracer.model._prepare_input(*self.args, **self.kwargs)  # type: ignore[union-attr]
+        self.tracer._invokes.append((self.block, ns, prep))
+        self._frame = None
+        return True
+
+
+class Barrier:
+    """Call the barrier in each participating invoke; all resume together, in invoke order."""
+
+    def __init__(self, parties: int) -> None:
+        if parties < 1:
+            raise TracingError("tracer.barrier(n) needs n >= 1 invokes.")
+        self.parties = parties
+        self.arrived: list[Mediator] = []
+
+    def __call__(self) -> None:
+        mediator = current_mediator()
+        if mediator is None:
+            raise TracingError("A barrier can only be called inside an invoke while the model runs.")
+        mediator.wait_barrier(self)
