@@ -1,0 +1,289 @@
+"""The `interlace` command: serve, keys, jobs, env.
+
+Heavy imports (the server app, models, torch) happen inside the command that needs them, so
+`interlace keys list` and `interlace --help` stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ._version import PROTOCOL_VERSION, __version__
+
+FAKE_RUNNER_ENV = "INTERLACE_TEST_FAKE_RUNNER"
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"interlace: error: {message}", file=sys.stderr)
+    return code
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from .server.settings import default_data_dir
+
+    return Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+
+
+def _open_db(args: argparse.Namespace):
+    from .server.db import Database
+
+    data_dir = _data_dir(args)
+    return Database(data_dir / "interlace.db"), data_dir
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+def _build_runner(models: list[str], data_dir: Path) -> Any:
+    """Load the hosted models and wrap them in the engine's job runner (imported lazily)."""
+    if os.environ.get(FAKE_RUNNER_ENV) == "1":
+        from .server.testing import FakeRunner
+
+        print(f"WARNING: {FAKE_RUNNER_ENV}=1 -> serving the TEST-ONLY fake runner, not real models.",
+              file=sys.stderr)
+        return FakeRunner(models or None)
+    from .server.runner import DefaultJobRunner  # written alongside the engine
+    import interlace
+
+    loaded: dict[str, object] = {}
+    if not models:
+        from .models.demo import DEMO_MODEL_KEY, build_demo_model
+
+        path = build_demo_model(data_dir)
+        loaded[DEMO_MODEL_KEY] = interlace.LanguageModel(path, dispatch=True)
+    for model in models:
+        loaded[model] = interlace.LanguageModel(model, dispatch=True)
+    return DefaultJobRunner(loaded)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.settings import MiB, ServerSettings, is_loopback
+
+    data_dir = _data_dir(args)
+    if not is_loopback(args.host) and not args.insecure:
+        return _fail(
+            f"refusing to listen on {args.host}: jobs run user code and the sandbox is not in place yet, "
+            "so anyone who can reach this port with a key can run code on this machine. Bind to "
+            "127.0.0.1 (the default) and reach it through an SSH tunnel, or pass --insecure if every "
+            "key holder is trusted."
+        )
+    settings = ServerSettings(
+        data_dir=data_dir, host=args.host, port=args.port, insecure=args.insecure,
+        result_ttl=args.result_ttl, result_store=args.result_store,
+        max_upload_bytes=int(args.max_upload_mb * MiB), sweep_interval=args.sweep_interval,
+    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not is_loopback(args.host):
+        banner = "!" * 78
+        print(f"{banner}\nWARNING: --insecure: listening on {args.host}. Jobs run user code WITHOUT a "
+              f"sandbox;\nanyone holding an API key can run code on this machine as this user.\n{banner}",
+              file=sys.stderr)
+    try:
+        runner = _build_runner(args.model or [], data_dir)
+    except ImportError as exc:
+        return _fail(f"cannot load the job runner or models: {exc}. Is Interlace fully installed?")
+
+    import uvicorn
+
+    from .server.app import create_app
+
+    app = create_app(settings, runner)
+    no_keys = app.state.service.keys.count_active() == 0
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=args.log_level == "debug", ws="websockets-sansio")
+    server = uvicorn.Server(config)
+
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.05)
+        models = ", ".join(app.state.service.model_keys)
+        print(f"Interlace server {__version__} listening on {settings.base_url} (models: {models}; "
+              f"data: {data_dir})", flush=True)
+        hint = f"interlace keys create --name YOUR_NAME --data-dir {data_dir}"
+        if no_keys:
+            print(f"No API keys yet. Create one with: {hint}", flush=True)
+        else:
+            print(f"Create more API keys with: {hint}", flush=True)
+
+    async def main() -> None:
+        task = asyncio.create_task(announce())
+        try:
+            await server.serve()
+        finally:
+            task.cancel()
+
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as loop_runner:
+        loop_runner.run(main())
+    return 0 if server.started else 1
+
+
+# -- keys, jobs ------------------------------------------------------------------------------
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .server.auth import KeyStore
+
+    db, data_dir = _open_db(args)
+    keys = KeyStore(db)
+    if args.keys_command == "create":
+        key, info = keys.create(args.name)
+        # The key alone on stdout (scriptable); the explanation on stderr.
+        print(f"Created API key {info.id} for user {info.name!r} in {data_dir}. It is shown only once:",
+              file=sys.stderr)
+        print(key, flush=True)
+        print(f"Use it with: export INTERLACE_API_KEY={key}\n"
+              f"or in Python: interlace.CONFIG.set_default_api_key({key!r})", file=sys.stderr)
+        return 0
+    if args.keys_command == "list":
+        rows = keys.list_keys()
+        if not rows:
+            print(f"No API keys in {data_dir}. Create one with: interlace keys create --name YOUR_NAME")
+            return 0
+        print(f"{'KEY ID':10} {'USER':24} {'CREATED':20} STATE")
+        for k in rows:
+            state = f"revoked {_when(k.revoked)}" if k.revoked else "active"
+            print(f"{k.id:10} {k.name:24} {_when(k.created):20} {state}")
+        return 0
+    if args.keys_command == "revoke":
+        if keys.revoke(args.key_id):
+            print(f"Revoked key {args.key_id}; it stops working immediately.")
+            return 0
+        return _fail(f"no active key with id {args.key_id!r}; see `interlace keys list`.", 1)
+    return _fail("choose one of: keys create, keys list, keys revoke")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from .server.store import JobStore
+
+    db, data_dir = _open_db(args)
+    records = JobStore(db).list_jobs(args.user, status=args.status, limit=args.limit)
+    if not records:
+        print(f"No jobs in {data_dir}.")
+        return 0
+    print(f"{'JOB ID':32} {'USER':16} {'MODEL':24} {'STATUS':10} {'CREATED':19} {'STARTED':19} FINISHED")
+    for r in records:
+        print(f"{r.id:32} {r.owner[:16]:16} {r.model_key[:24]:24} {r.status:10} {_when(r.created):19} "
+              f"{_when(r.started):19} {_when(r.finished)}")
+    return 0
+
+
+# -- env --------------------------------------------------------------------------------------
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from importlib import metadata
+
+    from .config import CONFIG, config_path
+
+    print(f"Interlace {__version__} (protocol {PROTOCOL_VERSION})")
+    print(f"Python    {sys.version.split()[0]} on {platform.platform()}")
+    local: dict[str, str] = {}
+    for name in ("torch", "transformers", "safetensors", "zstandard", "numpy", "httpx", "websockets",
+                 "fastapi", "uvicorn", "pydantic"):
+        try:
+            local[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            local[name] = "not installed"
+    for name, version in local.items():
+        print(f"  {name:14} {version}")
+    print(f"Config file {config_path()} ({'present' if config_path().is_file() else 'absent'})")
+    host = args.host or os.environ.get("INTERLACE_HOST")
+    key = CONFIG.API.APIKEY
+    print(f"API host  {host or CONFIG.API.HOST}; API key {'set' if key else 'not set'}")
+    if not host:
+        print("No server configured (set INTERLACE_HOST or pass --host to query one).")
+        return 0
+    from .backends.client import RemoteClient
+
+    try:
+        with RemoteClient(host=host) as client:
+            info = client.info()
+            policy = client.policy()
+    except ConnectionError as exc:
+        print(f"Server    unreachable: {exc}")
+        return 1
+    print(f"Server    {host}: interlace {info.get('version')} (protocol {info.get('protocol_version')}), "
+          f"accepts clients {info.get('supported_client_versions')}, python {info.get('python')}")
+    print(f"  models: {', '.join(info.get('models', [])) or 'none'}")
+    for name, version in sorted(info.get("packages", {}).items()):
+        mark = "" if local.get(name, version) == version else f"   (local: {local.get(name)})"
+        print(f"  {name:14} {version}{mark}")
+    print("Policy:")
+    print(json.dumps(policy, indent=2, sort_keys=True))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="interlace", description="Interlace: trace and edit PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"interlace {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data_help = "server data directory (default: $INTERLACE_DATA_DIR or ~/.local/share/interlace)"
+
+    serve = sub.add_parser("serve", help="run the server (API, job store, workers) in one process")
+    serve.add_argument("--model", action="append", metavar="PATH_OR_ID",
+                       help="model to host (repeatable); default: the built-in demo model")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", help=data_help)
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow binding to a non-loopback address (no sandbox yet!)")
+    serve.add_argument("--result-ttl", type=float, default=24 * 3600.0, metavar="SECONDS",
+                       help="how long finished results stay downloadable (default 86400)")
+    serve.add_argument("--result-store", metavar="URL",
+                       help="fsspec URL for results, e.g. s3://bucket/prefix (default: DATA_DIR/results)")
+    serve.add_argument("--max-upload-mb", type=float, default=256.0, help="largest accepted payload (MiB)")
+    serve.add_argument("--sweep-interval", type=float, default=60.0, metavar="SECONDS",
+                       help="how often expired results are deleted")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--name", help="the user the key belongs to (keys with one name share jobs)")
+    create.add_argument("--data-dir", help=data_help)
+    listing = keys_sub.add_parser("list", help="list keys")
+    listing.add_argument("--data-dir", help=data_help)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+    revoke.add_argument("--data-dir", help=data_help)
+    keys.set_defaults(func=cmd_keys)
+
+    jobs = sub.add_parser("jobs", help="list jobs on this server's data directory")
+    jobs.add_argument("--data-dir", help=data_help)
+    jobs.add_argument("--user")
+    jobs.add_argument("--status")
+    jobs.add_argument("--limit", type=int, default=50)
+    jobs.set_defaults(func=cmd_jobs)
+
+    env = sub.add_parser("env", help="show the local environment and the configured server's")
+    env.add_argument("--host", help="server URL (default: $INTERLACE_HOST)")
+    env.set_defaults(func=cmd_env)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Interlace server: HTTP API, durable job store, result store and worker pool."""

@@ -1,0 +1,372 @@
+"""The HTTP and WebSocket API (FastAPI). Thin: checks, then calls `service.JobService`.
+
+See docs/http-api.md for the protocol. Handlers do the small SQLite work inline (microseconds,
+cheaper than a thread hop) and move anything that scales with payload or result size to a
+thread, so one large upload never stalls the status streams of everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from contextlib import asynccontextmanager, suppress
+from functools import lru_cache, partial
+from importlib import metadata
+from typing import Any, AsyncIterator
+from urllib.parse import urlparse
+
+import anyio
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .._version import PROTOCOL_VERSION, __version__
+from . import versions
+from .auth import HEADER as KEY_HEADER
+from .auth import User, invalid_key_message, missing_key_message
+from .errors import BadRequest
+from .service import Conflict, JobService, NotFound
+from .settings import MiB, ServerSettings
+from .store import Event, JobRecord, queued_text
+from .types import JobRunner, JobStatus
+
+log = logging.getLogger("interlace.server")
+
+CALLBACK_HEADER = "X-Interlace-Callback"
+# Payloads up to this size are validated on the event loop; larger ones in a thread.
+INLINE_BYTES = 1 * MiB
+WS_AUTH_TIMEOUT = 10.0
+
+DESCRIPTION = """Run traces on hosted models. Submit with `POST /v1/jobs` (payload bytes),
+follow `WS /v1/jobs/{id}/events` (or poll `GET /v1/jobs/{id}`), download
+`GET /v1/jobs/{id}/result`. Job endpoints need the `X-Interlace-Key` header; create a key on the
+server machine with `interlace keys create --name YOU`. Full protocol: docs/http-api.md."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, problems: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.problems = problems
+
+
+def _error_body(detail: str, problems: list[dict[str, Any]] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"detail": detail}
+    if problems is not None:
+        body["problems"] = problems
+    return body
+
+
+@lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
+    found = {}
+    for name in ("interlace", "torch", "transformers", "safetensors", "zstandard", "numpy",
+                 "fastapi", "uvicorn", "pydantic"):
+        with suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
+    service = JobService(settings, runner)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.hub.bind(asyncio.get_running_loop())
+        # Recovery reads and re-validates payloads: keep it off the loop.
+        await anyio.to_thread.run_sync(service.start)
+        sweeper = asyncio.create_task(_sweep_forever(service, settings.sweep_interval))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            service.stop()
+            service.hub.unbind()
+
+    app = FastAPI(title="Interlace server", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(_error_body(exc.detail, exc.problems), status_code=exc.status)
+
+    @app.exception_handler(BadRequest)
+    async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        return JSONResponse(exc.to_json(), status_code=exc.status)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse(_error_body(str(exc), None), status_code=404)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse(_error_body(str(exc), None), status_code=409)
+
+    def authenticate(request: Request) -> User:
+        problem = versions.incompatibility(request.headers.get(versions.HEADER))
+        if problem:
+            raise ApiError(426, problem)
+        key = request.headers.get(KEY_HEADER)
+        if not key:
+            raise ApiError(401, missing_key_message())
+        user = service.keys.verify(key)
+        if user is None:
+            raise ApiError(401, invalid_key_message())
+        return user
+
+    # -- public ---------------------------------------------------------------------------
+
+    @app.get("/v1/info", summary="Server version, supported client versions, hosted models (no key needed)")
+    async def info() -> JSONResponse:
+        return JSONResponse({
+            "server": "interlace",
+            "version": __version__,
+            "protocol_version": PROTOCOL_VERSION,
+            "supported_client_versions": versions.supported_range(),
+            "models": service.model_keys,
+            "max_upload_bytes": settings.max_upload_bytes,
+            "result_ttl": settings.result_ttl,
+            "python": sys.version.split()[0],
+            "packages": _package_versions(),
+        })
+
+    @app.get("/v1/policy", summary="The server's execution policy (what payloads may do)")
+    async def policy() -> JSONResponse:
+        return JSONResponse(service.runner.policy())
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        summary="Submit a job: the body is the encoded payload",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}}},
+        responses={202: {"description": '{"id", "status": "QUEUED", "queue_position"}'},
+                   400: {"description": "undecodable payload"}, 401: {"description": "missing or bad key"},
+                   404: {"description": "model not hosted"}, 413: {"description": "payload too large"},
+                   422: {"description": "validation problems (listed)"}, 426: {"description": "client version"}},
+    )
+    async def submit(request: Request) -> JSONResponse:
+        user = authenticate(request)
+        callback = _check_callback(request.headers.get(CALLBACK_HEADER))
+        body = await _read_limited(request, settings.max_upload_bytes)
+        if not body:
+            raise ApiError(400, "The request body is empty; send the encoded payload bytes "
+                                "(Content-Type: application/octet-stream).")
+        accept = partial(service.accept, user, body, callback=callback,
+                         client_version=request.headers.get(versions.HEADER))
+        if len(body) <= INLINE_BYTES:
+            job_id, position = accept()
+        else:
+            job_id, position = await anyio.to_thread.run_sync(accept)
+        return JSONResponse({"id": job_id, "status": JobStatus.QUEUED.value, "queue_position": position},
+                            status_code=202)
+
+    @app.get("/v1/jobs", summary="Your jobs, newest first")
+    async def list_jobs(request: Request, limit: int = 100, status: str | None = None) -> JSONResponse:
+        user = authenticate(request)
+        records = service.store.list_jobs(user.name, status=status, limit=max(1, min(limit, 1000)))
+        return JSONResponse({"jobs": [service.status_json(r) for r in records]})
+
+    @app.get("/v1/jobs/{job_id}", summary="A job's status (poll)")
+    async def job_status(request: Request, job_id: str) -> JSONResponse:
+        user = authenticate(request)
+        return JSONResponse(service.status_json(service.owned(user, job_id)))
+
+    @app.get("/v1/jobs/{job_id}/events", summary="A job's recorded events after `after` (polling fallback)")
+    async def job_events(request: Request, job_id: str, after: int = 0) -> JSONResponse:
+        user = authenticate(request)
+        record = service.owned(user, job_id)
+        events = service.store.events_after(job_id, after)
+        return JSONResponse({"status": service.status_json(record), "events": [e.to_json() for e in events]})
+
+    @app.delete("/v1/jobs/{job_id}", summary="Cancel a queued job")
+    async def cancel(request: Request, job_id: str) -> JSONResponse:
+        user = authenticate(request)
+        return JSONResponse(service.status_json(service.cancel(user, job_id)))
+
+    @app.get("/v1/jobs/{job_id}/result", summary="Download the result bytes of a COMPLETED job")
+    async def result(request: Request, job_id: str) -> Response:
+        user = authenticate(request)
+        record = service.owned(user, job_id)
+        _check_downloadable(record)
+        store = service.results
+        local = store.local_path(job_id)
+        if local is not None:
+            try:
+                size = local.stat().st_size
+            except FileNotFoundError:
+                raise ApiError(410, _gone_text(job_id)) from None
+            if size <= INLINE_BYTES:
+                # Small results: one read and one send beat a streaming loop.
+                return Response(local.read_bytes(), media_type="application/octet-stream")
+        else:
+            try:
+                size = await anyio.to_thread.run_sync(store.size, job_id)
+            except FileNotFoundError:
+                raise ApiError(410, _gone_text(job_id)) from None
+        return StreamingResponse(store.iter_chunks(job_id), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(size)})
+
+    @app.websocket("/v1/jobs/{job_id}/events")
+    async def events_ws(ws: WebSocket, job_id: str, after: int = 0) -> None:
+        await ws.accept()
+        try:
+            await _stream_events(service, ws, job_id, after)
+        except WebSocketDisconnect:
+            pass
+
+    return app
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _check_callback(url: str | None) -> str | None:
+    if not url:
+        return None
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ApiError(400, f"{CALLBACK_HEADER} must be an http:// or https:// URL, got {url!r}.")
+    return url
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """Read the body, refusing it (413) as soon as it is known to exceed `limit`."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, _too_large_text(int(declared), limit))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, _too_large_text(size, limit, at_least=True))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large_text(size: int, limit: int, at_least: bool = False) -> str:
+    amount = f"more than {limit}" if at_least else str(size)
+    return (f"The payload is {amount} bytes; this server accepts at most {limit} bytes "
+            f"({limit / MiB:.0f} MiB). Send smaller inputs or save fewer values, or ask the operator "
+            "to raise `interlace serve --max-upload-mb`.")
+
+
+def _gone_text(job_id: str) -> str:
+    return f"The result of job {job_id} expired and was deleted; submit the job again."
+
+
+def _check_downloadable(record: JobRecord) -> None:
+    status = record.status
+    if status == JobStatus.EXPIRED.value or (
+        status == JobStatus.COMPLETED.value and record.expires_at is not None and record.expires_at <= time.time()
+    ):
+        raise ApiError(410, _gone_text(record.id))
+    if status == JobStatus.COMPLETED.value:
+        return
+    if status == JobStatus.ERROR.value:
+        raise ApiError(409, f"Job {record.id} ended in ERROR and has no result; "
+                            f"GET /v1/jobs/{record.id} shows the error.")
+    if status == JobStatus.CANCELLED.value:
+        raise ApiError(409, f"Job {record.id} was cancelled; it has no result.")
+    raise ApiError(409, f"Job {record.id} is {status}, not finished; follow /v1/jobs/{record.id}/events "
+                        "and download once it is COMPLETED.")
+
+
+async def _sweep_forever(service: JobService, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await anyio.to_thread.run_sync(service.sweep)
+        except Exception:
+            log.exception("result sweep failed; will retry")
+
+
+async def _ws_fail(ws: WebSocket, code: int, message: str) -> None:
+    # The JSON message carries the full text; the close reason is capped at 123 bytes.
+    await ws.send_text(json.dumps({"error": message, "code": code}))
+    await ws.close(code=4000 + code, reason=message.encode()[:120].decode(errors="ignore"))
+
+
+async def _stream_events(service: JobService, ws: WebSocket, job_id: str, after: int) -> None:
+    key = ws.headers.get(KEY_HEADER)
+    version = ws.headers.get(versions.HEADER) or ws.query_params.get("version")
+    if not key:
+        # Browsers cannot set headers on a WebSocket: accept the key as the first message,
+        # {"key": "...", "version": "..."}.
+        try:
+            first = json.loads(await asyncio.wait_for(ws.receive_text(), WS_AUTH_TIMEOUT))
+        except (asyncio.TimeoutError, ValueError, KeyError):
+            first = {}
+        if isinstance(first, dict):
+            key = first.get("key")
+            version = version or first.get("version")
+    problem = versions.incompatibility(version)
+    if problem:
+        return await _ws_fail(ws, 426, problem)
+    if not key:
+        return await _ws_fail(ws, 401, missing_key_message())
+    user = service.keys.verify(key)
+    if user is None:
+        return await _ws_fail(ws, 401, invalid_key_message())
+    record = service.store.get_owned(job_id, user.name)
+    if record is None:
+        return await _ws_fail(ws, 404, f"No job {job_id!r} for this API key's user.")
+
+    # Subscribe before reading history: events committed meanwhile arrive on the queue and
+    # are de-duplicated by seq, so nothing falls between the two.
+    sub = service.hub.subscribe(job_id)
+    receiver = asyncio.ensure_future(_until_disconnect(ws))
+    try:
+        events = service.store.events_after(job_id, after) or [service.current_event(record)]
+        last = after
+        for event in events:
+            await _send(ws, event)
+            last = max(last, event.seq or 0)
+        if any(e.terminal for e in events):
+            return await ws.close()
+        position = service.pool.position(record.model_key, job_id)
+        replayed = [e.queue_position for e in events if e.status == JobStatus.QUEUED.value]
+        if position is not None and (not replayed or replayed[-1] != position):
+            # The stored QUEUED event has the position at the time; say where it is now.
+            await _send(ws, Event(job_id, JobStatus.QUEUED.value, queued_text(position), position, time.time()))
+        while True:
+            getter = asyncio.ensure_future(sub.get())
+            done, _ = await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:  # the client went away
+                getter.cancel()
+                return
+            event = getter.result()
+            if event is None:  # we fell behind: catch up from the database
+                sub.take_lag()
+                backlog = service.store.events_after(job_id, last)
+            else:
+                backlog = [event]
+            for item in backlog:
+                if item.seq is not None and item.seq <= last:
+                    continue
+                await _send(ws, item)
+                last = max(last, item.seq or 0)
+                if item.terminal:
+                    return await ws.close()
+    finally:
+        receiver.cancel()
+        service.hub.unsubscribe(sub)
+
+
+async def _send(ws: WebSocket, event: Event) -> None:
+    await ws.send_text(json.dumps(event.to_json()))
+
+
+async def _until_disconnect(ws: WebSocket) -> None:
+    """Completes when the client closes; client messages after the handshake are ignored."""
+    with suppress(Exception):
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return

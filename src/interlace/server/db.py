@@ -1,0 +1,110 @@
+"""The SQLite database shared by the job store and the key store.
+
+One connection guarded by a lock: the server's writes are tiny (a row and an event), so a
+lock is cheaper than a connection pool, and WAL lets the CLI (`interlace jobs`, `keys`) read
+and write from another process while the server runs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    key_id TEXT,
+    model_key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    error_category TEXT,
+    callback TEXT,
+    client_version TEXT,
+    payload_size INTEGER NOT NULL DEFAULT 0,
+    result_size INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    log_count INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    queue_position INTEGER,
+    time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    salt BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL
+);
+"""
+
+
+class Database:
+    def __init__(self, path: Path | str, *, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN ourselves, so a transaction is exactly the
+        # `with db.transaction()` block and nothing is left open between calls.
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives the process being killed; FULL also
+            # survives power loss at the cost of an fsync per commit.
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._conn.execute("PRAGMA busy_timeout=10000")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"The database {self.path} was written by a newer Interlace (schema {version}, "
+                    f"this one knows {SCHEMA_VERSION}). Upgrade Interlace or use another --data-dir."
+                )
+            self._conn.executescript(SCHEMA)
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run statements atomically; the commit happens before the block's caller continues."""
+        with self._lock:
+            # IMMEDIATE takes the write lock up front, so two processes never deadlock
+            # upgrading read locks.
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

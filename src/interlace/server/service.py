@@ -1,0 +1,306 @@
+"""The job lifecycle, independent of HTTP: receive, queue, run, finish, cancel, recover, expire.
+
+Rule followed everywhere here: commit to the store first, then publish the event, then act on
+memory (queues) or the outside world (callbacks). A crash at any point leaves the database
+describing something the server can resume from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .auth import KeyStore, User
+from .db import Database
+from .errors import BadRequest, JobFailed
+from .events import EventHub
+from .results import ResultStore
+from .settings import ServerSettings
+from .store import Event, JobRecord, JobStore, queued_text
+from .types import JobRunner, JobStatus
+from .workers import QueuedJob, WorkerPool
+
+log = logging.getLogger("interlace.server")
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    pass
+
+
+class JobService:
+    def __init__(self, settings: ServerSettings, runner: JobRunner) -> None:
+        self.settings = settings
+        self.runner = runner
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.payload_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.db_path, fsync=settings.fsync)
+        self.store = JobStore(self.db)
+        self.keys = KeyStore(self.db)
+        self.results = ResultStore(settings.result_url)
+        self.hub = EventHub()
+        self.model_keys = list(runner.model_keys())
+        self.pool = WorkerPool(self.model_keys, self._execute, self._announce_positions)
+        # Callbacks go out on their own threads so a slow receiver never delays the next job.
+        self._callbacks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="interlace-callback")
+        self._started = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Requeue unfinished jobs (before any new one, to keep FIFO), then start workers."""
+        if self._started:
+            return
+        self._started = True
+        self.recover()
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self._callbacks.shutdown(wait=False, cancel_futures=True)
+
+    # -- receipt --------------------------------------------------------------------------
+
+    def accept(self, user: User, payload: bytes, *, callback: str | None, client_version: str | None) -> tuple[str, int]:
+        """Validate, store the payload, commit the job, queue it. Returns (job id, position).
+
+        Raises BadRequest with the runner's message for payloads that cannot run here.
+        """
+        prepared = self.runner.prepare(payload)
+        model_key = prepared.model_key
+        if not self.pool.hosts(model_key):
+            raise BadRequest(self._unknown_model_text(model_key), status=404)
+        job_id = uuid.uuid4().hex
+        path = self._payload_path(job_id)
+        self._write_payload(path, payload)
+
+        def commit(position: int) -> None:
+            events = self.store.create(
+                job_id,
+                owner=user.name,
+                key_id=user.key_id,
+                model_key=model_key,
+                payload_size=len(payload),
+                callback=callback,
+                client_version=client_version,
+                queue_position=position,
+            )
+            for event in events:
+                self.hub.publish(event)
+
+        try:
+            position = self.pool.enqueue(model_key, QueuedJob(job_id, prepared), before=commit)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return job_id, position
+
+    def _unknown_model_text(self, model_key: str) -> str:
+        hosted = ", ".join(repr(k) for k in self.model_keys) or "none"
+        return (
+            f"Model {model_key!r} is not hosted on this server (hosted: {hosted}). Use one of those, "
+            f"or start the server with `interlace serve --model {model_key}`."
+        )
+
+    def _payload_path(self, job_id: str) -> Path:
+        return self.settings.payload_dir / f"{job_id}.bin"
+
+    def _write_payload(self, path: Path, payload: bytes) -> None:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            if self.settings.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    # -- execution (worker threads) -------------------------------------------------------
+
+    def _execute(self, job: QueuedJob) -> None:
+        job_id = job.job_id
+        started = time.time()
+        event = self.store.transition(
+            job_id, JobStatus.RUNNING, "Running.", expect=(JobStatus.QUEUED,),
+            started=started, attempts=job.attempts + 1,
+        )
+        if event is None:  # cancelled or finished meanwhile
+            return
+        self.hub.publish(event)
+        limit = self.settings.max_log_events
+
+        def emit_log(line: str) -> None:
+            logged = self.store.add_log(job_id, str(line).rstrip("\n"), limit=limit)
+            if logged is not None:
+                self.hub.publish(logged)
+
+        try:
+            result = self.runner.run(job.prepared, emit_log)
+            if not isinstance(result, (bytes, bytearray, memoryview)):
+                raise TypeError(f"JobRunner.run returned {type(result).__name__}, expected bytes")
+            data = bytes(result)
+            self.results.put(job_id, data)
+        except JobFailed as failed:
+            self._finish(job_id, JobStatus.ERROR, failed.traceback_text, error_category=failed.category)
+        except Exception as exc:
+            log.error("job %s failed inside the server:\n%s", job_id, traceback.format_exc())
+            text = (
+                f"Internal server error while running the job: {type(exc).__name__}: {exc}\n"
+                "This is a server problem, not your code; report it to the server operator."
+            )
+            self._finish(job_id, JobStatus.ERROR, text, error_category="internal")
+        else:
+            self._finish(
+                job_id, JobStatus.COMPLETED, f"Result ready ({len(data)} bytes).", result_size=len(data)
+            )
+
+    def _finish(self, job_id: str, status: JobStatus, description: str, **fields: Any) -> Event | None:
+        now = time.time()
+        event = self.store.transition(
+            job_id, status, description,
+            expect=(JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING),
+            finished=now, expires_at=now + self.settings.result_ttl, **fields,
+        )
+        if event is None:
+            return None
+        self.hub.publish(event)
+        # The payload is only kept to re-run the job after a crash; a finished job needs none.
+        self._payload_path(job_id).unlink(missing_ok=True)
+        record = self.store.get(job_id)
+        if record is not None and record.callback:
+            self._callbacks.submit(self._post_callback, record)
+        return event
+
+    def _announce_positions(self, model_key: str, waiting: list[str]) -> None:
+        # Positions are transient (not stored, seq=None): they are derived from the in-memory
+        # queue and sent only to jobs someone is watching.
+        now = time.time()
+        for index, job_id in enumerate(waiting):
+            if self.hub.has_subscribers(job_id):
+                position = index + 1
+                self.hub.publish(Event(job_id, "QUEUED", queued_text(position), position, now))
+
+    def _post_callback(self, record: JobRecord) -> None:
+        assert record.callback
+        body = self.status_json(record)
+        try:
+            httpx.post(record.callback, json=body, timeout=self.settings.callback_timeout)
+        except Exception as exc:  # best effort by contract
+            log.warning("callback for job %s to %s failed: %s", record.id, record.callback, exc)
+
+    # -- queries --------------------------------------------------------------------------
+
+    def owned(self, user: User, job_id: str) -> JobRecord:
+        record = self.store.get_owned(job_id, user.name)
+        if record is None:
+            raise NotFound(f"No job {job_id!r} for this API key's user.")
+        return record
+
+    def status_json(self, record: JobRecord) -> dict[str, Any]:
+        position = None
+        if record.status == JobStatus.QUEUED.value:
+            position = self.pool.position(record.model_key, record.id)
+        return record.to_json(queue_position=position)
+
+    def current_event(self, record: JobRecord) -> Event:
+        """The job's state as one event (for a client reconnecting with nothing new to see)."""
+        latest = self.store.latest_event(record.id)
+        if latest is not None and latest.status == record.status:
+            if record.status == JobStatus.QUEUED.value:
+                position = self.pool.position(record.model_key, record.id)
+                return Event(record.id, "QUEUED", queued_text(position or 1), position, latest.time, latest.seq)
+            return latest
+        return Event(record.id, record.status, record.description, None, record.updated, latest.seq if latest else 0)
+
+    # -- cancel, recover, expire ----------------------------------------------------------
+
+    def cancel(self, user: User, job_id: str) -> JobRecord:
+        record = self.owned(user, job_id)
+        if record.status == JobStatus.QUEUED.value and self.pool.remove(record.model_key, job_id):
+            self._finish(job_id, JobStatus.CANCELLED, "Cancelled by the user before it ran.")
+            updated = self.store.get(job_id)
+            assert updated is not None
+            return updated
+        if record.status == JobStatus.RUNNING.value or record.status == JobStatus.QUEUED.value:
+            raise Conflict(f"Job {job_id} is already running and cannot be cancelled; wait for it to finish.")
+        raise Conflict(f"Job {job_id} already finished ({record.status}); there is nothing to cancel.")
+
+    def recover(self) -> None:
+        """Requeue what a previous server process left unfinished, or end it with a clear ERROR."""
+        for record in self.store.pending():
+            try:
+                self._requeue(record)
+            except Exception as exc:
+                log.exception("could not requeue job %s", record.id)
+                self._finish(
+                    record.id, JobStatus.ERROR,
+                    f"The server restarted and could not requeue this job: {type(exc).__name__}: {exc}",
+                    error_category="requeue",
+                )
+
+    def _requeue(self, record: JobRecord) -> None:
+        interrupted = record.status == JobStatus.RUNNING.value
+        if record.attempts >= self.settings.max_attempts:
+            self._finish(
+                record.id, JobStatus.ERROR,
+                f"The server stopped {record.attempts} times while this job ran; it is not retried again "
+                "in case the job itself brings the server down. Check its memory and time use, then "
+                "submit it again.",
+                error_category="interrupted",
+            )
+            return
+        path = self._payload_path(record.id)
+        if not path.is_file():
+            self._finish(record.id, JobStatus.ERROR,
+                         "The server restarted and this job's payload file is missing; submit it again.",
+                         error_category="requeue")
+            return
+        try:
+            prepared = self.runner.prepare(path.read_bytes())
+        except BadRequest as exc:
+            self._finish(record.id, JobStatus.ERROR,
+                         f"The server restarted and can no longer run this job: {exc.message}",
+                         error_category="requeue")
+            return
+        if not self.pool.hosts(prepared.model_key):
+            self._finish(record.id, JobStatus.ERROR,
+                         "The server restarted and can no longer run this job: "
+                         + self._unknown_model_text(prepared.model_key),
+                         error_category="requeue")
+            return
+        note = "Requeued after the server was interrupted while it ran." if interrupted else \
+            "Requeued after a server restart."
+
+        def commit(position: int) -> None:
+            event = self.store.transition(
+                record.id, JobStatus.QUEUED, f"{note} {queued_text(position)}",
+                queue_position=position, started=None,
+            )
+            if event is not None:
+                self.hub.publish(event)
+
+        self.pool.enqueue(prepared.model_key, QueuedJob(record.id, prepared, record.attempts), before=commit)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete expired results; returns how many jobs expired."""
+        count = 0
+        for record in self.store.expired(time.time() if now is None else now):
+            # Delete the bytes first: a crash in between leaves a COMPLETED record without a
+            # file, which the result endpoint already answers with 410.
+            self.results.delete(record.id)
+            self._payload_path(record.id).unlink(missing_ok=True)
+            event = self.store.expire(record.id)
+            if event is not None:
+                self.hub.publish(event)
+                count += 1
+        return count

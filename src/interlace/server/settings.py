@@ -1,0 +1,75 @@
+"""Server settings, from CLI flags (see `interlace.cli`) or built directly in tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MiB = 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    """`$INTERLACE_DATA_DIR`, else `$XDG_DATA_HOME/interlace`, else `~/.local/share/interlace`.
+
+    A per-user location (not the current directory) so that `interlace serve` and
+    `interlace keys create` agree on the database wherever they are run from.
+    """
+    explicit = os.environ.get("INTERLACE_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "interlace"
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    insecure: bool = False
+    # Seconds a finished job's result (and record of its events) stays downloadable.
+    result_ttl: float = 24 * 3600.0
+    # fsspec URL; None means `<data_dir>/results` on the local disk.
+    result_store: str | None = None
+    # Uploads larger than this are refused with 413 while the body is still streaming in.
+    max_upload_bytes: int = 256 * MiB
+    # How often the sweeper deletes expired results.
+    sweep_interval: float = 60.0
+    # A job interrupted this many times (server killed while it ran) ends in ERROR instead of
+    # being retried, so that a payload that crashes the server cannot loop forever.
+    max_attempts: int = 3
+    callback_timeout: float = 5.0
+    # LOG lines kept per job; later lines are dropped with one notice (a print loop must not
+    # fill the database).
+    max_log_events: int = 10_000
+    # fsync payload files and use synchronous=FULL: survives power loss, costs latency.
+    # Off by default: WAL + synchronous=NORMAL already survives a killed process.
+    fsync: bool = False
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "interlace.db"
+
+    @property
+    def payload_dir(self) -> Path:
+        return self.data_dir / "payloads"
+
+    @property
+    def result_url(self) -> str:
+        return self.result_store or str(self.data_dir / "results")
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
