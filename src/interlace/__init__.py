@@ -1,6 +1,13 @@
-"""Interlace: look inside PyTorch models and change what happens there."""
+"""Interlace: look inside PyTorch models and change what happens there.
+
+Run a traced block here (`remote=False`), in a faithful in-process simulation of a server
+(`remote="local"`), or on an Interlace server (`remote=True`).
+"""
 
 from ._version import __version__
+from .backends.client import RemoteException
+from .backends.remote import RemoteJob, attach
+from .config import CONFIG
 from .errors import (
     InterlaceError,
     MissedProviderError,
@@ -10,19 +17,27 @@ from .errors import (
     TracingError,
 )
 from .models import LanguageModel, NNsight
+from .remote.decorator import remote
+from .remote.problems import RemoteValidationError
 from .tracing.envoy import Envoy
 from .tracing.saving import save
 
 __all__ = [
     "__version__",
+    "CONFIG",
     "NNsight",
     "LanguageModel",
     "Envoy",
     "save",
+    "remote",
+    "attach",
+    "RemoteJob",
     "InterlaceError",
     "MissedProviderError",
     "ModuleNotCalledError",
     "OutOfOrderError",
+    "RemoteException",
+    "RemoteValidationError",
     "SourceNotFoundError",
     "TracingError",
 ]

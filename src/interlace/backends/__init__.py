@@ -5,12 +5,35 @@ from __future__ import annotations
 from typing import Any
 
 from .local import LocalBackend
+from .remote import RemoteBackend, RemoteJob, attach
+from .simulation import LocalSimulationBackend
 
-__all__ = ["LocalBackend", "select_backend"]
+__all__ = ["LocalBackend", "LocalSimulationBackend", "RemoteBackend", "RemoteJob", "attach", "select_backend"]
+
+_SIMULATION_OPTIONS = ("verbose", "strict_remote", "max_upload_mb")
+_REMOTE_OPTIONS = ("blocking", "callback", "host", "api_key", "strict_remote", "verbose")
 
 
 def select_backend(model: Any, remote: bool | str, kwargs: dict[str, Any]) -> Any:
     """The backend for `model.trace(..., remote=...)`; pops the options it consumes."""
-    if remote is False or remote is None:
+    from ..server.executor import executing_remotely
+
+    if executing_remotely():  # a trace inside a shipped session runs on the hosted model
+        for name in set(_SIMULATION_OPTIONS) | set(_REMOTE_OPTIONS):
+            kwargs.pop(name, None)
         return LocalBackend()
-    raise ValueError(f"remote={remote!r} is not supported yet; use remote=False.")
+    if remote == "local":
+        options = {k: kwargs.pop(k) for k in _SIMULATION_OPTIONS if k in kwargs}
+        return LocalSimulationBackend(model, **options)
+    if remote is True:
+        options = {k: kwargs.pop(k) for k in _REMOTE_OPTIONS if k in kwargs}
+        return RemoteBackend(model, **options)
+    if remote is False or remote is None:
+        stray = sorted(set(kwargs) & (set(_SIMULATION_OPTIONS) | set(_REMOTE_OPTIONS)))
+        if stray:
+            raise TypeError(
+                f"{', '.join(stray)} only apply to remote runs; pass remote='local' (simulation) or "
+                f"remote=True (server), e.g. `model.trace(x, remote='local', {stray[0]}=...)`."
+            )
+        return LocalBackend()
+    raise ValueError(f"remote must be False, True or 'local', not {remote!r}.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -47,6 +49,15 @@ class LanguageModel(NNsight):
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from .demo import DEMO_MODEL_KEY, build_demo_model
+
+        key = model if isinstance(model, str) else None
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
+        if model == DEMO_MODEL_KEY:
+            # The built-in demo model: built offline and cached, so the same key works here
+            # and on an `interlace serve` that hosts it by default.
+            model = str(build_demo_model(_cache_dir()))
         if isinstance(model, torch.nn.Module):
             module = model
             repo_id = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
@@ -69,6 +80,7 @@ class LanguageModel(NNsight):
         super().__init__(module, rename=rename)
         d = self.__dict__
         d["repo_id"] = repo_id
+        d["model_key"] = key or repo_id
         d["_load_kwargs"] = dict(load_kwargs)
         d["_dispatched"] = dispatched
         d["tokenizer"] = tokenizer if tokenizer is not None else self._load_tokenizer(repo_id, load_kwargs, module)
@@ -266,6 +278,10 @@ class LanguageModel(NNsight):
         from .generation import run_generate
 
         return run_generate(self, kwargs, interleaver)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("INTERLACE_CACHE_DIR") or Path.home() / ".cache" / "interlace")
 
 
 def _strip_padding(ids: list[list[int]], masks: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:

@@ -177,7 +177,9 @@ def _top_level(stmt: ast.stmt, target: ast.AST) -> bool:
         node = stack.pop()
         if node is target:
             return True
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)) and node is not stmt:
+        # A `return` inside a def/lambda/class (the body statement itself may be a `def`) is that
+        # function's own and is fine.
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
             continue
         stack.extend(ast.iter_child_nodes(node))
     return False

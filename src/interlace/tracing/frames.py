@@ -53,6 +53,8 @@ def user_location(skip_internal: bool = True) -> tuple[str, int]:
     while frame is not None:
         filename = frame.f_code.co_filename
         if not (skip_internal and _is_internal(filename)):
+            if filename.startswith("<interlace-remote:") and filename.endswith(">"):
+                filename = filename[len("<interlace-remote:") : -1]  # shipped code: the user's file
             return filename, frame.f_lineno
         frame = frame.f_back
     return "<unknown>", 0

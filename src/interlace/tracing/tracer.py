@@ -101,16 +101,19 @@ class Tracer:
         try:
             if exc_type is not None and exc_type is not SkipBody:
                 return False
+            # Python never stored the `as` target (the body was skipped at its first opcode,
+            # which is that store), so bind it here like a normal `with` would.
+            bind_as = {self.block.as_name: self} if self.block is not None and self.block.as_name else {}
             try:
                 values = self._run_backend()
             except BaseException as error:
-                partial = getattr(error, "_interlace_partial", None)
+                partial = {**bind_as, **(getattr(error, "_interlace_partial", None) or {})}
                 if partial:
                     push_to_frame(self._frame, partial)  # type: ignore[arg-type]
                 error.__traceback__ = clean_traceback(error.__traceback__)
                 raise error from error.__cause__
-            if values:
-                push_to_frame(self._frame, values)  # type: ignore[arg-type]
+            if values or bind_as:
+                push_to_frame(self._frame, {**bind_as, **values} if values else bind_as)  # type: ignore[arg-type]
             return True
         finally:
             pop_registry()

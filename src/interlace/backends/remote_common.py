@@ -1,0 +1,69 @@
+"""What `remote='local'` and `remote=True` share on the client side."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..remote.policy import DEFAULT_POLICY, Policy
+from ..remote.problems import RemoteValidationError
+from ..remote.request import BuiltRequest, build_request, encode_request
+from ..remote.validate import validate_request
+
+if TYPE_CHECKING:
+    from ..tracing.tracer import Tracer
+
+__all__ = ["encode_for_remote", "model_key_of", "policy_for_simulation"]
+
+
+def encode_for_remote(tracer: "Tracer", model_key: str, policy: Policy, *, strict_remote: bool) -> tuple[bytes, BuiltRequest]:
+    """Serialize the trace and check it against `policy`; raises RemoteValidationError with
+    every problem (those only the client can see, then the server's own checks)."""
+    built = build_request(tracer, model_key, policy, strict_remote=strict_remote)
+    payload = encode_request(built)
+    problems = list(built.problems)
+    # The server's checks repeat some of the client's (with the block's first line where the
+    # client knew the exact line); keep the more precise one.
+    seen = {(p.category, p.message) for p in problems}
+    for problem in validate_request(built.request, policy, payload_size=len(payload)):
+        if (problem.category, problem.message) not in seen:
+            seen.add((problem.category, problem.message))
+            problems.append(problem)
+    if problems:
+        raise RemoteValidationError(problems)
+    return payload, built
+
+
+def model_key_of(model: Any, *, simulation: bool = False) -> str:
+    key = getattr(model, "model_key", None)
+    if isinstance(key, str) and key:
+        return key
+    if simulation:
+        return f"local:{type(model._module).__name__}"
+    raise ValueError(
+        f"{type(model).__name__} has no model key, so a server cannot know which model to run. "
+        "Use `interlace.LanguageModel(\"hub/id-or-path\")` for hosted models, or "
+        "`remote='local'` to simulate with a plain NNsight model."
+    )
+
+
+_policy_cache: dict[str, Policy] = {}
+
+
+def policy_for_simulation() -> Policy:
+    """The configured server's policy if it answers quickly, else the default policy."""
+    from ..config import CONFIG
+
+    host = CONFIG.API.HOST
+    if host in _policy_cache:
+        return _policy_cache[host]
+    policy = DEFAULT_POLICY
+    try:
+        import httpx
+
+        response = httpx.get(host.rstrip("/") + "/v1/policy", timeout=0.5)
+        if response.status_code == 200:
+            policy = Policy.model_validate(response.json())
+    except Exception:  # no server configured or reachable: the default policy applies
+        policy = DEFAULT_POLICY
+    _policy_cache[host] = policy
+    return policy

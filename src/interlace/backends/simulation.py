@@ -1,0 +1,90 @@
+"""`remote='local'`: the full remote path, in-process, against the local model.
+
+Serialize (client) → validate → deserialize into a fresh namespace → execute with the
+server's executor → encode and decode the result. Each step is the function the client and
+the server use, so what passes here passes remotely and what fails remotely fails here, with
+the same message.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from ..remote.problems import RemoteValidationError
+from ..remote.result import decode_result
+from .remote_common import encode_for_remote, model_key_of, policy_for_simulation
+
+if TYPE_CHECKING:
+    from ..tracing.tracer import Tracer
+
+__all__ = ["LocalSimulationBackend"]
+
+
+class LocalSimulationBackend:
+    """Runs traces through serialize, validate, deserialize and execute, in-process.
+
+    `last_payload_size` is the size in bytes of the last request; `get_last_payload()` returns
+    its bytes.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        verbose: bool = False,
+        *,
+        strict_remote: bool = False,
+        max_upload_mb: float = 10.0,
+        policy: Any = None,
+    ) -> None:
+        self.model = model
+        self.verbose = verbose
+        self.strict_remote = strict_remote
+        self.max_upload_mb = max_upload_mb
+        self.policy = policy
+        self.last_payload_size = 0
+        self._last_payload: bytes | None = None
+
+    def get_last_payload(self) -> bytes | None:
+        return self._last_payload
+
+    def __call__(self, tracer: "Tracer") -> dict[str, Any]:
+        from ..server.errors import BadRequest, JobFailed
+        from ..server.runner import prepare_payload, run_prepared
+        from .client import RemoteException
+
+        policy = self.policy or policy_for_simulation()
+        key = model_key_of(self.model, simulation=True)
+        payload, built = encode_for_remote(tracer, key, policy, strict_remote=self.strict_remote)
+        self.last_payload_size = len(payload)
+        self._last_payload = payload
+        if self.verbose:
+            request = built.request
+            print(f"[LocalSimulation] Serialized payload: {len(payload)} bytes")
+            print(f"[LocalSimulation] Variables: {sorted(request.variables)}")
+            print(f"[LocalSimulation] Remote objects: {request.remote_objects}")
+            print(f"[LocalSimulation] Model refs: {sorted(request.model_refs)}")
+        if self.max_upload_mb and len(payload) > self.max_upload_mb * 1024 * 1024:
+            warnings.warn(
+                f"The request is {len(payload) / 1024 / 1024:.1f} MB, over max_upload_mb="
+                f"{self.max_upload_mb:g} MB. Sending it to a server will be slow; compute large "
+                "values inside the trace instead of passing them in (max_upload_mb=0 silences this).",
+                UserWarning,
+                stacklevel=4,
+            )
+        try:
+            prepared = prepare_payload(payload, policy, {key: self.model})
+        except BadRequest as e:
+            if e.problems:
+                raise RemoteValidationError(e.problems) from None
+            raise RemoteException(e.message, category=f"HTTP {e.status}") from None
+        try:
+            result = run_prepared(prepared, self.model, policy, log=_log)
+        except JobFailed as e:
+            raise RemoteException(e.traceback_text, category=e.category) from None
+        return decode_result(result)
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stdout)

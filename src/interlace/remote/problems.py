@@ -1,0 +1,66 @@
+"""Problems found in a request: each names the user's line, a category and the fix as code."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import InterlaceError
+
+__all__ = ["Problem", "RemoteValidationError", "CATEGORIES"]
+
+#: Every category the validator can report, with a one-line meaning (shown by `interlace env`).
+CATEGORIES = {
+    "unserializable-variable": "a variable the body uses cannot be sent to the server",
+    "module-not-allowed": "a module that the server does not provide",
+    "lambda-capture": "a lambda captures something that cannot be sent",
+    "undecorated-function": "strict_remote requires @interlace.remote on user functions",
+    "undecorated-class": "strict_remote requires @interlace.remote on user classes",
+    "source-unavailable": "a user function or class whose source code cannot be read",
+    "file-io": "shipped code touches files",
+    "network": "shipped code touches the network",
+    "subprocess": "shipped code starts processes or reaches the interpreter",
+    "forbidden-builtin": "shipped code calls eval, exec, open, __import__ or similar",
+    "forbidden-attribute": "shipped code reaches interpreter internals (frames, globals, subclasses)",
+    "payload-too-large": "the request is larger than the server accepts",
+    "unserializable-input": "the trace's inputs cannot be sent",
+    "unserializable-result": "a saved value cannot be sent back",
+    "unknown-model": "the server does not host this model",
+    "invalid-request": "the request itself is malformed or from an incompatible version",
+    "class-base-not-allowed": "a shipped class derives from a class that cannot be sent",
+}
+
+
+class Problem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    category: str
+    message: str
+    filename: str = "<unknown>"
+    lineno: int = 0
+    fix: str = ""
+
+    def render(self, number: int | None = None) -> str:
+        head = f"{number}. " if number is not None else ""
+        where = f"{self.filename}:{self.lineno}" if self.lineno else self.filename
+        text = f"{head}{where} [{self.category}] {self.message}"
+        if self.fix:
+            fix = "\n".join("        " + line for line in self.fix.strip("\n").splitlines())
+            text += f"\n     fix:\n{fix}"
+        return text
+
+
+class RemoteValidationError(InterlaceError):
+    """The request would be rejected by the server. `.problems` lists every problem found."""
+
+    def __init__(self, problems: Iterable[Problem | dict[str, Any]]) -> None:
+        self.problems = [p if isinstance(p, Problem) else Problem(**p) for p in problems]
+        count = len(self.problems)
+        lines = [f"This trace cannot run remotely ({count} problem{'s' if count != 1 else ''}):"]
+        lines += ["  " + p.render(i + 1) for i, p in enumerate(self.problems)]
+        super().__init__("\n".join(lines))
+
+    @property
+    def categories(self) -> list[str]:
+        return [p.category for p in self.problems]

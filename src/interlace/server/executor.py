@@ -1,0 +1,97 @@
+"""The one executor: runs a decoded request against a hosted model.
+
+`remote='local'` calls exactly this function in-process, and the server's workers call it
+for every job; that is what makes the simulation faithful. The body that runs is compiled
+from the request's source text and reads only decoded values, never the caller's objects.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from typing import Any, Callable
+
+from ..remote.policy import Policy
+from ..remote.request import TraceRequest
+from ..remote.source import CodeDecoder, original_filename, remote_filename, restricted_builtins
+from ..remote.values import ValueDecoder
+from ..tracing.capture import SAVE_HELPER, block_from_source
+from ..tracing.frames import NAMESPACE_MARKER
+from ..tracing.saving import pop_registry, push_registry, save_in_body
+
+__all__ = ["execute_request", "ExecutionFailed", "executing_remotely"]
+
+_state = threading.local()
+
+
+def executing_remotely() -> bool:
+    """True while a shipped body runs (nested traces then run locally, on the hosted model)."""
+    return getattr(_state, "depth", 0) > 0
+
+
+class ExecutionFailed(Exception):
+    """A job's body failed; `text` is a traceback in the user's own files and lines."""
+
+    def __init__(self, text: str, category: str, partial: dict[str, Any] | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.category = category
+        self.partial = partial or {}
+
+
+def execute_request(
+    request: TraceRequest,
+    tensors: dict[str, Any],
+    model: Any,
+    *,
+    policy: Policy,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the request's body beside `model`; returns the saved values."""
+    filename = remote_filename(request.block.filename)
+    block = block_from_source(request.block.source, filename, request.block.first_lineno)
+    builtins_dict = restricted_builtins(policy, log)
+    decoder = ValueDecoder(tensors, extension=CodeDecoder(request.objects, policy, builtins_dict))
+    ns: dict[str, Any] = {"__builtins__": builtins_dict, "__name__": "__interlace_remote__", NAMESPACE_MARKER: True, SAVE_HELPER: save_in_body}
+    for name, node in request.variables.items():
+        ns[name] = decoder.decode(node, path=name)
+    for name, path in request.model_refs.items():
+        ns[name] = model if path == "model" else model.get(path[len("model.") :])
+    args = [decoder.decode(a, path="input") for a in request.args]
+    kwargs = {k: decoder.decode(v, path=k) for k, v in request.kwargs.items()}
+    if request.kind == "trace":
+        tracer = model.trace(*args, **kwargs)
+    elif request.kind == "generate":
+        tracer = model.generate(*args, **kwargs)
+    else:
+        tracer = model.session()
+    tracer.block = block
+    if block.as_name:
+        ns[block.as_name] = tracer
+    registry = push_registry()
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        tracer.execute(ns)
+    except BaseException as error:  # noqa: BLE001 - every failure becomes the job's ERROR
+        raise ExecutionFailed(user_traceback(error), type(error).__name__, registry.select(ns)) from None
+    finally:
+        _state.depth -= 1
+        pop_registry()
+    return registry.select(ns)
+
+
+def user_traceback(error: BaseException) -> str:
+    """The traceback with only the user's frames, in their own file names and lines."""
+    lines = ["Traceback (most recent call last):\n"]
+    for frame in traceback.extract_tb(error.__traceback__):
+        if not frame.filename.startswith("<interlace-remote:"):
+            continue
+        lines.append(f'  File "{original_filename(frame.filename)}", line {frame.lineno}, in {_where(frame.name)}\n')
+        if frame.line:
+            lines.append(f"    {frame.line.strip()}\n")
+    lines.extend(traceback.format_exception_only(type(error), error))
+    return "".join(lines).rstrip("\n")
+
+
+def _where(name: str) -> str:
+    return "<with block>" if name == "<module>" else name

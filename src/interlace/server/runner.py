@@ -1,0 +1,95 @@
+"""The engine side of the server: decode and validate on receipt, execute in a worker.
+
+`prepare_payload` and `run_prepared` are also what `remote='local'` calls, in-process, so the
+simulation takes the very path a server job takes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from ..remote.errors import WireFormatError
+from ..remote.policy import DEFAULT_POLICY, Policy
+from ..remote.problems import Problem
+from ..remote.request import TraceRequest, decode_request
+from ..remote.result import UnsendableResult, encode_result
+from ..remote.validate import validate_request
+from .errors import BadRequest, JobFailed
+from .executor import ExecutionFailed, execute_request
+
+__all__ = ["DefaultJobRunner", "PreparedRequest", "prepare_payload", "run_prepared"]
+
+
+@dataclass
+class PreparedRequest:
+    model_key: str
+    request: TraceRequest
+    tensors: dict[str, Any]
+    size: int
+
+
+def prepare_payload(payload: bytes, policy: Policy, model_keys: Mapping[str, Any] | list[str]) -> PreparedRequest:
+    """Decode and validate request bytes; raises BadRequest with the HTTP status to answer."""
+    if len(payload) > policy.max_upload_bytes:
+        raise BadRequest(
+            f"The request is {len(payload) / 1e6:.1f} MB; this server accepts at most "
+            f"{policy.max_upload_bytes / 1e6:.1f} MB. Save less, or compute large inputs inside the trace.",
+            status=413,
+        )
+    try:
+        request, tensors = decode_request(payload, policy)
+    except WireFormatError as e:
+        raise BadRequest(f"The request could not be decoded: {e}", status=400) from None
+    if request.model_key not in model_keys:
+        raise BadRequest(
+            f"This server does not host {request.model_key!r}. Hosted models: "
+            f"{', '.join(sorted(model_keys)) or 'none'}. Check `interlace env` or the server's --model options.",
+            status=404,
+        )
+    problems = validate_request(request, policy, payload_size=len(payload))
+    if problems:
+        raise BadRequest(_summary(problems), status=422, problems=[p.model_dump() for p in problems])
+    return PreparedRequest(request.model_key, request, tensors, len(payload))
+
+
+def run_prepared(prepared: PreparedRequest, model: Any, policy: Policy, log: Callable[[str], None]) -> bytes:
+    """Execute and encode the result; failures raise JobFailed with the user's traceback."""
+    try:
+        values = execute_request(prepared.request, prepared.tensors, model, policy=policy, log=log)
+    except ExecutionFailed as e:
+        raise JobFailed(e.text, e.category) from None
+    try:
+        return encode_result(values, max_bytes=policy.max_result_bytes)
+    except UnsendableResult as e:
+        raise JobFailed(f"UnsendableResult: {e}", "unserializable-result") from None
+
+
+def _summary(problems: list[Problem]) -> str:
+    count = len(problems)
+    return f"The request was rejected ({count} problem{'s' if count != 1 else ''}): " + "; ".join(
+        f"{p.filename}:{p.lineno} [{p.category}] {p.message}" for p in problems
+    )
+
+
+class DefaultJobRunner:
+    """Hosts models by key; one job at a time per model (the server keeps one worker per key)."""
+
+    def __init__(self, models: Mapping[str, Any], policy: Policy | None = None) -> None:
+        self.models = dict(models)
+        self._policy = policy or DEFAULT_POLICY
+        self._locks = {key: threading.Lock() for key in self.models}
+
+    def prepare(self, payload: bytes) -> PreparedRequest:
+        return prepare_payload(payload, self._policy, self.models)
+
+    def run(self, job: PreparedRequest, log: Callable[[str], None]) -> bytes:
+        with self._locks[job.model_key]:
+            return run_prepared(job, self.models[job.model_key], self._policy, log)
+
+    def model_keys(self) -> list[str]:
+        return list(self.models)
+
+    def policy(self) -> dict[str, Any]:
+        return self._policy.to_json()

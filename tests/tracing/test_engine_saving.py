@@ -1,0 +1,109 @@
+"""Only saved values reach the caller's scope; `.save()` and `interlace.save()` on any value."""
+
+from __future__ import annotations
+
+import linecache
+from typing import Any
+
+import pytest
+import torch
+
+import interlace
+
+
+def test_only_saved_names_appear_in_function_scope(mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:
+    with mlp_model.trace(tiny_input):
+        unsaved = mlp_model.layer1.output
+        out = mlp_model.layer2.output.save()
+    assert torch.equal(out, tiny_mlp(tiny_input))
+    with pytest.raises(UnboundLocalError):
+        unsaved  # noqa: B018
+
+
+def test_unsaved_name_keeps_its_previous_value(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
+    hidden = "before"
+    with mlp_model.trace(tiny_input):
+        hidden = mlp_model.layer1.output  # noqa: F841 - rebinding inside the body
+        out = mlp_model.layer2.output.save()
+    assert hidden == "before"
+    assert isinstance(out, torch.Tensor)
+
+
+def test_interlace_save_any_object_and_method_save(mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:
+    with mlp_model.trace(tiny_input):
+        shapes = interlace.save([])
+        shapes.append(tuple(mlp_model.layer1.output.shape))
+        stats = dict(mean=mlp_model.layer2.output.mean()).save()
+        label = "layer2".save()
+        out = mlp_model.layer2.output.save()
+        not_saved = [1, 2]
+    assert shapes == [(1, 10)]
+    assert torch.equal(stats["mean"], tiny_mlp(tiny_input).mean())
+    assert label == "layer2"
+    assert torch.equal(out, tiny_mlp(tiny_input))
+    with pytest.raises(UnboundLocalError):
+        not_saved  # noqa: B018
+
+
+def test_save_keeps_a_reference_and_clone_keeps_a_snapshot(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
+    with mlp_model.trace(tiny_input):
+        ref = mlp_model.layer1.output.save()
+        snap = mlp_model.layer1.output.clone().save()
+        mlp_model.layer1.output[:] = 0
+    assert torch.count_nonzero(ref) == 0
+    assert torch.count_nonzero(snap) > 0
+
+
+def test_save_outside_a_trace_is_a_no_op() -> None:
+    value = [1]
+    assert interlace.save(value) is value
+
+
+def test_values_saved_before_an_error_survive(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
+    with pytest.raises(ZeroDivisionError):
+        with mlp_model.trace(tiny_input):
+            early = mlp_model.layer1.output.save()
+            1 / 0
+    assert early.shape == (1, 10)
+
+
+def test_saved_names_inside_closure_cells(mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:
+    """A saved name that a nested function closes over (a cell variable) is bound too."""
+    with mlp_model.trace(tiny_input):
+        out = mlp_model.layer2.output.save()
+    read = lambda: out  # noqa: E731 - makes `out` a cell variable
+    assert torch.equal(read(), tiny_mlp(tiny_input))
+
+
+def test_only_saved_names_at_module_level(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
+    """Module-level code (a script, or a notebook cell) gets saved names and no others."""
+    src = (
+        "with model.trace(x):\n"
+        "    unsaved = model.layer1.output\n"
+        "    kept = model.layer2.output.save()\n"
+    )
+    filename = "<interlace-test-module-level>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    try:
+        ns: dict[str, Any] = {"model": mlp_model, "x": tiny_input}
+        exec(compile(src, filename, "exec"), ns)
+    finally:
+        linecache.cache.pop(filename, None)
+    assert "kept" in ns and "unsaved" not in ns
+    assert not any(k.startswith("__interlace") for k in ns)
+    with pytest.raises(NameError):
+        eval("unsaved", ns)
+
+
+def test_session_values_flow_between_traces_but_only_saved_leave(mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:
+    with mlp_model.session():
+        with mlp_model.trace(tiny_input):
+            h = mlp_model.layer1.output.clone()
+        with mlp_model.trace(tiny_input):
+            mlp_model.layer1.output = h * 0
+            out = mlp_model.output.save()
+    with torch.no_grad():
+        expected = tiny_mlp.layer2(tiny_mlp.act(torch.zeros(1, 10)))
+    assert torch.equal(out, expected)
+    with pytest.raises(UnboundLocalError):
+        h  # noqa: B018
