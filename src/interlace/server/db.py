@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS events (
     status TEXT NOT NULL,
     description TEXT NOT NULL DEFAULT '',
     queue_position INTEGER,
-    time REAL NOT NULL
+    time REAL NOT NULL,
+    category TEXT
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 CREATE TABLE IF NOT EXISTS api_keys (

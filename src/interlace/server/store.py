@@ -27,9 +27,10 @@ class Event:
     queue_position: int | None
     time: float
     seq: int | None = None
+    category: str | None = None  # ERROR events: the error category
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "id": self.job_id,
             "seq": self.seq,
             "status": self.status,
@@ -37,6 +38,9 @@ class Event:
             "queue_position": self.queue_position,
             "time": self.time,
         }
+        if self.category is not None:
+            data["error_category"] = self.category
+        return data
 
     @property
     def terminal(self) -> bool:
@@ -93,17 +97,25 @@ def _event_from_row(row: sqlite3.Row) -> Event:
         queue_position=row["queue_position"],
         time=row["time"],
         seq=row["seq"],
+        category=row["category"],
     )
 
 
 def _insert_event(
-    conn: sqlite3.Connection, job_id: str, status: str, description: str, position: int | None, now: float
+    conn: sqlite3.Connection,
+    job_id: str,
+    status: str,
+    description: str,
+    position: int | None,
+    now: float,
+    category: str | None = None,
 ) -> Event:
     cur = conn.execute(
-        "INSERT INTO events (job_id, status, description, queue_position, time) VALUES (?, ?, ?, ?, ?)",
-        (job_id, status, description, position, now),
+        "INSERT INTO events (job_id, status, description, queue_position, time, category)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, status, description, position, now, category),
     )
-    return Event(job_id, status, description, position, now, cur.lastrowid)
+    return Event(job_id, status, description, position, now, cur.lastrowid, category)
 
 
 class JobStore:
@@ -219,7 +231,8 @@ class JobStore:
         with self.db.transaction() as conn:
             if conn.execute(sql, params).rowcount == 0:
                 return None
-            return _insert_event(conn, job_id, status.value, description, queue_position, now)
+            return _insert_event(conn, job_id, status.value, description, queue_position, now,
+                                 fields.get("error_category"))
 
     def add_log(self, job_id: str, line: str, *, limit: int) -> Event | None:
         """Record one LOG line; past `limit` lines per job, one notice and then nothing."""

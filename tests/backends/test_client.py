@@ -1,0 +1,151 @@
+"""RemoteClient and Job against a real server process (fake runner)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+
+import pytest
+
+from interlace import cli
+from interlace.backends import client as client_module
+from interlace.backends.client import RemoteClient, RemoteException, RemoteRequestError, WaitTimeout
+from interlace.backends.display import JobStatusDisplay
+from interlace.server.testing import ServerProcess, decode_fake_result, fake_payload, free_port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("client")) as proc:
+        proc.key = proc.create_key("alice")
+        yield proc
+
+
+@pytest.fixture
+def client(server):
+    with RemoteClient(server.url, server.key) as remote:
+        yield remote
+
+
+def plain_display():
+    return JobStatusDisplay(stream=io.StringIO(), inplace=False, color=False)
+
+
+def test_submit_and_wait_shows_statuses(client):
+    display = plain_display()
+    data = client.submit(fake_payload(echo=[1, 2], log=["printed on the server"])).wait(display=display)
+    assert decode_fake_result(data)["echo"] == [1, 2]
+    lines = display.stream.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == ["RECEIVED", "QUEUED", "RUNNING", "LOG", "COMPLETED"]
+    assert "printed on the server" in lines[3]
+
+
+def test_host_and_key_from_environment(server, monkeypatch):
+    monkeypatch.setenv("INTERLACE_HOST", server.url)
+    monkeypatch.setenv("INTERLACE_API_KEY", server.key)
+    remote = RemoteClient()
+    assert remote.host == server.url and remote.ws_host.startswith("ws://")
+    assert decode_fake_result(remote.submit(fake_payload(echo=3)).result(timeout=10))["echo"] == 3
+
+
+def test_non_blocking_submit_then_reattach_from_another_process(client, server):
+    job = client.submit(fake_payload(echo="later", sleep=0.2))
+    assert job.status()["status"] in {"QUEUED", "RUNNING"}
+    code = (
+        "import sys; from interlace.backends.client import RemoteClient;"
+        "from interlace.server.testing import decode_fake_result;"
+        f"sys.stdout.write(decode_fake_result(RemoteClient({server.url!r}, {server.key!r}).job({job.id!r}).result(timeout=20))['echo'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "later"
+    fresh = RemoteClient(server.url, server.key).job(job.id)
+    assert fresh.status()["status"] == "COMPLETED"
+    assert decode_fake_result(fresh.result())["echo"] == "later"
+
+
+def test_async_api(server):
+    async def scenario():
+        async with RemoteClient(server.url, server.key) as remote:
+            jobs = [await remote.asubmit(fake_payload(echo=i)) for i in range(4)]
+            results = await asyncio.gather(*(job.await_result(display=False, timeout=10) for job in jobs))
+            assert [decode_fake_result(r)["echo"] for r in results] == [0, 1, 2, 3]
+            assert (await jobs[0].astatus())["status"] == "COMPLETED"
+            failing = await remote.asubmit(fake_payload(fail="KeyError: 'x'"))
+            with pytest.raises(RemoteException, match="KeyError"):
+                await failing.await_result(display=False, timeout=10)
+
+    asyncio.run(scenario())
+
+
+def test_failed_job_raises_remote_exception(client):
+    display = plain_display()
+    with pytest.raises(RemoteException) as info:
+        client.submit(fake_payload(fail="ZeroDivisionError: division by zero")).wait(display=display)
+    assert "ZeroDivisionError" in str(info.value) and info.value.category == "user"
+    assert "ERROR" in display.stream.getvalue()
+
+
+def test_connection_error_names_host_and_fix():
+    remote = RemoteClient(f"http://127.0.0.1:{free_port()}", "il_x_y")
+    with pytest.raises(ConnectionError) as info:
+        remote.submit(b"{}")
+    assert remote.host in str(info.value) and "interlace serve" in str(info.value)
+
+
+def test_bad_key_and_version_are_explained(server, monkeypatch):
+    with pytest.raises(RemoteRequestError) as info:
+        RemoteClient(server.url, "il_bad_key").submit(fake_payload())
+    assert info.value.status_code == 401 and "interlace keys create" in str(info.value)
+    monkeypatch.setattr(client_module, "__version__", "5.0.0")
+    with pytest.raises(RemoteRequestError) as info:
+        RemoteClient(server.url, server.key).submit(fake_payload())
+    assert info.value.status_code == 426 and ">=0.0.0,<1.0.0" in str(info.value)
+
+
+def test_validation_problems_are_listed(client):
+    with pytest.raises(RemoteRequestError) as info:
+        client.submit(b'{"sleep": "x"}')
+    assert info.value.status_code == 422 and len(info.value.problems) == 2
+    assert "model_key must be a string" in str(info.value)
+
+
+def test_wait_timeout_leaves_job_running(client):
+    job = client.submit(fake_payload(sleep=0.6, echo="slow"))
+    with pytest.raises(WaitTimeout, match="keeps running"):
+        job.wait(display=False, timeout=0.1)
+    assert decode_fake_result(job.result(timeout=10))["echo"] == "slow"
+
+
+def test_cancel(client):
+    blocker = client.submit(fake_payload(sleep=0.4))
+    queued = client.submit(fake_payload())
+    assert queued.cancel()["status"] == "CANCELLED"
+    with pytest.raises(RemoteException, match="cancelled"):
+        queued.result(timeout=10)
+    blocker.result(timeout=10)
+
+
+def test_large_result_streams_with_progress_bar(client):
+    display = JobStatusDisplay(stream=io.StringIO(), inplace=True, color=False)
+    data = client.submit(fake_payload(random_bytes=1_500_000)).wait(display=display)
+    assert len(decode_fake_result(data)["random"]) == 2_000_000
+    assert "Downloading" in display.stream.getvalue()
+
+
+def test_falls_back_to_polling_when_websockets_fail(client):
+    client.ws_host = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
+    client.BACKOFF_MAX = 0.2
+    display = plain_display()
+    data = client.submit(fake_payload(echo="polled", log=["still logged"])).wait(display=display, timeout=10)
+    assert decode_fake_result(data)["echo"] == "polled"
+    assert "still logged" in display.stream.getvalue()
+
+
+def test_cli_env_reports_server(server, monkeypatch, capsys):
+    monkeypatch.setenv("INTERLACE_HOST", server.url)
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "Interlace" in out and "models: fake" in out and '"runner": "fake"' in out
