@@ -1,0 +1,77 @@
+"""The package's public surface: `interlace.__all__` declares exactly what the top level defines.
+
+Other parts of the project add names over time; this test does not pin the full list. It
+checks that nothing public is undeclared (a leak) and nothing declared is missing, plus the
+core engine names that must always be there.
+"""
+
+from __future__ import annotations
+
+import types
+
+import interlace
+
+# Names the tracing engine guarantees; others may be added next to them.
+CORE = {
+    "__version__",
+    "NNsight",
+    "LanguageModel",
+    "Envoy",
+    "save",
+    "InterlaceError",
+    "TracingError",
+    "MissedProviderError",
+    "OutOfOrderError",
+    "ModuleNotCalledError",
+    "SourceNotFoundError",
+}
+
+
+def _public_top_level() -> set[str]:
+    """Non-underscore names bound in the package namespace, except its own submodules
+    (Python sets those as attributes when they are imported)."""
+    return {
+        name
+        for name, value in vars(interlace).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+
+
+def test_all_has_no_duplicates() -> None:
+    assert len(interlace.__all__) == len(set(interlace.__all__))
+
+
+def test_all_equals_the_public_top_level_names() -> None:
+    declared = {n for n in interlace.__all__ if not (n.startswith("__") and n.endswith("__"))}
+    public = _public_top_level()
+    assert public - declared == set(), "public but not in __all__"
+    assert declared - public == set(), "in __all__ but not defined"
+
+
+def test_every_declared_name_resolves_to_a_non_module() -> None:
+    for name in interlace.__all__:
+        value = getattr(interlace, name)
+        assert value is not None, name
+        assert not isinstance(value, types.ModuleType), f"interlace.{name} is a module, not the declared object"
+
+
+def test_core_engine_names_are_declared() -> None:
+    assert CORE <= set(interlace.__all__)
+    assert isinstance(interlace.__version__, str) and interlace.__version__
+
+
+def test_star_import_gives_exactly_all() -> None:
+    ns: dict[str, object] = {}
+    exec("from interlace import *", ns)
+    ns.pop("__builtins__", None)
+    assert set(ns) == set(interlace.__all__)
+
+
+def test_error_hierarchy() -> None:
+    assert issubclass(interlace.TracingError, interlace.InterlaceError)
+    assert issubclass(interlace.SourceNotFoundError, interlace.TracingError)
+    assert issubclass(interlace.OutOfOrderError, interlace.MissedProviderError)
+    assert issubclass(interlace.ModuleNotCalledError, interlace.MissedProviderError)
+    assert issubclass(interlace.MissedProviderError, interlace.InterlaceError)
+    assert issubclass(interlace.LanguageModel, interlace.NNsight)
+    assert issubclass(interlace.NNsight, interlace.Envoy)
