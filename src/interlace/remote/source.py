@@ -144,11 +144,13 @@ class CodeEncoder:
         if entry["decorated"] or kind != "lambda":
             self.remote_names.append(name)
         if self.strict and not entry["decorated"] and kind != "lambda":
+            noun = "class" if kind == "class" else "function"
+            # Reported at the line of the trace that uses it (self.where); the server, which
+            # only knows the definition, reports the same message there.
             self._problem(
-                f"undecorated-{'class' if kind == 'class' else 'function'}",
-                f"`{name}` is used by the trace but is not decorated with @interlace.remote (strict_remote=True)",
-                f"from interlace import remote\n\n@remote\n{'class' if kind == 'class' else 'def'} {name}{'' if kind == 'class' else '(...)'}:\n    ...",
-                obj,
+                f"undecorated-{noun}",
+                f"`{name}` is not decorated with @interlace.remote (strict_remote=True)",
+                f"from interlace import remote\n\n@remote\n{'class' if kind == 'class' else 'def'} {name}...",
             )
         try:
             source, filename, lineno = self._source(obj, kind)
@@ -213,9 +215,17 @@ class CodeEncoder:
             return None
         finally:
             if kind == "lambda":
-                for problem in self.problems[before:]:
-                    if problem.category in ("module-not-allowed",):
-                        self.problems[self.problems.index(problem)] = problem.model_copy(update={"category": "lambda-capture", "message": "a lambda captures " + problem.message})
+                code = owner.__code__
+                for i in range(before, len(self.problems)):
+                    problem = self.problems[i]
+                    self.problems[i] = problem.model_copy(update={
+                        "category": "lambda-capture",
+                        "filename": code.co_filename,
+                        "lineno": code.co_firstlineno,
+                        "message": f"this lambda uses `{var}`, which cannot be sent ({problem.message})",
+                        "fix": "# make it a @remote function that imports what it needs inside:\n"
+                               "@remote\ndef helper(x):\n    import torch\n    return ...",
+                    })
 
     def _source(self, obj: Any, kind: str) -> tuple[str, str, int]:
         if kind == "lambda":
@@ -231,10 +241,9 @@ class CodeEncoder:
         filename, lineno = self.where
         if obj is not None:
             try:
-                filename = inspect.getsourcefile(obj) or filename
-                lineno = inspect.getsourcelines(obj)[1]
+                filename, lineno = inspect.getsourcefile(obj) or filename, inspect.getsourcelines(obj)[1]
             except (OSError, TypeError):
-                pass
+                pass  # no source: keep the trace line that uses it
         self.problems.append(Problem(category=category, message=message, filename=filename, lineno=lineno, fix=fix))
 
 
@@ -243,13 +252,16 @@ def _first_line(error: BaseException) -> str:
 
 
 def _user_source_available(cls: type) -> bool:
-    if cls.__module__ in ("builtins",):
+    """True for the user's own classes: readable source outside the stdlib and installed packages
+    (those must come by reference from a module the server allows, or not at all)."""
+    root = (cls.__module__ or "").split(".")[0]
+    if root in ("builtins",) or root in sys.stdlib_module_names:
         return False
     try:
-        inspect.getsourcefile(cls)
-        return True
+        path = inspect.getsourcefile(cls) or ""
     except (OSError, TypeError):
         return False
+    return "site-packages" not in path and "dist-packages" not in path
 
 
 def _defining_globals(obj: Any) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""The one-contract invariant over a corpus: remote='local' agrees with local runs on values,
+and every failing trace raises its documented category at the user's line."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+
+import interlace
+from interlace.backends import remote_common
+from interlace.remote.policy import Policy
+
+import corpus_cases as corpus
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gpt2_path):
+    return interlace.LanguageModel(str(tiny_gpt2_path), dispatch=True)
+
+
+def _equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_corpus_size():
+    assert len(corpus.PASSING) + len(corpus.FAILING) >= 40
+    assert len(corpus.FAILING) >= 15
+    assert len({c for _, c in corpus.FAILING}) == len(corpus.FAILING), "one failing trace per category"
+
+
+@pytest.mark.parametrize("case", corpus.PASSING, ids=lambda f: f.__name__)
+def test_simulation_matches_local(model, case):
+    local = case(model, False)
+    simulated = case(model, "local")
+    assert local.keys() == simulated.keys()
+    for name in local:
+        assert _equal(local[name], simulated[name]), name
+
+
+def _marker_line(case):
+    lines, start = inspect.getsourcelines(case)
+    for offset, line in enumerate(lines):
+        if "# <- ERR" in line:
+            return start + offset
+    return None
+
+
+@pytest.mark.parametrize("case,category", corpus.FAILING, ids=lambda x: getattr(x, "__name__", x))
+def test_failing_trace_reports_category_and_line(model, case, category, monkeypatch):
+    if category == "payload-too-large":
+        monkeypatch.setattr(remote_common, "policy_for_simulation", lambda: Policy(max_upload_bytes=1_000_000))
+        from interlace.backends import simulation
+
+        monkeypatch.setattr(simulation, "policy_for_simulation", lambda: Policy(max_upload_bytes=1_000_000))
+    line = _marker_line(case)
+    filename = inspect.getsourcefile(case)
+    with pytest.raises((interlace.RemoteValidationError, interlace.RemoteException)) as info:
+        case(model, "local")
+    error = info.value
+    if isinstance(error, interlace.RemoteValidationError):
+        matching = [p for p in error.problems if p.category == category]
+        assert matching, f"expected {category}, got {error.categories}: {error}"
+        if line is not None:
+            assert any(p.lineno == line and p.filename == filename for p in matching), str(error)
+        assert all(p.fix or p.category == "class-base-not-allowed" for p in matching)
+    else:
+        assert error.category == category, str(error)
+        if line is not None:
+            assert f'File "{filename}", line {line}' in str(error)
+        else:
+            assert "thing" in str(error)
+
+
+def test_forgotten_save_fails_the_same_way(model):
+    def run(mode):
+        with model.trace(corpus.PROMPT, remote=mode):
+            hidden = model.transformer.h[0].output
+        return hidden  # noqa: F821 - never bound: it was not saved
+
+    for mode in (False, "local"):
+        with pytest.raises((NameError, UnboundLocalError)):
+            run(mode)
+
+
+def test_simulation_executes_a_copy(model):
+    outer = []
+    with model.trace(corpus.PROMPT, remote="local"):
+        outer.append(1)
+        h = model.transformer.h[0].output.save()
+    assert outer == [], "the simulated body must run on decoded copies, as on a server"
+
+
+def test_verbose_output_and_payload_access(model, capsys):
+    backend = interlace.backends.LocalSimulationBackend(model, verbose=True)
+    probe = corpus.Probe(1)
+    with model.trace(corpus.PROMPT, backend=backend):
+        r = probe.read(model.transformer.h[0].output).save()
+    out = capsys.readouterr().out
+    assert re.search(r"\[LocalSimulation\] Serialized payload: \d+ bytes", out)
+    assert "[LocalSimulation] Variables: ['probe']" in out
+    assert "[LocalSimulation] Remote objects: ['Probe']" in out
+    assert "[LocalSimulation] Model refs: ['model']" in out
+    assert backend.last_payload_size == len(backend.get_last_payload()) > 0
+    assert b"pickle" not in backend.get_last_payload()
+
+
+def test_max_upload_warning(model):
+    big = torch.randn(300_000)
+    with pytest.warns(UserWarning, match=r"max_upload_mb=0.5"):
+        with model.trace(corpus.PROMPT, remote="local", max_upload_mb=0.5):
+            h = (model.transformer.h[0].output + big[:128]).save()
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")
+        with model.trace(corpus.PROMPT, remote="local", max_upload_mb=0):
+            h = (model.transformer.h[0].output + big[:128]).save()
+
+
+def test_remote_options_need_remote(model):
+    with pytest.raises(TypeError, match="remote='local'"):
+        with model.trace(corpus.PROMPT, verbose=True):
+            pass
+
+
+def test_remote_decorator_rejects_at_decoration():
+    with pytest.raises(interlace.RemoteValidationError) as info:
+
+        @interlace.remote
+        def reads_file(path):
+            return open(path).read()
+
+    assert info.value.categories == ["file-io"]
