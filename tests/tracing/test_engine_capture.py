@@ -200,3 +200,19 @@ def test_return_inside_body_is_rejected_with_advice(mlp_model: interlace.NNsight
 
     with pytest.raises(interlace.TracingError, match="return"):
         bad()
+
+
+def test_as_name_of_the_tracer_item_in_a_multi_item_with(mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:
+    with torch.no_grad() as nothing, mlp_model.trace(tiny_input) as tracer:
+        out = mlp_model.output.save()
+        same = interlace.save(tracer)
+    assert nothing is None  # no_grad's own `as` target is untouched
+    assert same is tracer
+    assert isinstance(tracer, interlace.tracing.tracer.InterleavingTracer)
+    assert torch.equal(out, tiny_mlp(tiny_input)) and not out.requires_grad
+
+
+def test_tracer_is_bound_after_the_block(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
+    with mlp_model.trace(tiny_input) as tracer:
+        pass
+    assert isinstance(tracer, interlace.tracing.tracer.InterleavingTracer)

@@ -107,3 +107,26 @@ def test_session_values_flow_between_traces_but_only_saved_leave(mlp_model: inte
     assert torch.equal(out, expected)
     with pytest.raises(UnboundLocalError):
         h  # noqa: B018
+
+
+GLOBAL_FROM_BODY: Any = None
+
+
+def test_global_statement_in_body_binds_the_module_global(mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:
+    with mlp_model.trace(tiny_input):
+        global GLOBAL_FROM_BODY
+        GLOBAL_FROM_BODY = mlp_model.output.save()
+    assert torch.equal(GLOBAL_FROM_BODY, tiny_mlp(tiny_input))
+    assert torch.equal(globals()["GLOBAL_FROM_BODY"], tiny_mlp(tiny_input))
+
+
+def test_nonlocal_statement_in_body_binds_the_enclosing_variable(mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:
+    result = None
+
+    def inner() -> None:
+        nonlocal result
+        with mlp_model.trace(tiny_input):
+            result = mlp_model.output.save()
+
+    inner()
+    assert result is not None and torch.equal(result, tiny_mlp(tiny_input))

@@ -18,6 +18,7 @@ point at the user's lines with no remapping.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import dis
 import linecache
 import sys
@@ -57,7 +58,7 @@ class SkipBody(Exception):
     """Raised by the trace function to stop Python from running a captured body."""
 
 
-_block_cache: dict[tuple[str, int, str], tuple[list[str], Block]] = {}
+_block_cache: dict[tuple[str, int, str, int], tuple[list[str], Block]] = {}
 _tree_cache: dict[str, tuple[list[str], ast.Module | None]] = {}
 
 
@@ -66,7 +67,8 @@ def capture_block(frame: types.FrameType, what: str = "model.trace(...)") -> Blo
     filename = frame.f_code.co_filename
     lineno = frame.f_lineno
     lines = linecache.getlines(filename, frame.f_globals)
-    key = (filename, lineno, frame.f_code.co_name)
+    # f_lasti tells apart the items of one `with a() as x, b() as y:` statement.
+    key = (filename, lineno, frame.f_code.co_name, frame.f_lasti)
     hit = _block_cache.get(key)
     if hit is not None and hit[0] is lines:
         return hit[1]
@@ -87,8 +89,31 @@ def capture_block(frame: types.FrameType, what: str = "model.trace(...)") -> Blo
             "entered directly by a `with` statement:\n\n    with " + what + " as tracer:\n        ..."
         )
     block = _compile_with_node(node, lines, filename)
+    as_name = _as_target(frame)
+    if as_name is not _UNKNOWN and as_name != block.as_name:
+        block = dataclasses.replace(block, as_name=as_name)
     _block_cache[key] = (lines, block)
     return block
+
+
+_UNKNOWN: Any = object()
+_STORE_TARGET_OPS = {"STORE_FAST", "STORE_NAME", "STORE_GLOBAL", "STORE_DEREF"}
+
+
+def _as_target(frame: types.FrameType) -> Any:
+    """The `as` name of the `with` item whose `__enter__` `frame` is calling (None if it has
+    none, `_UNKNOWN` if the bytecode does not say).
+
+    The AST alone cannot tell which item of `with torch.no_grad() as g, model.trace(x) as t:`
+    is the tracer; the instruction right after the `__enter__` call stores that item's target.
+    """
+    lasti = frame.f_lasti
+    for ins in dis.get_instructions(frame.f_code):
+        if ins.offset > lasti:
+            if ins.opname in _STORE_TARGET_OPS:
+                return ins.argval
+            return None if ins.opname == "POP_TOP" else _UNKNOWN
+    return _UNKNOWN
 
 
 def block_from_source(source: str, filename: str, first_lineno: int) -> Block:

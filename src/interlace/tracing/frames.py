@@ -13,6 +13,8 @@ __all__ = ["NAMESPACE_MARKER", "is_namespace", "push_to_frame", "user_location",
 #: Key present in every namespace dict that runs a traced body.
 NAMESPACE_MARKER = "__interlace_namespace__"
 
+_CO_OPTIMIZED = 0x0001  # inspect.CO_OPTIMIZED: a function frame with fast locals
+
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HIDDEN_DIRS = (
     _PACKAGE_DIR + os.sep,
@@ -35,6 +37,18 @@ def push_to_frame(frame: types.FrameType, values: Mapping[str, Any]) -> None:
     if not values:
         return
     f_locals = frame.f_locals
+    if f_locals is not frame.f_globals and frame.f_code.co_flags & _CO_OPTIMIZED:
+        # In a function, a name the body assigns but that is not one of the function's own
+        # variables was declared `global` there (`global G` in the body makes it global for
+        # the whole function), so it belongs in the module's globals.
+        code = frame.f_code
+        own = set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
+        if any(name not in own for name in values):
+            for name in [n for n in values if n not in own]:
+                frame.f_globals[name] = values[name]
+            values = {n: v for n, v in values.items() if n in own}
+            if not values:
+                return
     if f_locals is frame.f_globals or sys.version_info >= (3, 13):
         for name, value in values.items():
             f_locals[name] = value
