@@ -148,14 +148,7 @@ class LanguageModel(NNsight):
 
         Rows are kept unpadded (lists of ids) so several invokes can be padded together.
         """
-        bad = sorted(set(kwargs) & TOKENIZER_OPTIONS)
-        if bad:
-            raise TracingError(
-                f"{', '.join(bad)} {'is a tokenizer option' if len(bad) == 1 else 'are tokenizer options'}; "
-                "pass tokenizer options explicitly so they cannot be mistaken for model or "
-                f"generation options: `model.trace(text, tokenizer_kwargs={{{bad[0]!r}: ...}})`"
-                + (" (to cap generation use `max_new_tokens=`)" if "max_length" in bad else "")
-            )
+        _reject_tokenizer_options(kwargs)
         tokenizer_kwargs = dict(kwargs.pop("tokenizer_kwargs", None) or {})
         if not inputs and "input_ids" in kwargs:
             inputs = (kwargs.pop("input_ids"),)
@@ -171,6 +164,18 @@ class LanguageModel(NNsight):
             raise TracingError("The input produced zero tokens. Pass a non-empty prompt or non-empty `input_ids`.")
         kwargs["__rows__"] = (rows, masks)
         return (), kwargs, len(rows)
+
+    def _has_input(self, args: tuple, kwargs: dict[str, Any]) -> bool:
+        return bool(args) or "input_ids" in kwargs
+
+    def _trace_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        _reject_tokenizer_options(kwargs)
+        if "tokenizer_kwargs" in kwargs:
+            raise TracingError(
+                "tokenizer_kwargs apply to one input; with invokes pass them to each invoke: "
+                "`with tracer.invoke(text, tokenizer_kwargs={...}):`."
+            )
+        return dict(kwargs)
 
     def _rows(self, value: Any, mask: Any, tokenizer_kwargs: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
         if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
@@ -282,6 +287,17 @@ class LanguageModel(NNsight):
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("INTERLACE_CACHE_DIR") or Path.home() / ".cache" / "interlace")
+
+
+def _reject_tokenizer_options(kwargs: dict[str, Any]) -> None:
+    bad = sorted(set(kwargs) & TOKENIZER_OPTIONS)
+    if bad:
+        raise TracingError(
+            f"{', '.join(bad)} {'is a tokenizer option' if len(bad) == 1 else 'are tokenizer options'}; "
+            "pass tokenizer options explicitly so they cannot be mistaken for model or "
+            f"generation options: `model.trace(text, tokenizer_kwargs={{{bad[0]!r}: ...}})`"
+            + (" (to cap generation use `max_new_tokens=`)" if "max_length" in bad else "")
+        )
 
 
 def _strip_padding(ids: list[list[int]], masks: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:

@@ -158,6 +158,35 @@ class NNsight(Envoy):
             raise TypeError(f"model.session() got unexpected arguments: {', '.join(kwargs)}")
         return Session(self, backend=backend)
 
+    def scan(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Like `trace`, but with fake tensors: shapes and dtypes, no compute, no weights loaded."""
+        from ..tracing.scan import ScanningTracer
+
+        return ScanningTracer(self, *inputs, **kwargs)
+
+    def edit(self, *, inplace: bool = False) -> Any:
+        """`with model.edit() as edited:` records interventions applied to every later trace of
+        `edited` (a copy sharing the modules); `inplace=True` edits this model itself."""
+        from ..tracing.edit import EditingTracer
+
+        return EditingTracer(self, inplace=inplace)
+
+    def clear_edits(self) -> None:
+        """Remove every edit recorded with `model.edit(...)` on this envoy."""
+        self.__dict__["_default_edits"] = []
+
+    def export_edits(self, path: Any) -> Any:
+        """Write this envoy's edits to a safetensors file (source text + tensors; no pickle)."""
+        from ..tracing.edit import export_edits
+
+        return export_edits(self, path)
+
+    def import_edits(self, path: Any) -> int:
+        """Add the edits stored by `export_edits` (runs their source: use trusted files)."""
+        from ..tracing.edit import import_edits
+
+        return import_edits(self, path)
+
     def _backend_for(self, remote: bool | str, backend: Any, kwargs: dict[str, Any]) -> Any:
         if backend is not None:
             return backend
@@ -175,6 +204,14 @@ class NNsight(Envoy):
                 size = value.shape[0]
                 break
         return args, kwargs, size
+
+    def _has_input(self, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Whether `trace(...)` was given an input (otherwise its kwargs are options for invokes)."""
+        return bool(args) or bool(kwargs)
+
+    def _trace_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Options given to a trace whose inputs come from invokes; they apply to the whole batch."""
+        return dict(kwargs)
 
     def _batch(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict, int]:
         """Combine several invokes' inputs into one batch (concatenating tensors on dim 0)."""
@@ -202,7 +239,9 @@ class NNsight(Envoy):
         """Called before each local run (LanguageModel loads its weights here)."""
 
     def _edit_mediators(self, ns: dict[str, Any]) -> list[Mediator]:
-        return []
+        from ..tracing.edit import edit_mediators
+
+        return edit_mediators(self, ns)
 
     def _new_interleaver(self, mediators: list[Mediator], batch_size: int, steps: int | None) -> Interleaver:
         if self.__dict__["_index_map"] is None:

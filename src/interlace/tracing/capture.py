@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SourceNotFoundError, TracingError
+from .backward import BACKWARD_HELPER, rewrite_backward  # `with loss.backward():` blocks
 
 __all__ = ["Block", "capture_block", "block_from_source", "skip_body", "SkipBody", "SAVE_HELPER"]
 
@@ -225,7 +226,7 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
     body = node.body
     is_empty = all(isinstance(s, ast.Pass) for s in body)
     _reject_returns(body, filename)
-    module = ast.Module(body=[_SaveRewriter().visit(s) for s in body], type_ignores=[])
+    module = ast.Module(body=[_SaveRewriter().visit(rewrite_backward(s)) for s in body], type_ignores=[])
     ast.fix_missing_locations(module)
     try:
         code = compile(module, filename, "exec", dont_inherit=True)
@@ -262,6 +263,7 @@ def _names(code: types.CodeType) -> tuple[set[str], set[str]]:
                 stored.add(ins.argval)
         stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
     loaded.discard(SAVE_HELPER)
+    loaded.discard(BACKWARD_HELPER)
     return loaded, stored
 
 

@@ -18,6 +18,7 @@ from .capture import SAVE_HELPER, Block, SkipBody, capture_block, skip_body
 from .frames import NAMESPACE_MARKER, clean_traceback, is_namespace, push_to_frame
 from .interleaver import Interleaver, Mediator, _StopForward, current_mediator
 from .saving import SaveRegistry, pop_registry, push_registry, save_in_body
+from .backward import BACKWARD_HELPER, backward_helper
 
 if TYPE_CHECKING:
     from ..models.nnsight import NNsight
@@ -39,6 +40,7 @@ def _entered_frame() -> types.FrameType:
 def new_namespace(block: Block, lookup: Callable[[str], Any] | None = None, module_name: str = "__main__") -> dict[str, Any]:
     """A fresh namespace for a body: the names it reads, taken from `lookup`."""
     ns: dict[str, Any] = {"__builtins__": _BUILTINS, "__name__": module_name, NAMESPACE_MARKER: True, SAVE_HELPER: save_in_body}
+    ns[BACKWARD_HELPER] = backward_helper
     if lookup is not None:
         for name in block.loaded_names:
             value = lookup(name)
@@ -182,7 +184,8 @@ class InterleavingTracer(Tracer):
 
     @property
     def has_input(self) -> bool:
-        return bool(self.args) or bool(self.kwargs)
+        """False when the trace's arguments are only options (inputs then come from invokes)."""
+        return self.model._has_input(self.args, self.kwargs)  # type: ignore[union-attr]
 
     # -- body-side API ------------------------------------------------------------------------
 
@@ -220,6 +223,12 @@ class InterleavingTracer(Tracer):
     def all(self) -> "StepLoop":
         """Every step of the run: `for step in tracer.all():`."""
         return self.iter[:]
+
+    def cache(self, modules: Any = None, include_inputs: bool = False, device: Any = "cpu", dtype: Any = None) -> Any:
+        """Every (or the named) module's outputs of this run, after edits (see `tracing/cache.py`)."""
+        from .cache import start_cache
+
+        return start_cache(self, modules, include_inputs=include_inputs, device=device, dtype=dtype)
 
     @property
     def result(self) -> Any:
@@ -269,6 +278,8 @@ class InterleavingTracer(Tracer):
         for i, m in enumerate(mediators):
             m.index = i
         args, kwargs, batch_size = model._batch(prepared)
+        if not self.has_input and self.kwargs:  # e.g. `model.generate(max_new_tokens=3)` with invokes
+            kwargs = {**model._trace_options(self.kwargs), **kwargs}
         if len(prepared) == 1:
             for m in mediators:
                 m.group = None
