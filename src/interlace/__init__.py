@@ -17,7 +17,7 @@ from .errors import (
     TracingError,
 )
 from .models import LanguageModel, NNsight
-from .remote.decorator import remote
+from . import remote  # callable: @interlace.remote (see remote/__init__.py)
 from .remote.problems import RemoteValidationError
 from .tracing.envoy import Envoy
 from .tracing.saving import save

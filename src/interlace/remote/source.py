@@ -289,7 +289,8 @@ def _global_names(source: str, kind: str) -> set[str]:
     while stack:
         co = stack.pop()
         for ins in dis.get_instructions(co):
-            if ins.opname in ("LOAD_NAME", "LOAD_GLOBAL"):
+            # Dunders such as the `__name__` every class body reads belong to the receiving side.
+            if ins.opname in ("LOAD_NAME", "LOAD_GLOBAL") and not (ins.argval.startswith("__") and ins.argval.endswith("__")):
                 names.add(ins.argval)
         stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
     return names
@@ -410,7 +411,7 @@ class CodeDecoder:
         filename = remote_filename(str(entry.get("filename", "<unknown>")))
         lineno = int(entry.get("lineno", 1) or 1)
         source = str(entry.get("source", ""))
-        env: dict[str, Any] = {"__builtins__": self.builtins, "__name__": "__interlace_remote__"}
+        env: dict[str, Any] = {"__builtins__": self.builtins, "__name__": _REMOTE_MODULE}
         later: list[tuple[str, str]] = []
         for name, value_node in (entry.get("globals") or {}).items():
             value = decoder.decode(value_node)
@@ -435,6 +436,12 @@ class CodeDecoder:
         for target_env, name in self._pending.pop(key, []):
             target_env[name] = obj
         return obj
+
+
+# Shipped classes report this module; it exists (empty) so that machinery which looks up a
+# class's module, such as dataclasses resolving string annotations, finds one.
+_REMOTE_MODULE = "__interlace_remote__"
+sys.modules.setdefault(_REMOTE_MODULE, types.ModuleType(_REMOTE_MODULE, "Namespace of code shipped to Interlace."))
 
 
 class _Later:
