@@ -134,7 +134,7 @@ class RemoteClient:
         try:
             response = self.http.request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-            raise self._unreachable(exc) from exc
+            raise self._unreachable(exc) from None
         if response.status_code >= 400:
             raise _error_from(response)
         return response
@@ -151,7 +151,7 @@ class RemoteClient:
         try:
             response = await self._ahttp_client().request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-            raise self._unreachable(exc) from exc
+            raise self._unreachable(exc) from None
         if response.status_code >= 400:
             raise _error_from(response)
         return response
