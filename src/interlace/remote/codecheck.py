@@ -33,6 +33,23 @@ def check_source(
     what: str = "the traced block",
 ) -> list[Problem]:
     """Problems in `source` (text starting at `first_lineno` of `filename`)."""
+    # A pure function of its arguments, and the same block is checked on every run of a call
+    # site (by client and server), so results are cached.
+    key = (source, filename, first_lineno, id(policy), frozenset(shipped), what)
+    hit = _cache.get(key)
+    if hit is not None and hit[0] is policy:
+        return list(hit[1])
+    problems = _check(source, filename, first_lineno, policy, frozenset(shipped), what)
+    if len(_cache) > 4096:
+        _cache.clear()
+    _cache[key] = (policy, tuple(problems))
+    return problems
+
+
+_cache: dict[tuple, tuple[Policy, tuple[Problem, ...]]] = {}
+
+
+def _check(source: str, filename: str, first_lineno: int, policy: Policy, shipped: frozenset[str], what: str) -> list[Problem]:
     try:
         tree = ast.parse(source)
     except SyntaxError as e:

@@ -8,6 +8,7 @@ submodules as references bound on the other side; user functions and classes as 
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 import types
 from typing import TYPE_CHECKING, Any, Literal
@@ -183,7 +184,8 @@ _UNCONDITIONAL = (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Import, ast.Impo
                   ast.AsyncFunctionDef, ast.ClassDef, ast.Expr, ast.Delete)
 
 
-def free_names(source: str) -> set[str]:
+@functools.lru_cache(maxsize=1024)
+def free_names(source: str) -> frozenset[str]:
     """Names the `with` body reads before (or without) assigning them itself.
 
     A name first assigned unconditionally at the top of the body is not needed from outside;
@@ -195,7 +197,7 @@ def free_names(source: str) -> set[str]:
     needed: set[str] = set()
     assigned: set[str] = set()
     _walk_block(body, needed, assigned)
-    return needed
+    return frozenset(needed)
 
 
 def _walk_block(body: list[ast.stmt], needed: set[str], assigned: set[str]) -> None:
@@ -232,6 +234,7 @@ def _stores(node: ast.AST) -> set[str]:
     return names
 
 
+@functools.lru_cache(maxsize=1024)
 def _first_uses(source: str, first_lineno: int) -> dict[str, int]:
     uses: dict[str, int] = {}
     for n in ast.walk(ast.parse(source)):

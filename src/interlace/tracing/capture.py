@@ -126,12 +126,24 @@ def block_from_source(source: str, filename: str, first_lineno: int) -> Block:
     text = "\n" * (first_lineno - 1) + source
     if not text.endswith("\n"):
         text += "\n"
+    hit = _source_cache.get((filename, text))
+    if hit is not None:
+        linecache.cache[filename] = (len(text), None, hit[0], filename)
+        return hit[1]
     lines = text.splitlines(keepends=True)
     linecache.cache[filename] = (len(text), None, lines, filename)
     tree = _parse_file(filename, lines)
     if tree is None or not tree.body or not isinstance(tree.body[0], (ast.With, ast.AsyncWith)):
         raise TracingError(f"The traced source for {filename}:{first_lineno} is not a `with` statement.")
-    return _compile_with_node(tree.body[0], lines, filename)
+    block = _compile_with_node(tree.body[0], lines, filename)
+    if len(_source_cache) > 1024:
+        _source_cache.clear()
+    # Keep the very `lines` list: capture_block's cache for nested withs is keyed on it.
+    _source_cache[(filename, text)] = (lines, block)
+    return block
+
+
+_source_cache: dict[tuple[str, str], tuple[list[str], Block]] = {}
 
 
 def _no_source_message(filename: str, lineno: int, what: str) -> str:
