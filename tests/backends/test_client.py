@@ -51,7 +51,7 @@ def test_host_and_key_from_environment(server, monkeypatch):
 
 
 def test_non_blocking_submit_then_reattach_from_another_process(client, server):
-    job = client.submit(fake_payload(echo="later", sleep=0.2))
+    job = client.submit(fake_payload(echo="later", sleep=1.0))
     assert job.status()["status"] in {"QUEUED", "RUNNING"}
     code = (
         "import sys; from interlace.backends.client import RemoteClient;"
@@ -120,7 +120,7 @@ def test_wait_timeout_leaves_job_running(client):
 
 
 def test_cancel(client):
-    blocker = client.submit(fake_payload(sleep=0.4))
+    blocker = client.submit(fake_payload(sleep=1.0))
     queued = client.submit(fake_payload())
     assert queued.cancel()["status"] == "CANCELLED"
     with pytest.raises(RemoteException, match="cancelled"):

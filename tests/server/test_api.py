@@ -11,15 +11,12 @@ from websockets.sync.client import connect
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from interlace._version import __version__
-from interlace.server.testing import ServerProcess, decode_fake_result, fake_payload
+from interlace.server.testing import decode_fake_result, fake_payload
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("api"), models=["fake", "other"]) as proc:
-        proc.alice = proc.create_key("alice")
-        proc.bob = proc.create_key("bob")
-        yield proc
+def server(shared_server):
+    return shared_server
 
 
 def headers(key):
@@ -65,20 +62,20 @@ def test_submit_poll_result(server, api):
 
 
 def test_status_sequence_over_websocket(server, api):
-    blocker = submit(api, server.alice, sleep=0.4)
+    blocker = submit(api, server.alice, sleep=1.0)
     ahead = submit(api, server.alice)
     job = submit(api, server.alice, log=["hello", "world"], echo=2)
-    # Positions count waiting jobs (1 = next to run); the blocker is already running.
-    assert (ahead["queue_position"], job["queue_position"]) == (1, 2)
+    # Positions count waiting jobs (1 = next to run).
+    assert job["queue_position"] == ahead["queue_position"] + 1
     seen = events(server, job["id"], server.alice, in_first_message=True)
     statuses = [e["status"] for e in seen]
     # RECEIVED and QUEUED are replayed from the store, the rest arrive live.
     assert statuses[:2] == ["RECEIVED", "QUEUED"]
     assert statuses[-4:] == ["RUNNING", "LOG", "LOG", "COMPLETED"]
-    assert seen[1]["queue_position"] == 2
-    # While waiting, the watcher hears its position change when the job ahead starts.
+    assert seen[1]["queue_position"] == job["queue_position"]
+    # While waiting, the watcher hears its position change when the jobs ahead start.
     positions = [e["queue_position"] for e in seen if e["status"] == "QUEUED"]
-    assert positions[0] == 2 and positions[-1] == 1
+    assert positions[0] == job["queue_position"] and positions[-1] == 1
     assert [e["description"] for e in seen if e["status"] == "LOG"] == ["hello", "world"]
     stored = [e["seq"] for e in seen if e["seq"] is not None]
     assert stored == sorted(set(stored))
@@ -138,7 +135,7 @@ def test_other_users_jobs_are_invisible(server, api):
 
 
 def test_cancel_queued_job(server, api):
-    blocker = submit(api, server.alice, sleep=0.5, model_key="other")
+    blocker = submit(api, server.alice, sleep=1.0, model_key="other")
     queued = submit(api, server.alice, model_key="other")
     response = api.delete(f"/v1/jobs/{queued['id']}", headers=headers(server.alice))
     assert response.status_code == 200 and response.json()["status"] == "CANCELLED"

@@ -9,16 +9,12 @@ import httpx
 import pytest
 
 from interlace._version import __version__
-from interlace.server.testing import ServerProcess, decode_fake_result, fake_payload
-
-LIMIT_MB = 0.01  # about 10 KiB: small enough to test cheaply
-
+from interlace.server.testing import decode_fake_result, fake_payload
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("bad"), args=["--max-upload-mb", str(LIMIT_MB)]) as proc:
-        proc.key = proc.create_key("alice")
-        yield proc
+def server(shared_server):
+    shared_server.key = shared_server.alice
+    return shared_server
 
 
 @pytest.fixture(scope="module")

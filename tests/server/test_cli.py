@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from interlace import cli
 from interlace.server.auth import KeyStore
 from interlace.server.db import Database
@@ -47,9 +44,3 @@ def test_serve_refuses_public_address_without_insecure(tmp_path, capsys):
     assert cli.main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--insecure" in err and "127.0.0.1" in err
-
-
-def test_entry_point_runs(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "interlace.cli", "keys", "list", "--data-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "No API keys" in done.stdout

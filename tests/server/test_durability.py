@@ -10,7 +10,7 @@ import pytest
 
 from interlace._version import __version__
 from interlace.backends.client import RemoteClient, RemoteRequestError
-from interlace.server.testing import ServerProcess, decode_fake_result, fake_payload
+from interlace.server.testing import ServerProcess, ThreadedServer, decode_fake_result, fake_payload
 
 
 def wait_for(predicate, timeout=15.0):
@@ -28,9 +28,9 @@ def test_kill_9_loses_no_job(tmp_path):
     try:
         key = server.create_key("alice")
         client = RemoteClient(server.url, key, reconnect_timeout=30)
-        running = client.submit(fake_payload(sleep=1.0, echo="first"))
+        running = client.submit(fake_payload(sleep=2.0, echo="first"))
         queued = [client.submit(fake_payload(echo=i, log=[f"line {i}"])) for i in range(3)]
-        doomed_running = client.submit(fake_payload("other", sleep=2.0))
+        doomed_running = client.submit(fake_payload("other", sleep=10.0))
         doomed_queued = client.submit(fake_payload("other", echo="never"))
         wait_for(lambda: running.status()["status"] == "RUNNING")
         wait_for(lambda: doomed_running.status()["status"] == "RUNNING")
@@ -75,12 +75,12 @@ def test_kill_9_loses_no_job(tmp_path):
 
 
 def test_results_expire(tmp_path):
-    with ServerProcess(tmp_path / "data", args=["--result-ttl", "1", "--sweep-interval", "0.2"]) as server:
+    with ThreadedServer(tmp_path / "data", result_ttl=1, sweep_interval=0.2) as server:
         key = server.create_key()
         client = RemoteClient(server.url, key)
         job = client.submit(fake_payload(echo="soon gone"))
         assert decode_fake_result(job.result(timeout=10))["echo"] == "soon gone"
-        result_file = server.data_dir / "results" / f"{job.id}.bin"
+        result_file = tmp_path / "data" / "results" / f"{job.id}.bin"
         assert result_file.exists()
         wait_for(lambda: job.status()["status"] == "EXPIRED", timeout=10)
         assert not result_file.exists()

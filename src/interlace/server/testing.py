@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,54 @@ class ServerProcess:
             db.close()
 
     def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ThreadedServer:
+    """A real uvicorn server on a free loopback port, in a thread of this process (fake runner).
+
+    Starts in a fraction of a second (no interpreter start-up), for tests that need HTTP but
+    not a process to kill; use `ServerProcess` for crash tests.
+    """
+
+    def __init__(self, data_dir: Path | str, *, models: list[str] | None = None, **settings: Any) -> None:
+        import uvicorn
+
+        from .app import create_app
+        from .settings import ServerSettings
+
+        self.port = free_port()
+        self.settings = ServerSettings(data_dir=Path(data_dir), port=self.port, **settings)
+        self.app = create_app(self.settings, FakeRunner(models))
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                ws="websockets-sansio")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="interlace-test-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "ThreadedServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("threaded test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def create_key(self, name: str | None = None) -> str:
+        return self.app.state.service.keys.create(name)[0]
+
+    def __enter__(self) -> "ThreadedServer":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
