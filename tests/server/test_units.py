@@ -157,3 +157,14 @@ def test_config_file_and_env(tmp_path, monkeypatch):
     assert Config.load().API.APIKEY == "il_x_y"
     monkeypatch.setenv("INTERLACE_API_KEY", "from-env")
     assert Config.load().API.APIKEY == "from-env"
+
+
+def test_recovery_removes_orphan_payload_files(tmp_path):
+    service = make_service(tmp_path)
+    user = service.keys.verify(service.keys.create("a")[0])
+    job_id, _ = service.accept(user, fake_payload(), callback=None, client_version=None)
+    orphan = tmp_path / "payloads" / "never-committed.bin"
+    orphan.write_bytes(b"x")
+    (tmp_path / "payloads" / "half-written.tmp").write_bytes(b"x")
+    service.recover()
+    assert sorted(p.name for p in (tmp_path / "payloads").iterdir()) == [f"{job_id}.bin"]

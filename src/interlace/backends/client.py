@@ -212,7 +212,7 @@ class RemoteClient:
     def policy(self) -> dict[str, Any]:
         return self._request("GET", "/v1/policy").json()
 
-    def display(self, display: JobStatusDisplay | bool | None) -> JobStatusDisplay:
+    def _display(self, display: JobStatusDisplay | bool | None) -> JobStatusDisplay:
         if isinstance(display, JobStatusDisplay):
             return display
         enabled = CONFIG.APP.REMOTE_LOGGING if display is None else bool(display)
@@ -296,7 +296,7 @@ class Job:
         fails, TimeoutError after `timeout` seconds (the job keeps running on the server),
         ConnectionError if the server stays unreachable for `client.reconnect_timeout`.
         """
-        shown = self.client.display(display)
+        shown = self.client._display(display)
         tracker = _Tracker(self.id, shown)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -393,7 +393,7 @@ class Job:
     async def await_result(self, display: JobStatusDisplay | bool | None = None, *,
                            timeout: float | None = None) -> bytes:
         """Async twin of `wait`."""
-        shown = self.client.display(display)
+        shown = self.client._display(display)
         tracker = _Tracker(self.id, shown)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:

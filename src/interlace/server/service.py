@@ -237,7 +237,9 @@ class JobService:
 
     def recover(self) -> None:
         """Requeue what a previous server process left unfinished, or end it with a clear ERROR."""
-        for record in self.store.pending():
+        pending = self.store.pending()
+        self._remove_orphan_payloads({record.id for record in pending})
+        for record in pending:
             try:
                 self._requeue(record)
             except Exception as exc:
@@ -247,6 +249,13 @@ class JobService:
                     f"The server restarted and could not requeue this job: {type(exc).__name__}: {exc}",
                     error_category="requeue",
                 )
+
+    def _remove_orphan_payloads(self, keep: set[str]) -> None:
+        # A crash between writing a payload and committing its job (or while writing it)
+        # leaves a file no job refers to; the client got no 202 for it, so it can go.
+        for path in self.settings.payload_dir.iterdir():
+            if path.stem not in keep or path.suffix != ".bin":
+                path.unlink(missing_ok=True)
 
     def _requeue(self, record: JobRecord) -> None:
         interrupted = record.status == JobStatus.RUNNING.value
