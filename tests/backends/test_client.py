@@ -149,3 +149,12 @@ def test_cli_env_reports_server(server, monkeypatch, capsys):
     assert cli.main(["env"]) == 0
     out = capsys.readouterr().out
     assert "Interlace" in out and "models: fake" in out and '"runner": "fake"' in out
+
+
+def test_shared_client_is_reused(server):
+    from interlace.backends.client import shared_client
+
+    first = shared_client(server.url, server.key)
+    assert shared_client(server.url, server.key) is first
+    assert shared_client(server.url, "il_other_key") is not first
+    assert first.policy(cached=True) is first.policy(cached=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from typing import Any
 from urllib.parse import quote
@@ -105,6 +106,7 @@ class RemoteClient:
         self._http: httpx.Client | None = None
         self._ahttp: httpx.AsyncClient | None = None
         self._ahttp_loop: asyncio.AbstractEventLoop | None = None
+        self._policy: dict[str, Any] | None = None
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -209,14 +211,34 @@ class RemoteClient:
     def info(self) -> dict[str, Any]:
         return self._request("GET", "/v1/info").json()
 
-    def policy(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/policy").json()
+    def policy(self, *, cached: bool = False) -> dict[str, Any]:
+        """The server's execution policy; `cached=True` fetches it once per client."""
+        if cached and self._policy is not None:
+            return self._policy
+        self._policy = self._request("GET", "/v1/policy").json()
+        return self._policy
 
     def _display(self, display: JobStatusDisplay | bool | None) -> JobStatusDisplay:
         if isinstance(display, JobStatusDisplay):
             return display
         enabled = CONFIG.APP.REMOTE_LOGGING if display is None else bool(display)
         return JobStatusDisplay(enabled=enabled, verbose=self.verbose)
+
+
+_shared: dict[tuple[str, str | None], RemoteClient] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_client(host: str | None = None, api_key: str | None = None) -> RemoteClient:
+    """One RemoteClient per (host, key) for the process, so that repeated traces reuse its
+    keep-alive connections instead of opening new ones each time."""
+    probe = RemoteClient(host, api_key)
+    key = (probe.host, probe.api_key)
+    with _shared_lock:
+        client = _shared.get(key)
+        if client is None:
+            client = _shared[key] = probe
+        return client
 
 
 class _Tracker:
