@@ -10,13 +10,15 @@ The body runs beside a forward under `FakeTensorMode`: every tensor is a fake th
 shape, dtype and device but no data, and no kernel runs. A `LanguageModel` that has not been
 dispatched is not dispatched: its parameters live on the meta device, and the inputs are put
 there too. Saved values are fake tensors (read `.shape` / `.dtype`, not the numbers).
-Operations that need real numbers (`.item()`, `.tolist()`, printing values, branching on
-tensor values) fail under scan with PyTorch's data-dependent error.
+There are no numbers: `.item()` gives a symbolic value, and code that needs real data
+(`.tolist()`, branching on tensor values) fails or takes an arbitrary path.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from .tracer import InterleavingTracer
 
@@ -46,13 +48,27 @@ class ScanningTracer(InterleavingTracer):
         previous = d.get("_before_run", _MISSING)
         d["_before_run"] = _no_dispatch
         try:
-            with fake_mode():
+            with fake_mode() as mode:
+                self._mode = mode
                 super().execute(ns)
         finally:
             if previous is _MISSING:
                 d.pop("_before_run", None)
             else:
                 d["_before_run"] = previous
+
+    def _run(self, mediators: Any, args: tuple, kwargs: dict, batch_size: int) -> None:
+        # The forward sees fake inputs, as it would see real ones in a trace.
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.utils._pytree import tree_map
+
+        def fake(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+                return self._mode.from_tensor(value)
+            return value
+
+        args, kwargs = tree_map(fake, (args, kwargs))
+        super()._run(mediators, args, kwargs, batch_size)
 
 
 _MISSING = object()

@@ -1,0 +1,66 @@
+"""`model.scan(...)`: shapes and dtypes from fake tensors, without compute or loaded weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+import interlace
+
+
+class Recording(torch.nn.Module):
+    """Records whether each forward saw real data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(5, 7)
+        self.real_calls = 0
+        self.fake_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, FakeTensor):
+            self.fake_calls += 1
+        else:
+            self.real_calls += 1
+        return self.inner(x).relu()
+
+
+def test_scan_on_meta_language_model_does_not_dispatch(tiny_gpt2_path, et_prompt):
+    model = interlace.LanguageModel(str(tiny_gpt2_path))
+    assert not model.dispatched
+    n = len(model.tokenizer(et_prompt)["input_ids"])
+    with model.scan(et_prompt):
+        hidden = model.transformer.h[0].output.save()
+        attn_dtype = model.transformer.h[1].attn.output[0].dtype
+        attn_dtype.save()
+        logits_shape = model.lm_head.output.shape.save()
+    assert not model.dispatched
+    assert tuple(hidden.shape) == (1, n, 128)
+    assert tuple(logits_shape) == (1, n, 512)
+    assert attn_dtype == torch.float32
+
+
+def test_scan_with_invokes_and_edits_shapes(tiny_gpt2_path, et_prompt, msg_prompt):
+    model = interlace.LanguageModel(str(tiny_gpt2_path))
+    with model.scan() as tracer:
+        with tracer.invoke([et_prompt, msg_prompt]):
+            model.transformer.h[0].output[:] = 0  # edits run on fakes too
+            shape = model.lm_head.output.shape.save()
+    assert shape[0] == 2 and shape[2] == 512
+    assert not model.dispatched
+
+
+def test_scan_runs_no_real_compute():
+    net = torch.nn.Sequential(Recording(), torch.nn.Linear(7, 3))
+    model = interlace.NNsight(net)
+    with model.scan(torch.rand(4, 5)):
+        mid = model[0].output.save()
+        out = model[1].output.save()
+    assert isinstance(out, FakeTensor) and tuple(out.shape) == (4, 3)
+    assert tuple(mid.shape) == (4, 7)
+    assert net[0].fake_calls == 1 and net[0].real_calls == 0
+    # An ordinary trace afterwards computes for real.
+    with model.trace(torch.rand(4, 5)):
+        real = model.output.save()
+    assert not isinstance(real, FakeTensor) and net[0].real_calls == 1
