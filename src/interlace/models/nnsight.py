@@ -8,7 +8,7 @@ import torch
 
 from ..errors import TracingError
 from ..tracing.envoy import Envoy
-from ..tracing.interleaver import Interleaver, Mediator
+from ..tracing.interleaver import Interleaver, Mediator, ModuleHooks
 from ..tracing.tracer import InterleavingTracer, Session
 
 __all__ = ["NNsight"]
@@ -247,7 +247,10 @@ class NNsight(Envoy):
         if self.__dict__["_index_map"] is None:
             self._rebuild_index()
         d = self.__dict__
-        return Interleaver(d["_modules_list"], d["_paths_list"], mediators, batch_size, steps)
+        hooks = d.get("_hooks")
+        if hooks is None or hooks.modules is not d["_modules_list"]:
+            hooks = d["_hooks"] = ModuleHooks(d["_modules_list"])  # made once per module index
+        return Interleaver(d["_modules_list"], d["_paths_list"], mediators, batch_size, steps, hooks=hooks)
 
     def _begin_run(self, interleaver: Interleaver) -> None:
         d = self.__dict__

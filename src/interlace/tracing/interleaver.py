@@ -29,7 +29,7 @@ from ..errors import GenerationEndedWarning, ModuleNotCalledError, OutOfOrderErr
 from .batching import BatchGroup, narrow, splice, whole
 from .frames import user_location
 
-__all__ = ["Interleaver", "Mediator", "current_mediator", "INPUT", "OUTPUT"]
+__all__ = ["Interleaver", "ModuleHooks", "Mediator", "current_mediator", "INPUT", "OUTPUT"]
 
 INPUT = 0
 OUTPUT = 1
@@ -171,6 +171,88 @@ class Mediator:
             )
 
 
+def _wrapper(idx: int, module: Any, inner: Callable[..., Any] | None, active: list[Any]) -> Callable[..., Any]:
+    """The `forward` put on module `idx` during runs. `inner` is the instance's own forward,
+    or None for the class's (looked up at each call, so later class patches are seen).
+
+    The common case (nobody waits on this module) is inlined: one call, two counter updates
+    and three dict lookups. Calls made from a body's greenlet (`model.lm_head(h)` in a
+    logit lens) and calls outside a run go straight through.
+    """
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        il = active[0]
+        if il is None or getcurrent() is not il.main:
+            if inner is None:
+                return type(module).forward(module, *args, **kwargs)
+            return inner(*args, **kwargs)
+        started = il.started
+        n = started[idx]
+        started[idx] = n + 1
+        if idx in il.input_waiters:
+            return il._call(idx, inner if inner is not None else type(module).forward.__get__(module), args, kwargs, n)
+        if inner is None:
+            out = type(module).forward(module, *args, **kwargs)
+        else:
+            out = inner(*args, **kwargs)
+        il.finished[idx] += 1
+        if idx in il.output_waiters or idx in il.observers:
+            return il._after(idx, n, args, kwargs, out)
+        return out
+
+    return forward
+
+
+class ModuleHooks:
+    """Forward wrappers for one list of modules, made once and reused by every run.
+
+    `install` points the wrappers at a run's interleaver and puts them in the modules'
+    instance dicts; `uninstall` takes them out again, so outside runs the model is untouched.
+    A module that has its own instance `forward` (accelerate hooks, a user patch) gets a
+    wrapper around that one, remade only when it changes.
+    """
+
+    __slots__ = ("modules", "active", "_dicts", "_wrappers", "_custom", "_restore")
+
+    def __init__(self, modules: Sequence[Any]) -> None:
+        self.modules = modules
+        self.active: list[Any] = [None]
+        self._dicts = [m.__dict__ for m in modules]
+        self._wrappers = [_wrapper(i, m, None, self.active) for i, m in enumerate(modules)]
+        self._custom: dict[int, tuple[Any, Callable[..., Any]]] = {}
+        self._restore: list[tuple[dict[str, Any], Any]] = []
+
+    def install(self, il: "Interleaver") -> None:
+        if self.active[0] is not None:
+            raise TracingError(
+                "These modules are already being traced (a trace of another envoy of the same "
+                "model is running). Run the traces one after another."
+            )
+        wrappers = self._wrappers
+        restore = self._restore
+        for idx, d in enumerate(self._dicts):
+            previous = d.get("forward")
+            if previous is None:
+                d["forward"] = wrappers[idx]
+            elif previous is not wrappers[idx]:  # (ours if an earlier run never uninstalled)
+                custom = self._custom.get(idx)
+                if custom is None or custom[0] is not previous:
+                    custom = self._custom[idx] = (previous, _wrapper(idx, self.modules[idx], previous, self.active))
+                restore.append((d, previous))
+                d["forward"] = custom[1]
+        self.active[0] = il
+
+    def uninstall(self, il: "Interleaver") -> None:
+        if self.active[0] is not il:
+            return
+        self.active[0] = None
+        for d in self._dicts:
+            d.pop("forward", None)
+        for d, previous in self._restore:
+            d["forward"] = previous
+        self._restore.clear()
+
+
 class Interleaver:
     """One run of a model with a set of mediators."""
 
@@ -181,6 +263,7 @@ class Interleaver:
         mediators: list[Mediator],
         batch_size: int,
         steps: int | None = None,
+        hooks: "ModuleHooks | None" = None,
     ) -> None:
         self.modules = modules
         self.paths = paths
@@ -196,7 +279,9 @@ class Interleaver:
         self.main = getcurrent()
         self.bypass = 0
         self.stopped = False
-        self._saved_forwards: list[tuple[Any, Any]] = []
+        # Wrappers are made once per model (NNsight keeps its ModuleHooks) and only put in
+        # place for the run, so a run costs two dict writes per module, not a new closure.
+        self.hooks = hooks if hooks is not None and hooks.modules is modules else ModuleHooks(modules)
 
     def path(self, idx: int) -> str:
         return self.paths[idx]
@@ -207,39 +292,22 @@ class Interleaver:
     # -- module wrapping ---------------------------------------------------------------------
 
     def install(self) -> None:
-        for idx, module in enumerate(self.modules):
-            d = module.__dict__
-            previous = d.get("forward", _NOTHING)
-            inner = previous if previous is not _NOTHING else type(module).forward.__get__(module)
-            self._saved_forwards.append((module, previous))
-            d["forward"] = self._wrap(idx, inner)
+        self.hooks.install(self)
 
     def uninstall(self) -> None:
-        for module, previous in self._saved_forwards:
-            if previous is _NOTHING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = previous
-        self._saved_forwards.clear()
+        self.hooks.uninstall(self)
 
-    def _wrap(self, idx: int, inner: Callable[..., Any]) -> Callable[..., Any]:
-        call = self._call
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if self.bypass or getcurrent() is not self.main:
-                return inner(*args, **kwargs)
-            return call(idx, inner, args, kwargs)
-
-        return forward
-
-    def _call(self, idx: int, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        n = self.started[idx]
-        self.started[idx] = n + 1
-        skipped: Any = _NOTHING
-        if idx in self.input_waiters:
-            args, kwargs, skipped = self._serve_input(idx, n, args, kwargs)
+    def _call(self, idx: int, inner: Callable[..., Any], args: tuple, kwargs: dict, n: int) -> Any:
+        """A module call that has mediators waiting for its inputs (the wrapper's slow path)."""
+        args, kwargs, skipped = self._serve_input(idx, n, args, kwargs)
         out = inner(*args, **kwargs) if skipped is _NOTHING else skipped
         self.finished[idx] += 1
+        if idx in self.output_waiters or idx in self.observers:
+            out = self._after(idx, n, args, kwargs, out)
+        return out
+
+    def _after(self, idx: int, n: int, args: tuple, kwargs: dict, out: Any) -> Any:
+        """Serve module `idx`'s output to waiting mediators, then run observers."""
         if idx in self.output_waiters:
             out = self._serve(self.output_waiters, OUTPUT, idx, n, out)
         observers = self.observers.get(idx)
