@@ -100,7 +100,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server.app import create_app
 
-    app = create_app(settings, runner)
+    try:
+        app = create_app(settings, runner)
+    except (ImportError, OSError, ValueError, RuntimeError) as exc:
+        # Typically a result-store URL whose filesystem package is missing (s3:// needs s3fs)
+        # or a data directory that cannot be written.
+        return _fail(f"cannot open the server's stores (data dir {data_dir}, results "
+                     f"{settings.result_url}): {exc}")
     no_keys = app.state.service.keys.count_active() == 0
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.log_level == "debug", ws="websockets-sansio")

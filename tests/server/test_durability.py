@@ -89,3 +89,15 @@ def test_results_expire(tmp_path):
         assert info.value.status_code == 410 and "expired" in str(info.value)
         response = client.http.get(f"/v1/jobs/{job.id}/result")
         assert response.status_code == 410
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_result_store_url(tmp_path, scheme):
+    url = f"memory://results-{tmp_path.name}" if scheme == "memory" else f"file://{tmp_path / 'elsewhere'}"
+    with ThreadedServer(tmp_path / "data", result_store=url) as server:
+        client = RemoteClient(server.url, server.create_key())
+        job = client.submit(fake_payload(echo=scheme, random_bytes=1_200_000))
+        assert decode_fake_result(job.result(timeout=10))["echo"] == scheme
+    assert not (tmp_path / "data" / "results").exists()
+    if scheme == "file":
+        assert (tmp_path / "elsewhere" / f"{job.id}.bin").exists()
