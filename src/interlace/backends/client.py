@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import threading
 import time
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
@@ -64,6 +66,13 @@ class RemoteRequestError(Exception):
             fix = f" (fix: {problem['fix']})" if problem.get("fix") else ""
             text += f"\n  - {where}{problem.get('message', problem)}{fix}"
         super().__init__(text)
+
+
+@lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes tens of milliseconds; httpx would do it for every client
+    # (even for http:// hosts), so build the context once per process and share it.
+    return ssl.create_default_context()
 
 
 def _error_from(response: httpx.Response) -> RemoteRequestError:
@@ -117,6 +126,13 @@ class RemoteClient:
             headers[KEY_HEADER] = self.api_key
         return headers
 
+    def _ws_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"additional_headers": self.headers, "open_timeout": self.CONNECT_TIMEOUT,
+                                   "max_size": None}
+        if self.ws_host.startswith("wss://"):
+            options["ssl"] = _tls_context()
+        return options
+
     def _unreachable(self, exc: BaseException) -> ConnectionError:
         return ConnectionError(
             f"Could not reach the Interlace server at {self.host} ({type(exc).__name__}: {exc}). "
@@ -129,7 +145,8 @@ class RemoteClient:
         # One client for the RemoteClient's life: keep-alive connections save a TCP handshake
         # per request.
         if self._http is None:
-            self._http = httpx.Client(base_url=self.host, headers=self.headers, timeout=self._timeout)
+            self._http = httpx.Client(base_url=self.host, headers=self.headers, timeout=self._timeout,
+                                      verify=_tls_context())
         return self._http
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -145,7 +162,8 @@ class RemoteClient:
         # An AsyncClient belongs to the loop it first ran on; make a new one per loop.
         loop = asyncio.get_running_loop()
         if self._ahttp is None or self._ahttp_loop is not loop:
-            self._ahttp = httpx.AsyncClient(base_url=self.host, headers=self.headers, timeout=self._timeout)
+            self._ahttp = httpx.AsyncClient(base_url=self.host, headers=self.headers, timeout=self._timeout,
+                                            verify=_tls_context())
             self._ahttp_loop = loop
         return self._ahttp
 
@@ -364,8 +382,7 @@ class Job:
         """Follow the WebSocket until the final event (True) or until it closes (False)."""
         client = self.client
         url = f"{client.ws_host}/v1/jobs/{quote(self.id)}/events?after={tracker.last_seq}"
-        with sconnect(url, additional_headers=client.headers, open_timeout=client.CONNECT_TIMEOUT,
-                      max_size=None) as ws:
+        with sconnect(url, **client._ws_options()) as ws:
             while True:
                 try:
                     raw = ws.recv(timeout=_recv_wait(tracker.display, deadline, client.TICK))
@@ -464,8 +481,7 @@ class Job:
     async def _afollow_ws(self, tracker: _Tracker, deadline: float | None) -> bool:
         client = self.client
         url = f"{client.ws_host}/v1/jobs/{quote(self.id)}/events?after={tracker.last_seq}"
-        async with aconnect(url, additional_headers=client.headers, open_timeout=client.CONNECT_TIMEOUT,
-                            max_size=None) as ws:
+        async with aconnect(url, **client._ws_options()) as ws:
             while True:
                 try:
                     raw = await asyncio.wait_for(ws.recv(), _recv_wait(tracker.display, deadline, client.TICK))
