@@ -47,7 +47,7 @@ def _open_db(args: argparse.Namespace):
 # -- serve ------------------------------------------------------------------------------------
 
 
-def _build_runner(models: list[str], data_dir: Path) -> Any:
+def _build_runner(models: list[str], data_dir: Path, max_upload_bytes: int | None = None) -> Any:
     """Load the hosted models and wrap them in the engine's job runner (imported lazily)."""
     if os.environ.get(FAKE_RUNNER_ENV) == "1":
         from .server.testing import FakeRunner
@@ -66,7 +66,11 @@ def _build_runner(models: list[str], data_dir: Path) -> Any:
         loaded[DEMO_MODEL_KEY] = interlace.LanguageModel(path, dispatch=True)
     for model in models:
         loaded[model] = interlace.LanguageModel(model, dispatch=True)
-    return DefaultJobRunner(loaded)
+    from .remote.policy import DEFAULT_POLICY
+
+    # One upload limit: the stream check in the app and the request check in the policy agree.
+    policy = DEFAULT_POLICY.model_copy(update={"max_upload_bytes": max_upload_bytes}) if max_upload_bytes else DEFAULT_POLICY
+    return DefaultJobRunner(loaded, policy=policy)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -92,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"sandbox;\nanyone holding an API key can run code on this machine as this user.\n{banner}",
               file=sys.stderr)
     try:
-        runner = _build_runner(args.model or [], data_dir)
+        runner = _build_runner(args.model or [], data_dir, int(args.max_upload_mb * MiB))
     except ImportError as exc:
         return _fail(f"cannot load the job runner or models: {exc}. Is Interlace fully installed?")
 
@@ -213,6 +217,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(f"API host  {host or CONFIG.API.HOST}; API key {'set' if key else 'not set'}")
     if not host:
         print("No server configured (set INTERLACE_HOST or pass --host to query one).")
+        _print_default_policy()
         return 0
     from .backends.client import RemoteClient
 
@@ -222,6 +227,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             policy = client.policy()
     except ConnectionError as exc:
         print(f"Server    unreachable: {exc}")
+        _print_default_policy()
         return 1
     print(f"Server    {host}: interlace {info.get('version')} (protocol {info.get('protocol_version')}), "
           f"accepts clients {info.get('supported_client_versions')}, python {info.get('python')}")
@@ -232,6 +238,13 @@ def cmd_env(args: argparse.Namespace) -> int:
     print("Policy:")
     print(json.dumps(policy, indent=2, sort_keys=True))
     return 0
+
+
+def _print_default_policy() -> None:
+    from .remote.policy import DEFAULT_POLICY
+
+    print("Default policy (what remote='local' checks against when no server answers):")
+    print(json.dumps(DEFAULT_POLICY.to_json(), indent=2, sort_keys=True))
 
 
 # -- parser -----------------------------------------------------------------------------------

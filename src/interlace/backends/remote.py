@@ -46,9 +46,9 @@ class RemoteJob:
 
 def attach(job_id: str, *, host: str | None = None, api_key: str | None = None) -> RemoteJob:
     """Re-attach to a job by id (from another process, or after a disconnect)."""
-    from .client import RemoteClient
+    from .client import shared_client
 
-    return RemoteJob(RemoteClient(host=host, api_key=api_key).job(job_id))
+    return RemoteJob(shared_client(host, api_key).job(job_id))
 
 
 class RemoteBackend:
@@ -72,11 +72,11 @@ class RemoteBackend:
         self.verbose = verbose
 
     def __call__(self, tracer: "Tracer") -> dict[str, Any]:
-        from .client import RemoteClient, RemoteRequestError
+        from .client import RemoteRequestError, shared_client
 
-        client = RemoteClient(host=self.host, api_key=self.api_key)
+        client = shared_client(self.host, self.api_key)
         try:
-            policy = Policy.model_validate(client.policy())
+            policy = Policy.model_validate(client.policy(cached=True))
         except RemoteRequestError:
             policy = DEFAULT_POLICY
         payload, _ = encode_for_remote(tracer, model_key_of(self.model), policy, strict_remote=self.strict_remote)
