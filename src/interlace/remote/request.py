@@ -27,7 +27,7 @@ from .wire import decode_message, encode_message
 if TYPE_CHECKING:
     from ..tracing.tracer import Tracer
 
-__all__ = ["BlockSpec", "TraceRequest", "BuiltRequest", "build_request", "encode_request", "decode_request", "free_names"]
+__all__ = ["BlockSpec", "ObjectSpec", "TraceRequest", "BuiltRequest", "build_request", "encode_request", "decode_request", "free_names"]
 
 
 class BlockSpec(BaseModel):
@@ -37,6 +37,23 @@ class BlockSpec(BaseModel):
     first_lineno: int = Field(ge=1)
     source: str
     as_name: str | None = None
+
+
+class ObjectSpec(BaseModel):
+    """A function, lambda or class shipped by source (see `source.py`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["function", "lambda", "class"]
+    name: str = Field(max_length=512)
+    decorated: bool = False
+    source: str = ""
+    filename: str = Field(default="<unknown>", max_length=4096)
+    lineno: int = Field(default=0, ge=0)
+    globals: dict[str, Any] = {}
+    closure: dict[str, Any] = {}
+    defaults: Any = None
+    kwdefaults: Any = None
 
 
 class TraceRequest(BaseModel):
@@ -53,7 +70,7 @@ class TraceRequest(BaseModel):
     kwargs: dict[str, Any] = {}
     block: BlockSpec
     variables: dict[str, Any] = {}
-    objects: dict[str, dict[str, Any]] = {}
+    objects: dict[str, ObjectSpec] = {}
     model_refs: dict[str, str] = {}
     remote_objects: list[str] = []
     strict_remote: bool = False
@@ -215,11 +232,40 @@ def _walk_block(body: list[ast.stmt], needed: set[str], assigned: set[str]) -> N
 
 
 def _loads(node: ast.AST) -> set[str]:
-    names = set()
-    for n in ast.walk(node):
+    """Names read by `node`, not counting names local to nested functions and comprehensions."""
+    names: set[str] = set()
+    stack: list[ast.AST] = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = n.args
+            params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+            params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
+            body = n.body if isinstance(n.body, list) else [n.body]
+            local = set().union(*(_stores_deep(b) for b in body)) if body else set()
+            inner = set().union(*(_loads(b) for b in body)) if body else set()
+            names |= inner - params - local
+            stack.extend(args.defaults + [d for d in args.kw_defaults if d is not None])
+            stack.extend(getattr(n, "decorator_list", []))
+            continue
+        if isinstance(n, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            targets = set().union(*(_stores_deep(g.target) for g in n.generators))
+            parts: list[ast.AST] = [g.iter for g in n.generators[:1]]
+            inner_nodes: list[ast.AST] = [g.iter for g in n.generators[1:]] + [c for g in n.generators for c in g.ifs]
+            inner_nodes += [n.key, n.value] if isinstance(n, ast.DictComp) else [n.elt]
+            names |= set().union(*(_loads(x) for x in inner_nodes)) - targets
+            stack.extend(parts)
+            continue
         if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Load, ast.Del)):
             names.add(n.id)
+        stack.extend(ast.iter_child_nodes(n))
     return names
+
+
+def _stores_deep(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} | {
+        n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+    }
 
 
 def _stores(node: ast.AST) -> set[str]:

@@ -28,7 +28,8 @@ def validate_request(request: TraceRequest, policy: Policy, *, payload_size: int
             fix="# send less: compute large tensors on the server inside the trace,\n# or save only what you need (e.g. h[:, -1].save() instead of h.save())",
         ))
     sources = [(block.source, block.filename, block.first_lineno, "the traced block")]
-    for entry in request.objects.values():
+    for spec in request.objects.values():
+        entry = spec.model_dump()
         source = entry.get("source")
         if isinstance(source, str) and source:
             sources.append((source, str(entry.get("filename", "<unknown>")), int(entry.get("lineno", 1) or 1), f"`{entry.get('name')}`"))
@@ -47,7 +48,8 @@ def validate_request(request: TraceRequest, policy: Policy, *, payload_size: int
     shipped = list(request.variables) + list(request.model_refs)
     for source, filename, lineno, what in sources:
         problems.extend(check_source(source, filename, lineno, policy, shipped=shipped, what=what))
-    for node in _nodes([request.variables, request.args, request.kwargs, request.objects]):
+    objects = [o.model_dump() for o in request.objects.values()]
+    for node in _nodes([request.variables, request.args, request.kwargs, objects]):
         tag = node.get("$t")
         name = node.get("name") if tag == "x:module" else node.get("module") if tag == "x:ref" else None
         if isinstance(name, str) and name != "builtins" and not policy.allows_module(name):

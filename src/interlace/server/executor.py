@@ -51,7 +51,8 @@ def execute_request(
     filename = remote_filename(request.block.filename)
     block = block_from_source(request.block.source, filename, request.block.first_lineno)
     builtins_dict = restricted_builtins(policy, log)
-    decoder = ValueDecoder(tensors, extension=CodeDecoder(request.objects, policy, builtins_dict))
+    objects = {key: spec.model_dump() for key, spec in request.objects.items()}
+    decoder = ValueDecoder(tensors, extension=CodeDecoder(objects, policy, builtins_dict))
     ns: dict[str, Any] = {"__builtins__": builtins_dict, "__name__": "__interlace_remote__", NAMESPACE_MARKER: True, SAVE_HELPER: save_in_body}
     for name, node in request.variables.items():
         ns[name] = decoder.decode(node, path=name)
