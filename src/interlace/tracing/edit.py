@@ -90,7 +90,7 @@ def edit_mediators(model: "NNsight", ns: dict[str, Any]) -> list[Mediator]:
 
 # -- shallow copies ---------------------------------------------------------------------------
 
-_OWN_KEYS = ("_default_edits", "_active", "_before_run", "_edit_origin")
+_OWN_KEYS = ("_default_edits", "_active", "_before_run", "_begin_run", "_end_run", "_edit_origin")
 
 
 def shallow_copy(model: "NNsight") -> "NNsight":
@@ -107,7 +107,21 @@ def shallow_copy(model: "NNsight") -> "NNsight":
         model._before_run()
         d.update({k: v for k, v in model.__dict__.items() if k not in _OWN_KEYS})
 
+    def begin_run(interleaver: Any) -> None:
+        # The copy runs the original's modules: mark the original busy too, so code that
+        # looks for the model's running interleaver (`.source` ops) finds it either way.
+        type(copy)._begin_run(copy, interleaver)
+        if model.__dict__.get("_active") is None:
+            model.__dict__["_active"] = interleaver
+
+    def end_run(interleaver: Any) -> None:
+        type(copy)._end_run(copy, interleaver)
+        if model.__dict__.get("_active") is interleaver:
+            model.__dict__["_active"] = None
+
     d["_before_run"] = before_run
+    d["_begin_run"] = begin_run
+    d["_end_run"] = end_run
     return copy
 
 

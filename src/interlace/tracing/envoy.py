@@ -188,6 +188,16 @@ class Envoy:
         else:
             raise TracingError(f"{self._path} was called with no arguments, so `.input` cannot be set.")
 
+    @property
+    def source(self) -> Any:
+        """The calls inside this module's forward, each readable and editable like a module
+        (`attn.source.self_c_attn_0.output`); print it to list them (see `tracing/source.py`)."""
+        if "source" in self._module._modules:  # a child module named `source` wins
+            return self._child("source")
+        from .source import source_envoy
+
+        return source_envoy(self)
+
     def skip(self, value: Any) -> None:
         """Do not run this module; use `value` as its output. Call before the module runs."""
         self._mediator("skip(...)").skip(self._idx(), value)
