@@ -130,3 +130,39 @@ def test_nonlocal_statement_in_body_binds_the_enclosing_variable(mlp_model: inte
 
     inner()
     assert result is not None and torch.equal(result, tiny_mlp(tiny_input))
+
+
+def _unsaved_ref_after(model: interlace.NNsight, x: torch.Tensor, how: str) -> Any:
+    import weakref
+
+    if how == "normal":
+        with model.trace(x):
+            t = torch.zeros(1000)
+            ref = interlace.save(weakref.ref(t))
+            model.output.save()
+    elif how == "stop":
+        with model.trace(x) as tracer:
+            t = torch.zeros(1000)
+            ref = interlace.save(weakref.ref(t))
+            model.layer1.output
+            tracer.stop()
+    else:
+        try:
+            with model.trace(x):
+                t = torch.zeros(1000)
+                ref = interlace.save(weakref.ref(t))
+                1 / 0
+        except ZeroDivisionError:
+            pass
+    return ref
+
+
+@pytest.mark.parametrize("how", ["normal", "stop", "error"])
+def test_unsaved_values_are_freed_after_the_trace(mlp_model: interlace.NNsight, tiny_input: torch.Tensor, how: str) -> None:
+    """Nothing the engine keeps between runs (pooled greenlets, wrappers) pins a body's values."""
+    import gc
+
+    for _ in range(2):  # the second run reuses what the first left behind
+        ref = _unsaved_ref_after(mlp_model, tiny_input, how)
+        gc.collect()
+        assert ref() is None

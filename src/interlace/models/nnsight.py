@@ -190,6 +190,10 @@ class NNsight(Envoy):
     def _backend_for(self, remote: bool | str, backend: Any, kwargs: dict[str, Any]) -> Any:
         if backend is not None:
             return backend
+        if remote is False and not kwargs and _LocalBackend is not None:
+            # What select_backend returns for a plain local trace with no options, without
+            # its per-call imports (a few us of every trace's fixed cost).
+            return _LocalBackend()
         from ..backends import select_backend
 
         return select_backend(self, remote, kwargs)
@@ -239,6 +243,8 @@ class NNsight(Envoy):
         """Called before each local run (LanguageModel loads its weights here)."""
 
     def _edit_mediators(self, ns: dict[str, Any]) -> list[Mediator]:
+        if not self.__dict__.get("_default_edits"):
+            return []  # no edits recorded: skip the import below on every trace
         from ..tracing.edit import edit_mediators
 
         return edit_mediators(self, ns)
@@ -265,6 +271,17 @@ class NNsight(Envoy):
     def _end_run(self, interleaver: Interleaver) -> None:
         interleaver.uninstall()
         self.__dict__["_active"] = None
+
+
+def _local_backend_class() -> Any:
+    try:
+        from ..backends.local import LocalBackend
+    except ImportError:  # pragma: no cover - partial installs
+        return None
+    return LocalBackend
+
+
+_LocalBackend = _local_backend_class()
 
 
 def _cat(values: list[Any]) -> Any:

@@ -41,8 +41,7 @@ def push_to_frame(frame: types.FrameType, values: Mapping[str, Any]) -> None:
         # In a function, a name the body assigns but that is not one of the function's own
         # variables was declared `global` there (`global G` in the body makes it global for
         # the whole function), so it belongs in the module's globals.
-        code = frame.f_code
-        own = set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
+        own = _own_names(frame.f_code)
         if any(name not in own for name in values):
             for name in [n for n in values if n not in own]:
                 frame.f_globals[name] = values[name]
@@ -54,7 +53,33 @@ def push_to_frame(frame: types.FrameType, values: Mapping[str, Any]) -> None:
             f_locals[name] = value
         return
     f_locals.update(values)
-    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+    _locals_to_fast(frame, 0)
+
+
+def _bind_locals_to_fast() -> Any:
+    """`PyFrame_LocalsToFast` with its signature declared once (cheaper calls; a private
+    function object, so other users of `ctypes.pythonapi` are unaffected)."""
+    if sys.version_info >= (3, 13):
+        return None  # PEP 667: writes to f_locals go through
+    prototype = ctypes.PYFUNCTYPE(None, ctypes.py_object, ctypes.c_int)
+    return prototype(("PyFrame_LocalsToFast", ctypes.pythonapi))
+
+
+_locals_to_fast = _bind_locals_to_fast()
+
+_own_cache: dict[int, tuple[types.CodeType, frozenset[str]]] = {}
+
+
+def _own_names(code: types.CodeType) -> frozenset[str]:
+    """A function's own variable names (3.11 rebuilds `co_varnames` on every access)."""
+    hit = _own_cache.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    own = frozenset(code.co_varnames) | frozenset(code.co_cellvars) | frozenset(code.co_freevars)
+    if len(_own_cache) > 4096:
+        _own_cache.clear()
+    _own_cache[id(code)] = (code, own)
+    return own
 
 
 def _is_internal(filename: str) -> bool:
