@@ -1,0 +1,845 @@
+"""Python values <-> JSON nodes (+ a table of tensors), for the wire envelope.
+
+Node grammar. JSON scalars stand for themselves where that is unambiguous: ``None``,
+``bool``, ``str``, ints with ``|v| <= 2**53`` (what every JSON reader keeps exact), finite
+floats other than ``-0.0``. A dict whose keys are all ``str`` and none starts with ``"$"`` is
+a JSON object. Everything else is a tagged object ``{"$t": tag, ...}``:
+
+==============  ===============================================================
+tag             fields
+==============  ===============================================================
+int             ``v``: decimal string (ints beyond 2**53 stay exact)
+float           ``v``: ``"nan" | "inf" | "-inf" | "-0.0"`` or ``"nan:<hex bits>"`` for
+                other NaNs (sign and payload survive)
+tuple, list,    ``items``: [node, ...]
+set, frozenset
+dict, odict     ``items``: [[key node, value node], ...] (non-str or "$" keys; OrderedDict)
+bytes,          ``b64``: base64
+bytearray
+complex         ``re``, ``im``: float nodes
+slice           ``start``, ``stop``, ``step``: nodes
+range           ``start``, ``stop``, ``step``: int nodes
+ellipsis        (none)
+tensor          ``name`` in the tensor table; ``grad``: true if it required grad
+ndarray         ``name`` (raw bytes as a 1-D uint8 tensor), ``dtype`` (numpy str such as
+                ``"<f4"``, ``"<U3"``, ``"<M8[ns]"``), ``shape``
+npscalar        ``dtype``, ``b64``: the scalar's bytes
+dtype           ``name``: torch dtype name, e.g. ``"bfloat16"``
+device          ``v``: e.g. ``"cuda:0"``
+size            ``items``: [int, ...] (torch.Size)
+dataclass       ``cls``: node from the extension; ``fields``: {name: node}
+enum            ``cls``: node from the extension; ``value``: node of ``member.value``
+x:<anything>    owned by the extension
+==============  ===============================================================
+
+Design notes:
+
+- Types are matched exactly (``type(v) is int``), so subclasses such as ``IntEnum``,
+  namedtuples or ``defaultdict`` never silently lose their type: they go to the extension
+  or fail with a clear error.
+- The same tensor or array object used several times is stored once and decodes to one
+  object, so aliasing between saved values survives. Containers are copied per use; a
+  container that contains itself raises ``UnsupportedValueError`` (cycles are almost always
+  accidental in trace inputs, and JSON has no references).
+- Tensors carry data, dtype, shape and ``requires_grad``; they decode on the CPU, and a view
+  decodes as an independent tensor. The decoder hands out the table's tensors as they are.
+- The decoder treats nodes as untrusted: unknown tags, extra or missing fields, wrong types,
+  missing tensors, excessive depth all raise ``WireFormatError`` naming the path.
+  Dataclasses are rebuilt without calling ``__init__`` (as pickle does), so decoding runs no
+  user code except what the extension chooses to run.
+
+Extension protocol (kept small; see ``Extension``): the encoder calls
+``extension.encode(value, encoder)`` for any value it does not handle natively, including
+the *class* of a dataclass instance or enum member, and raises ``UnsupportedValueError``
+only if that returns ``NotImplemented``. Extension nodes should use tags starting with
+``"x:"``; the decoder hands exactly those to ``extension.decode(node, decoder)``. Extensions
+encode and decode nested values with ``encoder.encode(v, path=".attr")`` and
+``decoder.decode(node, path=".attr")``, which keep the depth limit, cycle check and error
+paths, and may add tensors with ``encoder.add_tensor(t)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import math
+import re
+import struct
+from collections import OrderedDict
+from collections.abc import Mapping
+from types import EllipsisType, NotImplementedType
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from interlace.remote.errors import RemoteProtocolError, UnsupportedValueError, WireFormatError
+from interlace.remote.wire import check_tensor
+
+__all__ = [
+    "Node",
+    "Extension",
+    "ValueEncoder",
+    "ValueDecoder",
+    "ClassRegistry",
+    "DEFAULT_MAX_DEPTH",
+]
+
+Node = Any  # a JSON value: None | bool | int | float | str | list[Node] | dict[str, Node]
+
+DEFAULT_MAX_DEPTH = 200
+_MAX_SAFE_INT = 2**53
+# Python refuses int <-> decimal str conversions beyond this many digits (CVE-2020-10735).
+_MAX_INT_DIGITS = 4300
+_INT_RE = re.compile(r"-?(0|[1-9][0-9]*)")
+_NP_DTYPE_RE = re.compile(r"[<>|=]?[biufcmMSU][0-9]{1,6}(\[[0-9]*[A-Za-z]+\])?")
+_NP_KINDS = frozenset("biufcmMSU")  # everything without pointers or structure
+_DEVICE_RE = re.compile(r"[a-z_]{1,32}(:[0-9]{1,6})?")
+_SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "-0.0": -0.0}
+_NAN_BITS = struct.Struct(">d")
+_CANONICAL_NAN = _NAN_BITS.pack(math.nan)
+_NAN_RE = re.compile(r"nan:[0-9a-f]{16}")
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+}
+_DEFAULT_FIX = (
+    "convert it to a tensor, list or dict before the trace, or decorate its class with "
+    "@interlace.remote"
+)
+
+
+class Extension(Protocol):
+    """Hooks for values the codec does not know (functions, classes, instances, ...)."""
+
+    def encode(self, value: Any, encoder: ValueEncoder) -> Node | NotImplementedType:
+        """A node for ``value`` (tag ``"x:..."``), or ``NotImplemented`` to decline."""
+        ...
+
+    def decode(self, node: dict[str, Any], decoder: ValueDecoder) -> Any:
+        """The value for a node whose tag starts with ``"x:"``; raise WireFormatError if bad."""
+        ...
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _format_path(root: str, segments: list[tuple[str, Any]]) -> str:
+    out = [root]
+    for kind, key in segments:
+        if kind == "[]":
+            out.append(f"[{key!r}]")
+        elif kind == "key":
+            out.append(f"<key {key!r}>")
+        else:  # "raw": text supplied by the caller, e.g. ".attr" or "<set element>"
+            out.append(key)
+    return "".join(out)
+
+
+def _float_node(value: float) -> Node:
+    if math.isfinite(value) and not (value == 0.0 and math.copysign(1.0, value) < 0):
+        return value
+    if math.isnan(value):
+        # NaNs differ in sign and payload (e.g. -nan from negation); keep the bits.
+        bits = _NAN_BITS.pack(value)
+        return {"$t": "float", "v": "nan" if bits == _CANONICAL_NAN else f"nan:{bits.hex()}"}
+    if math.isinf(value):
+        return {"$t": "float", "v": "inf" if value > 0 else "-inf"}
+    return {"$t": "float", "v": "-0.0"}
+
+
+class ValueEncoder:
+    """Turns Python values into JSON nodes; tensors and arrays go to ``self.tensors``.
+
+    One encoder per message: several ``encode`` calls share the tensor table, so a tensor
+    used in two places of a request is sent once.
+    """
+
+    def __init__(self, extension: Extension | None = None, *, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+        self.extension = extension
+        self.max_depth = max_depth
+        self.tensors: dict[str, torch.Tensor | np.ndarray] = {}
+        # id -> (object, node); holding the object keeps its id from being reused.
+        self._memo: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self._active: set[int] = set()  # containers being encoded, to catch cycles
+        self._segments: list[tuple[str, Any]] = []
+        self._root = "value"
+        self._depth = 0
+
+    # ------------------------------------------------------------------ public API
+
+    def encode(self, value: Any, *, path: str | None = None) -> Node:
+        """Encode ``value``. At top level ``path`` names the root in error messages (e.g.
+        ``"config"``); from inside an extension it is the segment to append (e.g. ``".w"``)."""
+        if self._depth == 0:
+            self._root = path or "value"
+            self._segments = []
+            self._active = set()
+            try:
+                return self._encode(value)
+            except RecursionError:
+                raise self._error(value, "it is nested too deeply for Python's recursion limit",
+                                  "flatten the structure") from None
+            finally:
+                self._depth = 0
+        # Nested call from an extension, which may catch our error and try something else:
+        # leave the state as it was either way.
+        n_segments, depth, active = len(self._segments), self._depth, set(self._active)
+        self._segments.append(("raw", path or ""))
+        try:
+            return self._encode(value)
+        finally:
+            del self._segments[n_segments:]
+            self._depth, self._active = depth, active
+
+    def add_tensor(self, tensor: torch.Tensor | np.ndarray) -> str:
+        """Put ``tensor`` in the table and return its new name."""
+        name = f"t{len(self.tensors)}"
+        self.tensors[name] = tensor
+        return name
+
+    @property
+    def path(self) -> str:
+        """Where in the value the encoder is now, e.g. ``config['layers'][2]``."""
+        return _format_path(self._root, self._segments)
+
+    # ------------------------------------------------------------------ internals
+    # Recursion goes _encode -> handler -> _encode: two Python frames per level (no
+    # comprehensions or helper calls in between), so the depth limit, not Python's recursion
+    # limit, is what users meet. A raised error leaves _segments as they were at the raise,
+    # which is what the message needs; the next top-level call resets them.
+
+    def _error(self, value: Any, reason: str, fix: str | None = _DEFAULT_FIX) -> UnsupportedValueError:
+        # fix=None: the reason already says what to do.
+        return UnsupportedValueError(
+            f"cannot send a value of type {_type_name(value)} at {self.path}: {reason}"
+            + (f"; {fix}" if fix else "")
+        )
+
+    def _encode(self, value: Any) -> Node:
+        cls = type(value)
+        if value is None or cls is bool or cls is str:
+            return value
+        if cls is int:
+            if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+                return value
+            if value.bit_length() > _MAX_INT_DIGITS * 3:  # cheap bound before str() refuses
+                raise self._error(value, f"the integer has more than {_MAX_INT_DIGITS} digits",
+                                  "send it as a string or bytes")
+            try:
+                return {"$t": "int", "v": str(value)}
+            except ValueError:
+                raise self._error(value, f"the integer has more than {_MAX_INT_DIGITS} digits",
+                                  "send it as a string or bytes") from None
+        if cls is float:
+            return _float_node(value)
+        if self._depth >= self.max_depth:
+            raise self._error(value, f"it is nested more than {self.max_depth} levels deep",
+                              "flatten the structure or send it as a tensor")
+        self._depth += 1
+        try:
+            handler = _ENCODERS.get(cls)
+            if handler is not None:
+                return handler(self, value)
+            return self._encode_other(value)
+        finally:
+            self._depth -= 1
+
+    def _enter(self, value: Any) -> None:
+        if id(value) in self._active:
+            raise self._error(value, "it contains itself (a reference cycle)",
+                              "break the cycle, e.g. send a copy without the back-reference")
+        self._active.add(id(value))
+
+    def _seq(self, value: Any) -> Node:
+        tag = _SEQ_TAGS[type(value)]
+        self._enter(value)
+        segments = self._segments
+        items = []
+        if tag in ("set", "frozenset"):
+            segments.append(("raw", "<set element>"))
+            for v in value:
+                items.append(self._encode(v))
+            segments.pop()
+        else:
+            for i, v in enumerate(value):
+                segments.append(("[]", i))
+                items.append(self._encode(v))
+                segments.pop()
+        self._active.discard(id(value))
+        return {"$t": tag, "items": items}
+
+    def _dict(self, value: Mapping[Any, Any]) -> Node:
+        self._enter(value)
+        segments = self._segments
+        node: dict[str, Any]
+        if type(value) is dict and all(type(k) is str and not k.startswith("$") for k in value):
+            node = {}
+            for k, v in value.items():
+                segments.append(("[]", k))
+                node[k] = self._encode(v)
+                segments.pop()
+        else:
+            items = []
+            for k, v in value.items():
+                segments.append(("key", k))
+                key = self._encode(k)
+                segments[-1] = ("[]", k)
+                items.append([key, self._encode(v)])
+                segments.pop()
+            node = {"$t": "odict" if type(value) is OrderedDict else "dict", "items": items}
+        self._active.discard(id(value))
+        return node
+
+    def _parts(self, value: slice | range) -> Node:
+        node: dict[str, Any] = {"$t": "slice" if type(value) is slice else "range"}
+        for field in ("start", "stop", "step"):
+            self._segments.append(("raw", f".{field}"))
+            node[field] = self._encode(getattr(value, field))
+            self._segments.pop()
+        return node
+
+    def _memoized(self, value: Any, make: Any) -> Node:
+        hit = self._memo.get(id(value))
+        if hit is None:
+            hit = (value, make())
+            self._memo[id(value)] = hit
+        return dict(hit[1])
+
+    def _tensor(self, value: torch.Tensor) -> Node:
+        problem = check_tensor(value)
+        if problem is not None:
+            raise self._error(value, problem, None)
+
+        def make() -> dict[str, Any]:
+            node: dict[str, Any] = {"$t": "tensor", "name": self.add_tensor(value)}
+            if value.requires_grad:
+                node["grad"] = True
+            return node
+
+        return self._memoized(value, make)
+
+    def _ndarray(self, value: np.ndarray) -> Node:
+        dtype = value.dtype
+        if dtype.kind not in _NP_KINDS or dtype.hasobject or dtype.itemsize == 0:
+            raise self._error(value, f"numpy dtype {dtype} holds objects or structure",
+                              "convert it with .astype() to a numeric, bool, str or datetime dtype")
+
+        def make() -> dict[str, Any]:
+            # ascontiguousarray turns 0-d into 1-d, so the shape comes from the original.
+            raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+            return {"$t": "ndarray", "name": self.add_tensor(raw), "dtype": dtype.str, "shape": list(value.shape)}
+
+        return self._memoized(value, make)
+
+    def _npscalar(self, value: np.generic) -> Node:
+        dtype = value.dtype
+        if dtype.kind not in _NP_KINDS or dtype.hasobject or dtype.itemsize == 0:
+            raise self._error(value, f"numpy scalar of dtype {dtype} cannot be sent",
+                              "convert it with .item() first")
+        return {"$t": "npscalar", "dtype": dtype.str, "b64": base64.b64encode(value.tobytes()).decode("ascii")}
+
+    def _class_node(self, instance: Any, what: str) -> Node:
+        cls = type(instance)
+        node = self.extension.encode(cls, self) if self.extension is not None else NotImplemented
+        if node is NotImplemented:
+            raise self._error(
+                instance,
+                f"the {what} class {cls.__module__}.{cls.__qualname__} is not known to the receiver",
+                "decorate the class with @interlace.remote, or convert the value to a dict/tuple "
+                "before the trace",
+            )
+        return node
+
+    def _encode_other(self, value: Any) -> Node:
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value)
+        if isinstance(value, np.generic):
+            return self._npscalar(value)
+        if isinstance(value, enum.Enum):
+            cls_node = self._class_node(value, "enum")
+            self._segments.append(("raw", ".value"))
+            member = self._encode(value.value)
+            self._segments.pop()
+            return {"$t": "enum", "cls": cls_node, "value": member}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            cls_node = self._class_node(value, "dataclass")
+            self._enter(value)
+            fields = {}
+            for f in dataclasses.fields(value):
+                self._segments.append(("raw", f".{f.name}"))
+                fields[f.name] = self._encode(getattr(value, f.name))
+                self._segments.pop()
+            self._active.discard(id(value))
+            return {"$t": "dataclass", "cls": cls_node, "fields": fields}
+        if self.extension is not None:
+            node = self.extension.encode(value, self)
+            if node is not NotImplemented:
+                return node
+        raise self._error(value, "Interlace sends only data (JSON scalars, containers, tensors, "
+                          "numpy values, dtypes/devices) and @interlace.remote objects", _fix_for(value))
+
+
+def _fix_for(value: Any) -> str:
+    for base, hint in ((tuple, "tuple(...)"), (list, "list(...)"), (dict, "dict(...)"),
+                       (set, "set(...)"), (str, "str(...)"), (int, "int(...)"), (float, "float(...)")):
+        if isinstance(value, base):
+            return f"convert it with {hint} before the trace, or decorate its class with @interlace.remote"
+    if isinstance(value, np.ndarray):
+        return "convert it with np.asarray(...) before the trace"
+    return _DEFAULT_FIX
+
+
+def _b64(data: bytes | bytearray) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+_SEQ_TAGS: dict[type, str] = {list: "list", tuple: "tuple", set: "set", frozenset: "frozenset"}
+_ENCODERS: dict[type, Any] = {
+    list: ValueEncoder._seq,
+    tuple: ValueEncoder._seq,
+    set: ValueEncoder._seq,
+    frozenset: ValueEncoder._seq,
+    dict: ValueEncoder._dict,
+    OrderedDict: ValueEncoder._dict,
+    slice: ValueEncoder._parts,
+    range: ValueEncoder._parts,
+    torch.Tensor: ValueEncoder._tensor,
+    np.ndarray: ValueEncoder._ndarray,
+    bytes: lambda e, v: {"$t": "bytes", "b64": _b64(v)},
+    bytearray: lambda e, v: {"$t": "bytearray", "b64": _b64(v)},
+    complex: lambda e, v: {"$t": "complex", "re": _float_node(v.real), "im": _float_node(v.imag)},
+    EllipsisType: lambda e, v: {"$t": "ellipsis"},
+    torch.dtype: lambda e, v: {"$t": "dtype", "name": str(v).removeprefix("torch.")},
+    torch.device: lambda e, v: {"$t": "device", "v": str(v)},
+    torch.Size: lambda e, v: {"$t": "size", "items": list(v)},
+}
+
+
+# ---------------------------------------------------------------------------- decoding
+
+# tag -> (required fields, optional fields), "$t" excluded.
+_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    tag: (frozenset(req.split()), frozenset(opt.split()))
+    for tag, req, opt in [
+        ("int", "v", ""),
+        ("float", "v", ""),
+        ("tuple", "items", ""),
+        ("list", "items", ""),
+        ("set", "items", ""),
+        ("frozenset", "items", ""),
+        ("dict", "items", ""),
+        ("odict", "items", ""),
+        ("bytes", "b64", ""),
+        ("bytearray", "b64", ""),
+        ("complex", "re im", ""),
+        ("slice", "start stop step", ""),
+        ("range", "start stop step", ""),
+        ("ellipsis", "", ""),
+        ("tensor", "name", "grad"),
+        ("ndarray", "name dtype shape", ""),
+        ("npscalar", "dtype b64", ""),
+        ("dtype", "name", ""),
+        ("device", "v", ""),
+        ("size", "items", ""),
+        ("dataclass", "cls fields", ""),
+        ("enum", "cls value", ""),
+    ]
+}
+
+
+class ValueDecoder:
+    """Turns JSON nodes back into Python values; strict, raises only ``WireFormatError``.
+
+    ``tensors`` is the message's tensor table (``Message.tensors``). A name used by several
+    nodes decodes to the same object. Values are taken from the table as they are (no copy).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor | np.ndarray],
+        extension: Extension | None = None,
+        *,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
+        self.tensors = tensors
+        self.extension = extension
+        self.max_depth = max_depth
+        self._decoded: dict[tuple[str, str], Any] = {}
+        self._segments: list[tuple[str, Any]] = []
+        self._root = "value"
+        self._depth = 0
+
+    def decode(self, node: Node, *, path: str | None = None) -> Any:
+        """Decode ``node``; ``path`` names the root (top level) or the segment to append
+        (from inside an extension), for error messages."""
+        if self._depth == 0:
+            self._root = path or "value"
+            self._segments = []
+            try:
+                return self._decode(node)
+            except RemoteProtocolError:
+                raise
+            except RecursionError:
+                raise self._error("nodes are nested too deeply") from None
+            except Exception as exc:  # last line of defence for untrusted input
+                raise self._error(f"malformed node ({type(exc).__name__}: {exc})") from exc
+            finally:
+                self._depth = 0
+        n_segments, depth = len(self._segments), self._depth
+        self._segments.append(("raw", path or ""))
+        try:
+            return self._decode(node)
+        finally:
+            del self._segments[n_segments:]
+            self._depth = depth
+
+    @property
+    def path(self) -> str:
+        """Where in the nodes the decoder is now, e.g. ``value['args'][0]``."""
+        return _format_path(self._root, self._segments)
+
+    def _error(self, message: str) -> WireFormatError:
+        return WireFormatError(f"bad value node at {self.path}: {message}")
+
+    # Recursion goes _decode -> per-tag method -> _decode: two frames per level (see the
+    # encoder).
+
+    def _decode(self, node: Node) -> Any:
+        cls = type(node)
+        if node is None or cls is bool or cls is str or cls is int:
+            return node
+        if cls is float:
+            if not math.isfinite(node):
+                raise self._error(f"bare float {node!r} is not JSON; non-finite floats are tagged")
+            return node
+        if cls is list:
+            raise self._error("a bare JSON array is not a node; lists are {'$t': 'list', 'items': [...]}")
+        if cls is not dict:
+            raise self._error(f"{cls.__name__} is not a JSON node")
+        if self._depth >= self.max_depth:
+            raise self._error(f"nodes are nested more than {self.max_depth} levels deep")
+        self._depth += 1
+        try:
+            if "$t" not in node:
+                return self._plain_dict(node)
+            tag = node["$t"]
+            if type(tag) is not str:
+                raise self._error(f"tag {tag!r} is not a string")
+            if tag.startswith("x:"):
+                return self._extension(node)
+            spec = _FIELDS.get(tag)
+            if spec is None:
+                raise self._error(f"unknown tag {tag!r}; the sender runs a different Interlace version")
+            required, optional = spec
+            keys = node.keys() - {"$t"}
+            if not required <= keys or not keys <= required | optional:
+                raise self._error(
+                    f"tag {tag!r} needs fields {sorted(required)}"
+                    + (f" (optional {sorted(optional)})" if optional else "")
+                    + f", got {sorted(keys)}"
+                )
+            return _DECODERS[tag](self, node)
+        finally:
+            self._depth -= 1
+
+    def _plain_dict(self, node: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        segments = self._segments
+        for key, value in node.items():
+            if type(key) is not str:
+                raise self._error(f"object key {key!r} is not a string")
+            if key.startswith("$"):
+                raise self._error(f"object key {key!r} starts with '$'; such dicts use the 'dict' tag")
+            segments.append(("[]", key))
+            out[key] = self._decode(value)
+            segments.pop()
+        return out
+
+    def _seq(self, node: dict[str, Any]) -> Any:
+        tag = node["$t"]
+        items = self._expect(node["items"], list, "'items'")
+        segments = self._segments
+        out = []
+        if tag in ("set", "frozenset"):
+            segments.append(("raw", "<set element>"))
+            for item in items:
+                out.append(self._hashable(self._decode(item), "set element"))
+            segments.pop()
+            return set(out) if tag == "set" else frozenset(out)
+        for i, item in enumerate(items):
+            segments.append(("[]", i))
+            out.append(self._decode(item))
+            segments.pop()
+        return out if tag == "list" else tuple(out)
+
+    def _pairs(self, node: dict[str, Any]) -> dict[Any, Any]:
+        pairs = self._expect(node["items"], list, "'items'")
+        segments = self._segments
+        out: dict[Any, Any] = OrderedDict() if node["$t"] == "odict" else {}
+        for pair in pairs:
+            if type(pair) is not list or len(pair) != 2:
+                raise self._error("dict items must be [key, value] pairs")
+            segments.append(("raw", "<key>"))
+            key = self._hashable(self._decode(pair[0]), "dict key")
+            segments[-1] = ("[]", key)
+            out[key] = self._decode(pair[1])
+            segments.pop()
+        return out
+
+    def _parts(self, node: dict[str, Any]) -> slice | range:
+        parts = []
+        for field in ("start", "stop", "step"):
+            self._segments.append(("raw", f".{field}"))
+            parts.append(self._decode(node[field]))
+            self._segments.pop()
+        if node["$t"] == "slice":
+            return slice(*parts)
+        if not all(type(p) is int for p in parts):
+            raise self._error(f"range start, stop and step must be ints, got {parts!r}")
+        if parts[2] == 0:
+            raise self._error("range step must not be zero")
+        return range(*parts)
+
+    def _complex(self, node: dict[str, Any]) -> complex:
+        parts = []
+        for field in ("re", "im"):
+            self._segments.append(("raw", f".{field}"))
+            parts.append(self._expect(self._decode(node[field]), float, f"'{field}'"))
+            self._segments.pop()
+        return complex(*parts)
+
+    def _extension(self, node: dict[str, Any]) -> Any:
+        if self.extension is None:
+            raise self._error(f"tag {node['$t']!r} needs an extension, and this decoder has none")
+        try:
+            return self.extension.decode(node, self)
+        except RemoteProtocolError:
+            raise
+        except Exception as exc:
+            raise self._error(f"the extension failed on tag {node['$t']!r}: {type(exc).__name__}: {exc}") from exc
+
+    # helpers used by the per-tag decoders
+
+    def _expect(self, value: Any, kind: type, what: str) -> Any:
+        if type(value) is not kind:
+            raise self._error(f"{what} must be {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    def _hashable(self, value: Any, what: str) -> Any:
+        try:
+            hash(value)
+        except TypeError:
+            raise self._error(f"{what} of type {type(value).__name__} is not hashable") from None
+        return value
+
+    def _b64(self, node: dict[str, Any]) -> bytes:
+        text = self._expect(node["b64"], str, "'b64'")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise self._error(f"'b64' is not valid base64 ({exc})") from None
+
+    def _big_int(self, node: dict[str, Any]) -> int:
+        text = self._expect(node["v"], str, "'v'")
+        if len(text) > _MAX_INT_DIGITS or not _INT_RE.fullmatch(text):
+            raise self._error(f"'v' must be a decimal integer of at most {_MAX_INT_DIGITS} digits")
+        return int(text)
+
+    def _special_float(self, node: dict[str, Any]) -> float:
+        text = node["v"]
+        if type(text) is str and _NAN_RE.fullmatch(text):
+            value = _NAN_BITS.unpack(bytes.fromhex(text[4:]))[0]
+            if not math.isnan(value):
+                raise self._error(f"float 'v' {text!r} is not a NaN bit pattern")
+            return value
+        if type(text) is not str or text not in _SPECIAL_FLOATS:
+            raise self._error(
+                f"float 'v' must be one of {sorted(_SPECIAL_FLOATS)} or 'nan:<16 hex digits>', got {text!r}"
+            )
+        return _SPECIAL_FLOATS[text]
+
+    def _table(self, name: Any) -> torch.Tensor | np.ndarray:
+        if type(name) is not str or name not in self.tensors:
+            raise self._error(f"tensor {name!r} is not in the message's tensors")
+        return self.tensors[name]
+
+    def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
+        grad = node.get("grad", False)
+        if grad is not True and grad is not False:
+            raise self._error(f"'grad' must be true or false, got {grad!r}")
+        tensor = self._table(node["name"])
+        key = ("tensor", node["name"])
+        if key in self._decoded:
+            return self._decoded[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise self._error(f"tensor {node['name']!r} is not a torch tensor")
+        if grad:
+            if not (tensor.is_floating_point() or tensor.is_complex()):
+                raise self._error(f"tensor {node['name']!r} of dtype {tensor.dtype} cannot require grad")
+            tensor.requires_grad_(True)
+        self._decoded[key] = tensor
+        return tensor
+
+    def _np_dtype(self, text: Any) -> np.dtype:
+        # np.dtype() parses many spellings, including object dtypes that would turn raw bytes
+        # into pointers; only plain data dtypes in numpy's own canonical form get through.
+        if type(text) is not str or not _NP_DTYPE_RE.fullmatch(text):
+            raise self._error(f"numpy dtype {text!r} is not allowed")
+        try:
+            dtype = np.dtype(text)
+        except (TypeError, ValueError) as exc:
+            raise self._error(f"numpy dtype {text!r} is invalid ({exc})") from None
+        if dtype.kind not in _NP_KINDS or dtype.hasobject or dtype.itemsize == 0:
+            raise self._error(f"numpy dtype {text!r} is not allowed")
+        return dtype
+
+    def _ndarray(self, node: dict[str, Any]) -> np.ndarray:
+        dtype = self._np_dtype(node["dtype"])
+        shape = tuple(self._expect(node["shape"], list, "'shape'"))
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise self._error(f"'shape' must be non-negative ints, got {list(shape)!r}")
+        stored = self._table(node["name"])
+        raw = stored.numpy() if isinstance(stored, torch.Tensor) and stored.dtype is torch.uint8 else stored
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 1:
+            raise self._error(f"array {node['name']!r} must be stored as 1-D uint8 bytes")
+        if raw.nbytes != math.prod(shape) * dtype.itemsize:
+            raise self._error(f"array {node['name']!r}: {raw.nbytes} bytes do not match shape {list(shape)} of {dtype}")
+        key = ("ndarray", node["name"])
+        cached = self._decoded.get(key)
+        if cached is not None and cached.dtype == dtype and cached.shape == shape:
+            return cached
+        array = raw.view(dtype).reshape(shape) if raw.nbytes else np.empty(shape, dtype=dtype)
+        self._decoded[key] = array
+        return array
+
+    def _npscalar(self, node: dict[str, Any]) -> np.generic:
+        dtype = self._np_dtype(node["dtype"])
+        data = self._b64(node)
+        if len(data) != dtype.itemsize:
+            raise self._error(f"numpy scalar of dtype {dtype} needs {dtype.itemsize} bytes, got {len(data)}")
+        return np.frombuffer(data, dtype=dtype)[0]
+
+    def _class(self, node: dict[str, Any], base: type | None) -> type:
+        self._segments.append(("raw", ".__class__"))
+        cls = self._decode(node["cls"])
+        self._segments.pop()
+        if base is None:
+            if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+                raise self._error(f"'cls' must decode to a dataclass class, got {cls!r}")
+        elif not (isinstance(cls, type) and issubclass(cls, base)):
+            raise self._error(f"'cls' must decode to an Enum class, got {cls!r}")
+        return cls
+
+    def _dataclass(self, node: dict[str, Any]) -> Any:
+        cls = self._class(node, None)
+        fields = self._expect(node["fields"], dict, "'fields'")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if set(fields) != set(names):
+            raise self._error(f"dataclass {cls.__qualname__} has fields {sorted(names)}, got {sorted(fields)}")
+        try:
+            # Like pickle: rebuild the state without running __init__/__post_init__.
+            obj = object.__new__(cls)
+        except TypeError as exc:
+            raise self._error(f"cannot create {cls.__qualname__} ({exc})") from None
+        for name in names:
+            self._segments.append(("raw", f".{name}"))
+            object.__setattr__(obj, name, self._decode(fields[name]))
+            self._segments.pop()
+        return obj
+
+    def _enum(self, node: dict[str, Any]) -> enum.Enum:
+        cls = self._class(node, enum.Enum)
+        self._segments.append(("raw", ".value"))
+        value = self._decode(node["value"])
+        self._segments.pop()
+        try:
+            return cls(value)
+        except (ValueError, TypeError) as exc:
+            raise self._error(f"{value!r} is not a member of {cls.__qualname__} ({exc})") from None
+
+    def _dtype(self, node: dict[str, Any]) -> torch.dtype:
+        name = node["name"]
+        if type(name) is not str or name not in _TORCH_DTYPES:
+            raise self._error(f"{name!r} is not a torch dtype here")
+        return _TORCH_DTYPES[name]
+
+    def _device(self, node: dict[str, Any]) -> torch.device:
+        text = node["v"]
+        if type(text) is not str or not _DEVICE_RE.fullmatch(text):
+            raise self._error(f"{text!r} is not a device string like 'cpu' or 'cuda:0'")
+        try:
+            return torch.device(text)
+        except (RuntimeError, ValueError) as exc:
+            raise self._error(f"{text!r} is not a valid torch device ({exc})") from None
+
+    def _size(self, node: dict[str, Any]) -> torch.Size:
+        items = self._expect(node["items"], list, "'items'")
+        if not all(type(d) is int and -(2**63) <= d < 2**63 for d in items):
+            raise self._error(f"torch.Size items must be 64-bit ints, got {items!r}")
+        return torch.Size(items)
+
+
+_DECODERS: dict[str, Any] = {
+    "int": ValueDecoder._big_int,
+    "float": ValueDecoder._special_float,
+    "tuple": ValueDecoder._seq,
+    "list": ValueDecoder._seq,
+    "set": ValueDecoder._seq,
+    "frozenset": ValueDecoder._seq,
+    "dict": ValueDecoder._pairs,
+    "odict": ValueDecoder._pairs,
+    "bytes": ValueDecoder._b64,
+    "bytearray": lambda d, n: bytearray(d._b64(n)),
+    "complex": ValueDecoder._complex,
+    "slice": ValueDecoder._parts,
+    "range": ValueDecoder._parts,
+    "ellipsis": lambda d, n: ...,
+    "tensor": ValueDecoder._tensor,
+    "ndarray": ValueDecoder._ndarray,
+    "npscalar": ValueDecoder._npscalar,
+    "dtype": ValueDecoder._dtype,
+    "device": ValueDecoder._device,
+    "size": ValueDecoder._size,
+    "dataclass": ValueDecoder._dataclass,
+    "enum": ValueDecoder._enum,
+}
+
+
+class ClassRegistry:
+    """The smallest useful extension: classes known by name on both sides.
+
+    ``ClassRegistry({"pkg.Point": Point})`` sends ``Point`` (for dataclass instances and enum
+    members) as ``{"$t": "x:class", "name": "pkg.Point"}`` and resolves only names it holds,
+    so a message can never name an arbitrary importable class.
+    """
+
+    TAG = "x:class"
+
+    def __init__(self, classes: Mapping[str, type] | None = None) -> None:
+        self._by_name: dict[str, type] = dict(classes or {})
+        self._by_class: dict[type, str] = {cls: name for name, cls in self._by_name.items()}
+
+    def register(self, cls: type, name: str | None = None) -> type:
+        """Register ``cls`` (usable as a decorator); the name defaults to module.qualname."""
+        name = name or f"{cls.__module__}.{cls.__qualname__}"
+        self._by_name[name] = cls
+        self._by_class[cls] = name
+        return cls
+
+    def encode(self, value: Any, encoder: ValueEncoder) -> Node | NotImplementedType:
+        if isinstance(value, type) and value in self._by_class:
+            return {"$t": self.TAG, "name": self._by_class[value]}
+        return NotImplemented
+
+    def decode(self, node: dict[str, Any], decoder: ValueDecoder) -> Any:
+        name = node.get("name")
+        if node.get("$t") != self.TAG or set(node) != {"$t", "name"} or type(name) is not str:
+            raise WireFormatError(f"bad value node at {decoder.path}: expected {{'$t': {self.TAG!r}, 'name': str}}")
+        cls = self._by_name.get(name)
+        if cls is None:
+            raise WireFormatError(f"bad value node at {decoder.path}: class {name!r} is not registered here")
+        return cls
