@@ -115,3 +115,17 @@ def test_unknown_model_is_refused(server, tiny_llama_path):
         with other.trace(corpus.PROMPT, remote=True):
             h = other.model.layers[0].output.save()
     assert "404" in str(info.value) and "does not host" in str(info.value)
+
+
+def test_a_job_cannot_change_the_model_for_the_next_user(server, model):
+    with model.trace(corpus.PROMPT, remote=True):
+        before = model.lm_head.output.save()
+    with pytest.raises(interlace.RemoteException) as info:
+        with model.trace(corpus.PROMPT, remote=True):
+            with torch.no_grad():
+                model.transformer.h[0].mlp.c_fc.weight[:] = 0
+            h = model.transformer.h[0].output.save()
+    assert info.value.category == "model-modified"
+    with model.trace(corpus.PROMPT, remote=True):
+        after = model.lm_head.output.save()
+    assert torch.equal(before, after), "the server restored the weights"

@@ -136,3 +136,19 @@ def test_remote_decorator_rejects_at_decoration():
             return open(path).read()
 
     assert info.value.categories == ["file-io"]
+
+
+def test_in_place_weight_edits_fail_like_on_a_server(model):
+    """Remote jobs may not change the hosted model; the simulation fails the same way."""
+    original = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    try:
+        with pytest.raises(interlace.RemoteException) as info:
+            with model.trace(corpus.PROMPT, remote="local"):
+                with torch.no_grad():  # (with grad on, PyTorch itself refuses the in-place edit)
+                    model.transformer.h[0].mlp.c_fc.weight[:] = 0
+                h = model.transformer.h[0].output.save()
+        assert info.value.category == "model-modified"
+        assert "transformer.h.0.mlp.c_fc.weight" in str(info.value)
+    finally:
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.weight.copy_(original)

@@ -71,6 +71,7 @@ def execute_request(
         ns[block.as_name] = tracer
     registry = push_registry()
     _state.depth = getattr(_state, "depth", 0) + 1
+    before = weight_fingerprint(model._module)
     try:
         tracer.execute(ns)
     except BaseException as error:  # noqa: BLE001 - every failure becomes the job's ERROR
@@ -78,7 +79,31 @@ def execute_request(
     finally:
         _state.depth -= 1
         pop_registry()
+    changed = changed_weights(model._module, before)
+    if changed:
+        raise ExecutionFailed(
+            "ModelModifiedError: this job changed the hosted model's weights or buffers in place ("
+            + ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
+            + "). On a shared server the model is read-only between jobs: edit activations "
+            "(`module.output[:] = ...`) or work on a copy (`w = model.lm_head.weight.clone()`).",
+            "model-modified",
+        )
     return registry.select(ns)
+
+
+def weight_fingerprint(module: Any) -> dict[str, tuple[int, int]]:
+    """Identity and in-place version of every parameter and buffer (cheap: no data is read)."""
+    return {name: (id(t), t._version) for name, t in _named_state(module)}
+
+
+def changed_weights(module: Any, before: dict[str, tuple[int, int]]) -> list[str]:
+    after = weight_fingerprint(module)
+    return sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+
+
+def _named_state(module: Any) -> Any:
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
 
 
 def user_traceback(error: BaseException) -> str:

@@ -66,6 +66,29 @@ def run_prepared(prepared: PreparedRequest, model: Any, policy: Policy, log: Cal
         raise JobFailed(f"UnsendableResult: {e}", "unserializable-result") from None
 
 
+def _snapshot(model: Any) -> dict[str, Any]:
+    module = model._module
+    state = dict(module.named_parameters(remove_duplicate=False))
+    state.update(module.named_buffers(remove_duplicate=False))
+    return {name: (tensor, tensor.detach().to("cpu", copy=True)) for name, tensor in state.items()}
+
+
+def _restore(model: Any, pristine: dict[str, Any]) -> None:
+    """Put back the original tensor objects and their values."""
+    import torch
+
+    module = model._module
+    with torch.no_grad():
+        for name, (original, copy) in pristine.items():
+            owner_path, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            if attr in owner._parameters:
+                owner._parameters[attr] = original
+            elif attr in owner._buffers:
+                owner._buffers[attr] = original
+            original.copy_(copy.to(original.device))
+
+
 def _summary(problems: list[Problem]) -> str:
     count = len(problems)
     return f"The request was rejected ({count} problem{'s' if count != 1 else ''}): " + "; ".join(
@@ -80,13 +103,22 @@ class DefaultJobRunner:
         self.models = dict(models)
         self._policy = policy or DEFAULT_POLICY
         self._locks = {key: threading.Lock() for key in self.models}
+        # A CPU copy of each model's weights, to undo a job that modified them (invariant 7:
+        # one user cannot affect another). Costs host memory equal to the models' size.
+        self._pristine = {key: _snapshot(model) for key, model in self.models.items()}
 
     def prepare(self, payload: bytes) -> PreparedRequest:
         return prepare_payload(payload, self._policy, self.models)
 
     def run(self, job: PreparedRequest, log: Callable[[str], None]) -> bytes:
         with self._locks[job.model_key]:
-            return run_prepared(job, self.models[job.model_key], self._policy, log)
+            model = self.models[job.model_key]
+            try:
+                return run_prepared(job, model, self._policy, log)
+            except JobFailed as e:
+                if e.category == "model-modified":
+                    _restore(model, self._pristine[job.model_key])
+                raise
 
     def model_keys(self) -> list[str]:
         return list(self.models)
