@@ -244,9 +244,9 @@ class Mediator:
             )
 
 
-def _wrapper(idx: int, module: Any, inner: Callable[..., Any] | None, active: list[Any]) -> Callable[..., Any]:
-    """The `forward` put on module `idx` during runs. `inner` is the instance's own forward,
-    or None for the class's (looked up at each call, so later class patches are seen).
+def _wrapper(idx: int, inner: Callable[..., Any], active: list[Any]) -> Callable[..., Any]:
+    """The `forward` put on module `idx` during runs; `inner` is the module's own bound
+    forward (from its class, or its instance attribute).
 
     The common case (nobody waits on this module) is inlined: one call, two counter updates
     and three dict lookups. Calls made from a body's greenlet (`model.lm_head(h)` in a
@@ -256,23 +256,21 @@ def _wrapper(idx: int, module: Any, inner: Callable[..., Any] | None, active: li
     def forward(*args: Any, **kwargs: Any) -> Any:
         il = active[0]
         if il is None or getcurrent() is not il.main:
-            if inner is None:
-                return type(module).forward(module, *args, **kwargs)
             return inner(*args, **kwargs)
         started = il.started
         n = started[idx]
         started[idx] = n + 1
         if idx in il.input_waiters:
-            return il._call(idx, inner if inner is not None else type(module).forward.__get__(module), args, kwargs, n)
-        if inner is None:
-            out = type(module).forward(module, *args, **kwargs)
-        else:
-            out = inner(*args, **kwargs)
+            return il._call(idx, inner, args, kwargs, n)
+        out = inner(*args, **kwargs)
         il.finished[idx] += 1
         if idx in il.output_waiters or idx in il.observers:
             return il._after(idx, n, args, kwargs, out)
         return out
 
+    # `inspect.signature(module.forward)` must see the real parameters: Hugging Face's
+    # generate reads it to decide on `logits_to_keep`, `position_ids` and the attention mask.
+    forward.__wrapped__ = inner  # type: ignore[attr-defined]
     return forward
 
 
@@ -281,19 +279,45 @@ class ModuleHooks:
 
     `install` points the wrappers at a run's interleaver and puts them in the modules'
     instance dicts; `uninstall` takes them out again, so outside runs the model is untouched.
-    A module that has its own instance `forward` (accelerate hooks, a user patch) gets a
-    wrapper around that one, remade only when it changes.
+    Wrappers call a bound method of the class's forward; `install` checks each class's
+    forward is still the same function (a patched class gets new wrappers). A module that has
+    its own instance `forward` (accelerate hooks, a user patch) gets a wrapper around that
+    one, remade only when it changes.
     """
 
-    __slots__ = ("modules", "active", "_dicts", "_wrappers", "_custom", "_restore")
+    __slots__ = ("modules", "active", "_dicts", "_types", "_wrappers", "_custom", "_restore", "_class_forwards")
 
     def __init__(self, modules: Sequence[Any]) -> None:
         self.modules = modules
         self.active: list[Any] = [None]
         self._dicts = [m.__dict__ for m in modules]
-        self._wrappers = [_wrapper(i, m, None, self.active) for i, m in enumerate(modules)]
+        self._types = [type(m) for m in modules]
+        self._class_forwards: dict[type, Any] = {}
+        self._wrappers: list[Callable[..., Any]] = []
+        for i, m in enumerate(modules):
+            self._wrappers.append(self._class_wrapper(i, m))
         self._custom: dict[int, tuple[Any, Callable[..., Any]]] = {}
         self._restore: list[tuple[dict[str, Any], Any]] = []
+
+    def _class_wrapper(self, idx: int, module: Any) -> Callable[..., Any]:
+        cls = type(module)
+        self._types[idx] = cls
+        self._class_forwards.setdefault(cls, cls.forward)
+        return _wrapper(idx, cls.forward.__get__(module, cls), self.active)
+
+    def _check_classes(self) -> None:
+        """Remake wrappers whose class forward was patched or whose module changed class
+        (`.source` gives a module its own subclass)."""
+        for cls, forward in list(self._class_forwards.items()):
+            if cls.forward is not forward:
+                del self._class_forwards[cls]
+                for i, m in enumerate(self.modules):
+                    if self._types[i] is cls:
+                        self._wrappers[i] = self._class_wrapper(i, m)
+        types = self._types
+        for i, m in enumerate(self.modules):
+            if type(m) is not types[i]:
+                self._wrappers[i] = self._class_wrapper(i, m)
 
     def install(self, il: "Interleaver") -> None:
         if self.active[0] is not None:
@@ -301,6 +325,7 @@ class ModuleHooks:
                 "These modules are already being traced (a trace of another envoy of the same "
                 "model is running). Run the traces one after another."
             )
+        self._check_classes()
         wrappers = self._wrappers
         restore = self._restore
         for idx, d in enumerate(self._dicts):
@@ -310,7 +335,7 @@ class ModuleHooks:
             elif previous is not wrappers[idx]:  # (ours if an earlier run never uninstalled)
                 custom = self._custom.get(idx)
                 if custom is None or custom[0] is not previous:
-                    custom = self._custom[idx] = (previous, _wrapper(idx, self.modules[idx], previous, self.active))
+                    custom = self._custom[idx] = (previous, _wrapper(idx, previous, self.active))
                 restore.append((d, previous))
                 d["forward"] = custom[1]
         self.active[0] = il
@@ -440,7 +465,8 @@ class Interleaver:
             if serve:
                 assert slot is not None
                 # Views differ per invoke (their rows), so they are made per resume.
-                slot.view = narrow(slot.value, mediator.group, self.batch_size)
+                group = mediator.group
+                slot.view = slot.value if group is None else narrow(slot.value, group, self.batch_size)
                 signal = mediator.greenlet.switch(slot.view)  # type: ignore[union-attr]
             elif mediator.greenlet is None:  # first resume: start the body on a worker
                 if mediator.done:
