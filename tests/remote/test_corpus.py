@@ -152,3 +152,12 @@ def test_in_place_weight_edits_fail_like_on_a_server(model):
     finally:
         with torch.no_grad():
             model.transformer.h[0].mlp.c_fc.weight.copy_(original)
+
+
+def test_registering_hooks_is_refused_and_hooks_never_leak(model):
+    with pytest.raises(interlace.RemoteValidationError) as info:
+        with model.trace(corpus.PROMPT, remote="local"):
+            handle = model.transformer.h[0].register_forward_hook(lambda *a: None)
+            h = model.transformer.h[0].output.save()
+    assert "forbidden-attribute" in info.value.categories
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model._module.modules())

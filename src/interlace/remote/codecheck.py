@@ -93,6 +93,13 @@ def _check(source: str, filename: str, first_lineno: int, policy: Policy, shippe
                     f"`.{node.attr}` reaches interpreter or model internals, which remote code may not touch",
                     "# use the module's public values inside the trace, e.g. model.layer.output",
                 )
+            elif node.attr.startswith("register_") and "hook" in node.attr:
+                add(
+                    "forbidden-attribute",
+                    node,
+                    f"`.{node.attr}` would leave a hook on the shared model; remote code may not register hooks",
+                    "# read or edit values inside the trace instead:\nh = model.layer.output      # instead of a forward hook\nmodel.layer.output[:] = h * 2",
+                )
             elif node.attr.startswith("__") and node.attr.endswith("__") and node.attr not in _SAFE_DUNDERS:
                 add("forbidden-attribute", node, f"`.{node.attr}` is not allowed in remote code", "")
         elif isinstance(node, (ast.Global, ast.Nonlocal)) and what == "the traced block":

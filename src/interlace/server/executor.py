@@ -72,6 +72,7 @@ def execute_request(
     registry = push_registry()
     _state.depth = getattr(_state, "depth", 0) + 1
     before = weight_fingerprint(model._module)
+    hooks = _hook_keys(model._module)
     try:
         tracer.execute(ns)
     except BaseException as error:  # noqa: BLE001 - every failure becomes the job's ERROR
@@ -79,6 +80,7 @@ def execute_request(
     finally:
         _state.depth -= 1
         pop_registry()
+        _remove_new_hooks(model._module, hooks)
     changed = changed_weights(model._module, before)
     if changed:
         raise ExecutionFailed(
@@ -89,6 +91,25 @@ def execute_request(
             "model-modified",
         )
     return registry.select(ns)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks")
+
+
+def _hook_keys(module: Any) -> dict[int, dict[str, set[int]]]:
+    return {id(m): {d: set(getattr(m, d, {})) for d in _HOOK_DICTS} for m in module.modules()}
+
+
+def _remove_new_hooks(module: Any, before: dict[int, dict[str, set[int]]]) -> None:
+    """Hooks a job registered die with the job (the validator also refuses `register_*hook`)."""
+    for m in module.modules():
+        known = before.get(id(m), {})
+        for d in _HOOK_DICTS:
+            table = getattr(m, d, None)
+            if table:
+                for key in [k for k in table if k not in known.get(d, set())]:
+                    del table[key]
 
 
 def weight_fingerprint(module: Any) -> dict[str, tuple[int, int]]:
