@@ -99,13 +99,25 @@ def test_iter_slice_list_all_and_next(feat_gpt2, et_prompt):
 
 
 def test_iter_all_is_bounded_and_code_after_the_loop_runs(feat_gpt2, et_prompt):
+    n = len(feat_gpt2.tokenizer(et_prompt)["input_ids"])
     with feat_gpt2.generate(et_prompt, max_new_tokens=3) as tracer:
         steps = list().save()
         for step in tracer.iter[:]:
-            steps.append(feat_gpt2.lm_head.output.shape[1])
+            steps.append(feat_gpt2.transformer.h[0].output.shape[1])
         out = feat_gpt2.generator.output.save()
-    assert len(steps) == 3 and steps[1:] == [1, 1]
-    assert out.shape[1] == steps[0] + 3
+    assert steps == [n, 1, 1]  # the prompt, then one new token per step
+    assert out.shape[1] == n + 3
+
+
+def test_generate_sees_the_models_real_signature(feat_gpt2, et_prompt):
+    # Hugging Face reads `inspect.signature(model.forward)` to pass `logits_to_keep=1` (and
+    # position ids): with the engine's wrappers in place it must still see the real one.
+    with feat_gpt2.generate(et_prompt, max_new_tokens=2) as tracer:
+        kwargs = feat_gpt2.inputs[1]
+        kwargs.save()
+        first = feat_gpt2.lm_head.output.save()
+    assert first.shape[1] == 1
+    assert kwargs.get("logits_to_keep") == 1
 
 
 def test_early_eos_keeps_saved_values_and_warns(feat_gpt2, et_prompt):
