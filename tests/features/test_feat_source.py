@@ -100,6 +100,14 @@ def test_super_and_module_helpers_survive_rewriting(tiny_input):
     assert type(net[1]).forward is Child.forward  # the other instance is untouched
 
 
+def test_source_first_used_inside_the_trace(tiny_gpt2_path, et_prompt):
+    model = interlace.LanguageModel(str(tiny_gpt2_path), dispatch=True)
+    with model.trace(et_prompt):
+        qkv = model.transformer.h[0].attn.source.self_c_attn_1.output.save()
+        module_out = model.transformer.h[0].attn.output[0].save()
+    assert qkv.shape[-1] == 384 and module_out.shape[-1] == 128
+
+
 def test_source_first_used_inside_its_running_module_is_a_clear_error(tiny_gpt2_path, et_prompt):
     model = interlace.LanguageModel(str(tiny_gpt2_path), dispatch=True)
     attn = model.transformer.h[0].attn

@@ -319,6 +319,18 @@ class ModuleHooks:
             if type(m) is not types[i]:
                 self._wrappers[i] = self._class_wrapper(i, m)
 
+    def refresh(self, idx: int) -> None:
+        """Re-wrap module `idx` whose class changed during a run (`.source` first used in a
+        trace gives the module its own subclass); the new forward is used from its next call."""
+        module = self.modules[idx]
+        if type(module) is self._types[idx]:
+            return
+        old = self._wrappers[idx]
+        self._wrappers[idx] = self._class_wrapper(idx, module)
+        d = self._dicts[idx]
+        if self.active[0] is not None and d.get("forward") is old:
+            d["forward"] = self._wrappers[idx]
+
     def install(self, il: "Interleaver") -> None:
         if self.active[0] is not None:
             raise TracingError(

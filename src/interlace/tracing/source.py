@@ -244,6 +244,9 @@ def _check_built_mid_run(envoy: Envoy) -> None:
     if il is None:
         return
     idx = envoy._root._module_index(envoy._module)
+    hooks = getattr(il, "hooks", None)
+    if hooks is not None and hasattr(hooks, "refresh"):
+        hooks.refresh(idx)  # the running wrapper calls the rewritten forward from now on
     if idx >= len(il.started) or il.started[idx] == 0:
         return
     fix = (
