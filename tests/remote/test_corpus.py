@@ -161,3 +161,11 @@ def test_registering_hooks_is_refused_and_hooks_never_leak(model):
             h = model.transformer.h[0].output.save()
     assert "forbidden-attribute" in info.value.categories
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model._module.modules())
+
+
+def test_a_hook_smuggled_past_the_validator_is_removed_after_the_job(model):
+    name = "register_" + "forward_hook"
+    with model.trace(corpus.PROMPT, remote="local"):
+        getattr(model.transformer.h[1], name)(lambda module, args, out: out)
+        h = model.transformer.h[0].output.save()
+    assert not any(m._forward_hooks for m in model._module.modules())

@@ -11,6 +11,8 @@ import threading
 import traceback
 from typing import Any, Callable
 
+from torch.utils.hooks import RemovableHandle
+
 from ..remote.policy import Policy
 from ..remote.request import TraceRequest
 from ..remote.source import CodeDecoder, original_filename, remote_filename, restricted_builtins
@@ -71,8 +73,9 @@ def execute_request(
         ns[block.as_name] = tracer
     registry = push_registry()
     _state.depth = getattr(_state, "depth", 0) + 1
-    before = weight_fingerprint(model._module)
-    hooks = _hook_keys(model._module)
+    modules = list(model._module.modules())
+    before = weight_fingerprint(modules)
+    hooks = _hook_keys(modules)
     try:
         tracer.execute(ns)
     except BaseException as error:  # noqa: BLE001 - every failure becomes the job's ERROR
@@ -80,8 +83,8 @@ def execute_request(
     finally:
         _state.depth -= 1
         pop_registry()
-        _remove_new_hooks(model._module, hooks)
-    changed = changed_weights(model._module, before)
+        _remove_new_hooks(modules, hooks)
+    changed = changed_weights(model._module, modules, before)
     if changed:
         raise ExecutionFailed(
             "ModelModifiedError: this job changed the hosted model's weights or buffers in place ("
@@ -97,29 +100,40 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks")
 
 
-def _hook_keys(module: Any) -> dict[int, dict[str, set[int]]]:
-    return {id(m): {d: set(getattr(m, d, {})) for d in _HOOK_DICTS} for m in module.modules()}
+def _hook_keys(modules: list[Any]) -> int:
+    # Every torch hook handle (module or tensor) takes the next id of one class-wide counter,
+    # so an unchanged counter proves no hook was added anywhere, at O(1) cost.
+    return RemovableHandle.next_id
 
 
-def _remove_new_hooks(module: Any, before: dict[int, dict[str, set[int]]]) -> None:
+def _remove_new_hooks(modules: list[Any], start_id: int) -> None:
     """Hooks a job registered die with the job (the validator also refuses `register_*hook`)."""
-    for m in module.modules():
-        known = before.get(id(m), {})
+    if RemovableHandle.next_id == start_id:
+        return
+    for m in modules:
         for d in _HOOK_DICTS:
             table = getattr(m, d, None)
             if table:
-                for key in [k for k in table if k not in known.get(d, set())]:
+                for key in [k for k in table if isinstance(k, int) and k >= start_id]:
                     del table[key]
 
 
-def weight_fingerprint(module: Any) -> dict[str, tuple[int, int]]:
-    """Identity and in-place version of every parameter and buffer (cheap: no data is read)."""
-    return {name: (id(t), t._version) for name, t in _named_state(module)}
+def weight_fingerprint(modules: list[Any]) -> list[tuple[int, int]]:
+    """Identity and in-place version of every parameter and buffer (reads no data; cheap)."""
+    return [
+        (id(t), t._version)
+        for m in modules
+        for table in (m._parameters, m._buffers)
+        for t in table.values()
+        if t is not None
+    ]
 
 
-def changed_weights(module: Any, before: dict[str, tuple[int, int]]) -> list[str]:
-    after = weight_fingerprint(module)
-    return sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+def changed_weights(module: Any, modules: list[Any], before: list[tuple[int, int]]) -> list[str]:
+    if weight_fingerprint(modules) == before:
+        return []
+    seen = set(before)
+    return sorted(name for name, t in _named_state(module) if (id(t), t._version) not in seen)
 
 
 def _named_state(module: Any) -> Any:
