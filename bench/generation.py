@@ -1,0 +1,135 @@
+"""What tracing costs on top of plain Hugging Face generation, on CPU.
+
+Run by hand: ``.venv/bin/python bench/generation.py [--runs 60] [--tokens 16] [--append]``.
+
+Model: the tiny GPT-2 (4 layers x 128, ``demo.build_tiny_gpt2``) as an
+``interlace.LanguageModel``, fed a token-id tensor (1 x 16, no tokenizer in the timed part),
+greedy, ``max_new_tokens=16``, one thread.
+
+Variants (each one call, timed with ``perf_counter``):
+- ``hf generate``: ``module.generate(input_ids=..., attention_mask=..., max_new_tokens=16)``.
+- ``hf generate + hook``: the same with a raw forward hook on ``lm_head`` keeping each step's
+  logits (what a script without Interlace does).
+- ``interlace generate``: ``with model.generate(ids, max_new_tokens=16) as tracer:`` with a
+  loop ``for step in tracer.iter[:]: logits.append(model.lm_head.output)``.
+
+Variants run round-robin (one call of each, repeated) so machine noise hits all alike; the
+table shows medians and the ratio to plain ``hf generate``. Target: within 1.03x.
+``--append`` adds the table to ``bench/RESULTS.md`` under "## generation".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import interlace
+from interlace.models import demo
+
+__all__ = ["main"]
+
+
+def _variants(model: interlace.LanguageModel, ids: torch.Tensor, tokens: int) -> dict[str, Callable[[], Any]]:
+    module = model._module
+    mask = torch.ones_like(ids)
+    pad = model.tokenizer.pad_token_id
+    lm_head = module.lm_head
+
+    def hf() -> Any:
+        return module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False, pad_token_id=pad)
+
+    def hf_hook() -> Any:
+        saved: list[Any] = []
+        handle = lm_head.register_forward_hook(lambda m, a, o: saved.append(o))
+        try:
+            out = hf()
+        finally:
+            handle.remove()
+        return out, saved
+
+    def traced() -> Any:
+        with model.generate(ids, max_new_tokens=tokens, do_sample=False) as tracer:
+            logits = list().save()
+            for step in tracer.iter[:]:
+                logits.append(model.lm_head.output)
+            out = model.generator.output.save()
+        assert len(logits) == tokens, len(logits)
+        return out, logits
+
+    return {"hf generate": hf, "hf generate + hook": hf_hook, "interlace generate": traced}
+
+
+def measure(runs: int, tokens: int, warmup: int = 5) -> tuple[dict[str, float], float]:
+    """Medians per variant, and the median of per-round ratios interlace / hf (less sensitive
+    to slow drifts in machine load than the ratio of medians)."""
+    models_dir = os.environ.get("INTERLACE_TEST_MODELS_DIR") or tempfile.mkdtemp(prefix="interlace-bench-")
+    path = demo.build_tiny_gpt2(Path(models_dir) / "tiny-gpt2")
+    model = interlace.LanguageModel(str(path), dispatch=True)
+    torch.manual_seed(0)
+    ids = torch.randint(1, model._module.config.vocab_size, (1, 16))
+    variants = _variants(model, ids, tokens)
+    reference = variants["hf generate"]()
+    got, _ = variants["interlace generate"]()
+    assert torch.equal(got, reference), "traced generation must produce the same tokens"
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(warmup + runs):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    paired = statistics.median(t / h for t, h in zip(times["interlace generate"], times["hf generate"]))
+    return {name: statistics.median(values) for name, values in times.items()}, paired
+
+
+def table(medians: dict[str, float], runs: int, tokens: int) -> str:
+    base = medians["hf generate"]
+    lines = [
+        f"tiny GPT-2, 1 x 16 prompt ids, {tokens} new tokens (greedy), 1 thread, median of {runs} "
+        f"round-robin runs; torch {torch.__version__}, Python {platform.python_version()}",
+        "",
+        "| variant | median ms | ms / token | vs hf generate | vs hf + hook |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    hook = medians["hf generate + hook"]
+    for name, value in medians.items():
+        lines.append(
+            f"| {name} | {value * 1e3:.2f} | {value * 1e3 / tokens:.3f} | {value / base:.3f}x | {value / hook:.3f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=60)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        medians, paired = measure(args.runs, args.tokens)
+    text = table(medians, args.runs, args.tokens)
+    ratio = medians["interlace generate"] / medians["hf generate"]
+    summary = (
+        f"interlace generate / hf generate: {ratio:.3f}x (ratio of medians), {paired:.3f}x "
+        "(median of per-round ratios); target <= 1.03x"
+    )
+    print(text)
+    print("\n" + summary)
+    if args.append:
+        results = Path(__file__).with_name("RESULTS.md")
+        with results.open("a") as f:
+            f.write(f"\n## generation\n\n`bench/generation.py --runs {args.runs} --tokens {args.tokens}`\n\n{text}\n\n{summary}.\n")
+
+
+if __name__ == "__main__":
+    main()
