@@ -81,14 +81,12 @@ class BackwardContext:
         self._replacement: dict[int, Any] = {}
         self._done = False
         self._error: BaseException | None = None
-        self._entered = False
 
     # -- the `with` protocol ------------------------------------------------------------------
 
     def __enter__(self) -> "BackwardContext":
         if _active() is not None:
             raise TracingError("`with loss.backward():` blocks cannot be nested; finish the first one.")
-        self._entered = True
         _stack().append(self)
         return self
 
