@@ -9,6 +9,7 @@ from .backends.client import RemoteException
 from .backends.remote import RemoteJob, attach
 from .config import CONFIG
 from .errors import (
+    GenerationEndedWarning,
     InterlaceError,
     MissedProviderError,
     ModuleNotCalledError,
@@ -19,6 +20,7 @@ from .errors import (
 from .models import LanguageModel, NNsight
 from . import remote  # callable: @interlace.remote (see remote/__init__.py)
 from .remote.problems import RemoteValidationError
+from .tracing.cache import Cache, CacheEntry
 from .tracing.envoy import Envoy
 from .tracing.saving import save
 
@@ -28,10 +30,13 @@ __all__ = [
     "NNsight",
     "LanguageModel",
     "Envoy",
+    "Cache",
+    "CacheEntry",
     "save",
     "remote",
     "attach",
     "RemoteJob",
+    "GenerationEndedWarning",
     "InterlaceError",
     "MissedProviderError",
     "ModuleNotCalledError",
