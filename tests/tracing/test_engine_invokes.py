@@ -181,3 +181,46 @@ def test_stop_in_one_invoke_stops_the_batch(gpt2: interlace.LanguageModel, count
     assert first.shape[0] == 1
     with pytest.raises(UnboundLocalError):  # h[1] never ran, so invoke 1 never got there
         second  # noqa: B018
+
+
+def test_skip_in_every_invoke_combines_per_invoke_values(gpt2: interlace.LanguageModel) -> None:
+    a, b = SAME_LENGTH
+    with gpt2.trace() as tracer:
+        with tracer.invoke(a):
+            block = gpt2.transformer.h[2]
+            block.skip(block.input)  # identity for invoke 0
+            la = gpt2.lm_head.output.save()
+        with tracer.invoke(b):
+            block = gpt2.transformer.h[2]
+            block.skip(block.input * 0)  # zeros for invoke 1
+            lb = gpt2.lm_head.output.save()
+    for prompt, logits, scale in ((a, la, 1.0), (b, lb, 0.0)):
+        with gpt2.trace(prompt):
+            block = gpt2.transformer.h[2]
+            block.skip(block.input * scale)
+            ref = gpt2.lm_head.output.save()
+        torch.testing.assert_close(logits, ref, rtol=0, atol=TOL)
+
+
+def test_skip_in_only_some_invokes_is_an_error(gpt2: interlace.LanguageModel) -> None:
+    with pytest.raises(interlace.TracingError, match="skipped by some invokes but not all"):
+        with gpt2.trace() as tracer:
+            with tracer.invoke("Hello"):
+                block = gpt2.transformer.h[2]
+                block.skip(block.input)
+            with tracer.invoke("x y"):
+                gpt2.lm_head.output
+
+
+def test_invokes_share_variables_in_definition_order(gpt2: interlace.LanguageModel) -> None:
+    """Invoke bodies run in one namespace; a later invoke reads what an earlier one set, as
+    long as the earlier one got there first (here at an earlier module)."""
+    with gpt2.trace() as tracer:
+        with tracer.invoke("Hello"):
+            first_mean = gpt2.transformer.h[0].output.mean()
+        with tracer.invoke("x y"):
+            gpt2.transformer.h[3].output
+            seen = interlace.save(float(first_mean))
+    with gpt2.trace("Hello"):
+        ref = gpt2.transformer.h[0].output.mean().save()
+    assert seen == pytest.approx(float(ref), abs=1e-6)

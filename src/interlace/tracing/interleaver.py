@@ -306,18 +306,19 @@ class ModuleHooks:
         return _wrapper(idx, cls.forward.__get__(module, cls), self.active)
 
     def _check_classes(self) -> None:
-        """Remake wrappers whose class forward was patched or whose module changed class
-        (`.source` gives a module its own subclass)."""
+        """Remake wrappers whose class forward was patched (a module that changed class is
+        handled in `install`'s loop)."""
+        for cls, forward in self._class_forwards.items():
+            if cls.forward is not forward:
+                break
+        else:
+            return
         for cls, forward in list(self._class_forwards.items()):
             if cls.forward is not forward:
                 del self._class_forwards[cls]
                 for i, m in enumerate(self.modules):
                     if self._types[i] is cls:
                         self._wrappers[i] = self._class_wrapper(i, m)
-        types = self._types
-        for i, m in enumerate(self.modules):
-            if type(m) is not types[i]:
-                self._wrappers[i] = self._class_wrapper(i, m)
 
     def refresh(self, idx: int) -> None:
         """Re-wrap module `idx` whose class changed during a run (`.source` first used in a
@@ -340,7 +341,11 @@ class ModuleHooks:
         self._check_classes()
         wrappers = self._wrappers
         restore = self._restore
+        types = self._types
+        modules = self.modules
         for idx, d in enumerate(self._dicts):
+            if type(modules[idx]) is not types[idx]:  # `.source` gives a module its own subclass
+                wrappers[idx] = self._class_wrapper(idx, modules[idx])
             previous = d.get("forward")
             if previous is None:
                 d["forward"] = wrappers[idx]
