@@ -220,7 +220,7 @@ def test_invokes_share_variables_in_definition_order(gpt2: interlace.LanguageMod
             first_mean = gpt2.transformer.h[0].output.mean()
         with tracer.invoke("x y"):
             gpt2.transformer.h[3].output
-            seen = interlace.save(float(first_mean))
+            seen = interlace.save(float(first_mean.detach()))
     with gpt2.trace("Hello"):
         ref = gpt2.transformer.h[0].output.mean().save()
     assert seen == pytest.approx(float(ref), abs=1e-6)
