@@ -169,3 +169,13 @@ def test_a_hook_smuggled_past_the_validator_is_removed_after_the_job(model):
         getattr(model.transformer.h[1], name)(lambda module, args, out: out)
         h = model.transformer.h[0].output.save()
     assert not any(m._forward_hooks for m in model._module.modules())
+
+
+def test_edited_models_are_refused_the_same_way_everywhere(model):
+    with model.edit() as edited:
+        model.transformer.h[0].output[:] = 0
+    with pytest.raises(interlace.RemoteValidationError) as info:
+        with edited.trace(corpus.PROMPT, remote="local"):
+            h = edited.transformer.h[0].output.save()
+    assert info.value.categories == ["invalid-request"]
+    assert "model.edit()" in str(info.value)

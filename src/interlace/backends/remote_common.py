@@ -21,6 +21,17 @@ def encode_for_remote(tracer: "Tracer", model_key: str, policy: Policy, *, stric
     built = build_request(tracer, model_key, policy, strict_remote=strict_remote)
     payload = encode_request(built)
     problems = list(built.problems)
+    if tracer.model is not None and tracer.model.__dict__.get("_default_edits"):
+        # Edits live with the local model object; the server's model has none. Refuse rather
+        # than let the simulation apply edits that a server run would silently lack.
+        from ..remote.problems import Problem
+
+        block = built.request.block
+        problems.append(Problem(
+            category="invalid-request", filename=block.filename, lineno=block.first_lineno,
+            message="this model has default edits (model.edit()), which are not sent to servers yet",
+            fix="# put the edit in the trace body instead:\nwith model.trace(x, remote=True):\n    model.layer.output[:] = 0\n    ...",
+        ))
     # The server's checks repeat some of the client's (with the block's first line where the
     # client knew the exact line); keep the more precise one.
     seen = {(p.category, p.message) for p in problems}

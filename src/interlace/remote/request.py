@@ -106,7 +106,9 @@ def build_request(tracer: "Tracer", model_key: str, policy: Policy = DEFAULT_POL
         line = first_use.get(name, block.first_lineno)
         code.where = (block.filename, line)
         if isinstance(value, Envoy):
-            if root is not None and value._root is root:
+            # An edited copy (model.edit()) shares its original's envoys: same model.
+            roots = {id(root), id(root.__dict__.get("_edit_origin"))} if root is not None else set()
+            if id(value._root) in roots:
                 model_refs[name] = value.path
             else:
                 problems.append(Problem(

@@ -23,12 +23,16 @@ from ..tracing.saving import pop_registry, push_registry, save_in_body
 
 __all__ = ["execute_request", "ExecutionFailed", "executing_remotely"]
 
-_state = threading.local()
+class _State(threading.local):
+    depth = 0
+
+
+_state = _State()
 
 
 def executing_remotely() -> bool:
     """True while a shipped body runs (nested traces then run locally, on the hosted model)."""
-    return getattr(_state, "depth", 0) > 0
+    return _state.depth > 0
 
 
 class ExecutionFailed(Exception):
@@ -72,7 +76,7 @@ def execute_request(
     if block.as_name:
         ns[block.as_name] = tracer
     registry = push_registry()
-    _state.depth = getattr(_state, "depth", 0) + 1
+    _state.depth += 1
     modules = list(model._module.modules())
     before = weight_fingerprint(modules)
     hooks = _hook_keys(modules)
