@@ -166,3 +166,20 @@ def test_unsaved_values_are_freed_after_the_trace(mlp_model: interlace.NNsight, 
         ref = _unsaved_ref_after(mlp_model, tiny_input, how)
         gc.collect()
         assert ref() is None
+
+
+@pytest.mark.parametrize("mode", [False, "local"])
+def test_unsaved_names_sharing_an_interned_value_do_not_leak(mode, tiny_mlp, tiny_input):
+    model = interlace.NNsight(tiny_mlp)
+
+    def run():
+        with model.trace(tiny_input, remote=mode):
+            n = interlace.save(3)
+            k = 3  # the same int object as n, but never saved
+            none_saved = interlace.save(None)
+            flag = None
+            h = model.layer1.output.save()
+        bound = locals()
+        return {name for name in ("n", "k", "none_saved", "flag", "h") if name in bound}
+
+    assert run() == {"n", "none_saved", "h"}

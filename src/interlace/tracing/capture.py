@@ -53,6 +53,7 @@ class Block:
     stored_names: frozenset[str]
     as_name: str | None
     is_empty: bool
+    saved_names: frozenset[str] = frozenset()
 
 
 class SkipBody(Exception):
@@ -238,6 +239,7 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
     body = node.body
     is_empty = all(isinstance(s, ast.Pass) for s in body)
     _reject_returns(body, filename)
+    saved_names = _statically_saved(body)
     module = ast.Module(body=[_SaveRewriter().visit(rewrite_backward(s)) for s in body], type_ignores=[])
     ast.fix_missing_locations(module)
     try:
@@ -254,7 +256,39 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
         stored_names=frozenset(stored),
         as_name=as_name,
         is_empty=is_empty,
+        saved_names=saved_names,
     )
+
+
+def _is_save_call(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    if isinstance(func, ast.Attribute) and func.attr == "save":
+        return True  # x.save() or interlace.save(x)
+    return isinstance(func, ast.Name) and func.id == "save"
+
+
+def _statically_saved(body: list[ast.stmt]) -> frozenset[str]:
+    """Names the source visibly saves: `n = <...>.save()`, `n = save(...)`, `save(n)`, `n.save()`.
+
+    Saving is by object identity, and Python shares small ints, None, True and short strings
+    between unrelated names; for such values only these names are returned to the caller, so
+    an unsaved `k = 3` never leaks because some `n = interlace.save(3)` holds the same object.
+    """
+    names: set[str] = set()
+    for stmt in body:
+        for node in ast.walk(stmt):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None and _is_save_call(node.value):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names |= {t.id for t in targets if isinstance(t, ast.Name)}
+            elif _is_save_call(node):
+                call = node  # type: ignore[assignment]
+                args = list(call.args)  # type: ignore[attr-defined]
+                if isinstance(call.func, ast.Attribute) and not args:  # type: ignore[attr-defined]
+                    args = [call.func.value]  # type: ignore[attr-defined]
+                names |= {a.id for a in args if isinstance(a, ast.Name)}
+    return frozenset(names)
 
 
 _LOAD_OPS = {"LOAD_NAME", "LOAD_GLOBAL", "DELETE_NAME", "DELETE_GLOBAL"}

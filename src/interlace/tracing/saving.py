@@ -30,15 +30,24 @@ class SaveRegistry:
     def __contains__(self, value: Any) -> bool:
         return id(value) in self.saved and self.saved[id(value)] is value
 
-    def select(self, namespace: dict[str, Any]) -> dict[str, Any]:
-        """The saved values among `namespace`'s variables."""
-        saved = self.saved
-        return {
-            name: value
-            for name, value in namespace.items()
-            if id(value) in saved and saved[id(value)] is value and not name.startswith("__interlace")
-        }
+    def select(self, namespace: dict[str, Any], visibly_saved: frozenset[str] | None = None) -> dict[str, Any]:
+        """The saved values among `namespace`'s variables.
 
+        Values of shared immutable types (small ints, None, bools, interned strings) are the
+        same object under unrelated names, so for them only `visibly_saved` names count
+        (see `capture._statically_saved`).
+        """
+        saved = self.saved
+        out = {}
+        for name, value in namespace.items():
+            if id(value) in saved and saved[id(value)] is value and not name.startswith("__interlace"):
+                if visibly_saved is not None and type(value) in _SHARED_TYPES and name not in visibly_saved:
+                    continue
+                out[name] = value
+        return out
+
+
+_SHARED_TYPES = (int, bool, float, str, bytes, type(None))
 
 _local = threading.local()
 

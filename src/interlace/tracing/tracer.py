@@ -149,7 +149,7 @@ class Tracer:
         """What to bind in the caller: saved values for the outermost trace, all for inner ones."""
         if self.is_root:
             assert self._registry is not None
-            return self._registry.select(ns)
+            return self._registry.select(ns, self.block.saved_names if self.block is not None else None)
         return user_variables(ns)
 
     def execute(self, ns: dict[str, Any]) -> None:
