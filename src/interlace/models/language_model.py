@@ -123,6 +123,7 @@ class LanguageModel(NNsight):
             d["_module"] = module
             d["_children"].clear()
             d["_index_map"] = None
+            d["_order"] = None  # a new module tree: record its call order again
             d["_dispatched"] = True
             d["_position_ids_ok"] = None
             self._attach_generator()

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import TracingError
 from ..tracing.envoy import Envoy
-from ..tracing.interleaver import Interleaver, Mediator, ModuleHooks
+from ..tracing.interleaver import Interleaver, Mediator, ModuleHooks, OrderTable
 from ..tracing.tracer import InterleavingTracer, Session
 
 __all__ = ["NNsight"]
@@ -63,6 +63,8 @@ class NNsight(Envoy):
             index[id(module)] = len(modules)
             modules.append(module)
             paths.append(f"model.{name}" if name else "model")
+        self.__dict__["_n_core"] = len(modules)
+        self.__dict__["_order"] = None  # the call-order table belongs to this module index
         unstepped = set()
         for extra_name, extra in self.__dict__["_extra_modules"].items():
             for name, module in extra.named_modules(prefix=extra_name):
@@ -256,7 +258,9 @@ class NNsight(Envoy):
         hooks = d.get("_hooks")
         if hooks is None or hooks.modules is not d["_modules_list"]:
             hooks = d["_hooks"] = ModuleHooks(d["_modules_list"])  # made once per module index
-        return Interleaver(d["_modules_list"], d["_paths_list"], mediators, batch_size, steps, hooks=hooks)
+        il = Interleaver(d["_modules_list"], d["_paths_list"], mediators, batch_size, steps, hooks=hooks)
+        il.n_core = d.get("_n_core", len(d["_modules_list"]))
+        return il
 
     def _begin_run(self, interleaver: Interleaver) -> None:
         d = self.__dict__
@@ -266,11 +270,29 @@ class NNsight(Envoy):
                 "trace's body). Run traces one after another, or group them in `model.session()`."
             )
         d["_active"] = interleaver
-        interleaver.install()
+        # Wrap only what bodies need when a call-order table of this module index says every
+        # module runs at most once per root forward (see OrderTable); otherwise wrap all and
+        # record one. `.source` (`_no_lazy`) and shared modules always wrap everything.
+        table = d.get("_order")
+        if table is not None and (not table.valid or table.modules is not interleaver.modules):
+            table = d["_order"] = None
+        if d.get("_no_lazy"):
+            interleaver.install()
+        elif table is None:
+            interleaver.install_recording()
+        elif table.once:
+            interleaver.install_lazy(table)
+        else:
+            interleaver.install()
 
     def _end_run(self, interleaver: Interleaver) -> None:
         interleaver.uninstall()
-        self.__dict__["_active"] = None
+        d = self.__dict__
+        d["_active"] = None
+        if interleaver.record is not None:
+            if interleaver.completed and d.get("_modules_list") is interleaver.modules:
+                d["_order"] = OrderTable.from_events(interleaver.modules, interleaver.n_core, interleaver.record)
+            interleaver.record = None
 
 
 def _local_backend_class() -> Any:

@@ -218,6 +218,12 @@ def start_cache(
         else:
             dict.__setitem__(cache, path, [old, entry])
 
+    if il.lazy is not None:  # a lazy run wraps the observed modules now
+        for idx in indices:
+            if idx < il.n_core and idx not in il.wrapped:
+                il.wrap_lazily(idx, mediator.current)
+                if il.lazy is None:
+                    break
     missed = []
     for idx in indices:
         if il.finished[idx] > 0 and not generation:

@@ -30,7 +30,7 @@ from ..errors import GenerationEndedWarning, ModuleNotCalledError, OutOfOrderErr
 from .batching import BatchGroup, narrow, splice, whole
 from .frames import user_location
 
-__all__ = ["Interleaver", "ModuleHooks", "Mediator", "current_mediator", "INPUT", "OUTPUT"]
+__all__ = ["Interleaver", "ModuleHooks", "Mediator", "OrderTable", "current_mediator", "INPUT", "OUTPUT"]
 
 INPUT = 0
 OUTPUT = 1
@@ -192,6 +192,8 @@ class Mediator:
             if slot.view is _NOTHING:
                 slot.view = narrow(slot.value, self.group, il.batch_size)
             return slot.view
+        if il.lazy is not None and idx < il.n_core and idx not in il.wrapped:
+            il.wrap_lazily(idx, slot)
         self._check_not_passed(kind, idx, it)
         self.want = (kind, idx, it)
         il.waiting(kind).setdefault(idx, []).append(self)
@@ -260,10 +262,15 @@ def _wrapper(idx: int, inner: Callable[..., Any], active: list[Any]) -> Callable
         started = il.started
         n = started[idx]
         started[idx] = n + 1
+        tap = il.tap  # None unless recording the call order or checking it (lazy runs)
+        if tap is not None:
+            tap(idx, n)
         if idx in il.input_waiters:
             return il._call(idx, inner, args, kwargs, n)
         out = inner(*args, **kwargs)
         il.finished[idx] += 1
+        if tap is not None:
+            tap(~idx, n)
         if idx in il.output_waiters or idx in il.observers:
             return il._after(idx, n, args, kwargs, out)
         return out
@@ -285,7 +292,7 @@ class ModuleHooks:
     one, remade only when it changes.
     """
 
-    __slots__ = ("modules", "active", "_dicts", "_types", "_wrappers", "_custom", "_restore", "_class_forwards")
+    __slots__ = ("modules", "active", "_dicts", "_types", "_wrappers", "_custom", "_restore", "_class_forwards", "_installed")
 
     def __init__(self, modules: Sequence[Any]) -> None:
         self.modules = modules
@@ -298,6 +305,7 @@ class ModuleHooks:
             self._wrappers.append(self._class_wrapper(i, m))
         self._custom: dict[int, tuple[Any, Callable[..., Any]]] = {}
         self._restore: list[tuple[dict[str, Any], Any]] = []
+        self._installed: list[int] | None = None  # None: every module (a full run)
 
     def _class_wrapper(self, idx: int, module: Any) -> Callable[..., Any]:
         cls = type(module)
@@ -332,40 +340,128 @@ class ModuleHooks:
         if self.active[0] is not None and d.get("forward") is old:
             d["forward"] = self._wrappers[idx]
 
-    def install(self, il: "Interleaver") -> None:
+    def install(self, il: "Interleaver", only: "Sequence[int] | None" = None) -> None:
+        """Wrap every module, or only those in `only` (a lazy run; `wrap` adds more)."""
         if self.active[0] is not None:
             raise TracingError(
                 "These modules are already being traced (a trace of another envoy of the same "
                 "model is running). Run the traces one after another."
             )
         self._check_classes()
-        wrappers = self._wrappers
-        restore = self._restore
-        types = self._types
-        modules = self.modules
-        for idx, d in enumerate(self._dicts):
-            if type(modules[idx]) is not types[idx]:  # `.source` gives a module its own subclass
-                wrappers[idx] = self._class_wrapper(idx, modules[idx])
-            previous = d.get("forward")
-            if previous is None:
-                d["forward"] = wrappers[idx]
-            elif previous is not wrappers[idx]:  # (ours if an earlier run never uninstalled)
-                custom = self._custom.get(idx)
-                if custom is None or custom[0] is not previous:
-                    custom = self._custom[idx] = (previous, _wrapper(idx, previous, self.active))
-                restore.append((d, previous))
-                d["forward"] = custom[1]
+        if only is None:
+            self._installed = None
+            for idx in range(len(self._dicts)):
+                self._put(idx)
+        else:
+            self._installed = []
+            for idx in only:
+                self.wrap(idx)
         self.active[0] = il
+
+    def wrap(self, idx: int) -> None:
+        """Put module `idx`'s wrapper in place (also mid-run: `forward` is looked up per call)."""
+        if self._installed is not None:
+            self._installed.append(idx)
+        self._put(idx)
+
+    def _put(self, idx: int) -> None:
+        d = self._dicts[idx]
+        wrappers = self._wrappers
+        module = self.modules[idx]
+        if type(module) is not self._types[idx]:  # `.source` gives a module its own subclass
+            wrappers[idx] = self._class_wrapper(idx, module)
+        previous = d.get("forward")
+        if previous is None:
+            d["forward"] = wrappers[idx]
+        elif previous is not wrappers[idx]:  # (ours if an earlier run never uninstalled)
+            custom = self._custom.get(idx)
+            if custom is None or custom[0] is not previous:
+                custom = self._custom[idx] = (previous, _wrapper(idx, previous, self.active))
+            self._restore.append((d, previous))
+            d["forward"] = custom[1]
 
     def uninstall(self, il: "Interleaver") -> None:
         if self.active[0] is not il:
             return
         self.active[0] = None
-        for d in self._dicts:
-            d.pop("forward", None)
+        if self._installed is None:
+            for d in self._dicts:
+                d.pop("forward", None)
+        else:
+            dicts = self._dicts
+            for idx in self._installed:
+                dicts[idx].pop("forward", None)
+            self._installed = None
         for d, previous in self._restore:
             d["forward"] = previous
         self._restore.clear()
+
+
+class OrderTable:
+    """The call order of one forward of a model's root module, recorded in a full run.
+
+    `start[i]`/`end[i]`: positions of module i's start and end among the events of the root's
+    first forward (-1: it did not run); `parent[i]`: the module running when i started (-1 for
+    the root). `once`: every module ran at most once per root forward and only inside it, so
+    a run can wrap only the root (its calls count steps) and the modules bodies ask for: where
+    module M is in its current call follows from the root's step and the body's position.
+    `valid` turns False when a lazy run sees wrapped modules start out of this order.
+    """
+
+    __slots__ = ("modules", "once", "start", "end", "parent", "valid")
+
+    def __init__(self, modules: Sequence[Any], once: bool, start: list[int], end: list[int], parent: list[int]) -> None:
+        self.modules = modules
+        self.once = once
+        self.start = start
+        self.end = end
+        self.parent = parent
+        self.valid = True
+
+    @classmethod
+    def from_events(cls, modules: Sequence[Any], n_core: int, events: list[int]) -> "OrderTable | None":
+        start = [-1] * n_core
+        end = [-1] * n_core
+        parent = [-1] * n_core
+        once = True
+        first = True  # inside (or before the end of) the root's first forward
+        stack: list[int] = []
+        seen: set[int] = set()
+        pos = 0
+        forwards = 0
+        for event in events:
+            idx = event if event >= 0 else ~event
+            if idx >= n_core:
+                continue
+            if event >= 0:
+                if idx == 0:
+                    if stack:
+                        once = False  # the root called inside itself
+                        break
+                    forwards += 1
+                    seen = set()
+                elif not stack or idx in seen:
+                    once = False  # called outside the root's forward, or twice in one
+                    break
+                seen.add(idx)
+                if first:
+                    start[idx] = pos
+                    parent[idx] = stack[-1] if stack else -1
+                    pos += 1
+                stack.append(idx)
+            else:
+                if not stack or stack[-1] != idx:
+                    once = False
+                    break
+                stack.pop()
+                if first:
+                    end[idx] = pos
+                    pos += 1
+                    if idx == 0:
+                        first = False
+        if forwards == 0:
+            return None
+        return cls(modules, once, start, end, parent)
 
 
 class Interleaver:
@@ -393,6 +489,17 @@ class Interleaver:
         self.observers: dict[int, list[Callable[..., None]]] = {}
         self.main = getcurrent()
         self.bypass = 0
+        # Wrapping only what is needed (see OrderTable): `n_core` modules belong to the root's
+        # forward (the rest, like `generator`, are always wrapped); `lazy` is the table of a
+        # lazy run, `wrapped` its wrapped indices; `tap(event, n)` sees each wrapped call's
+        # start (`idx`) and end (`~idx`) while recording (`record`) or checking the order.
+        self.n_core = n
+        self.tap: Callable[[int, int], None] | None = None
+        self.lazy: OrderTable | None = None
+        self.wrapped: set[int] | None = None
+        self.record: list[int] | None = None
+        self.completed = False
+        self._last = (-1, -1)
         self.stopped = False
         # Wrappers are made once per model (NNsight keeps its ModuleHooks) and only put in
         # place for the run, so a run costs two dict writes per module, not a new closure.
@@ -412,11 +519,104 @@ class Interleaver:
     def uninstall(self) -> None:
         self.hooks.uninstall(self)
 
+    def install_recording(self) -> None:
+        """Wrap everything and record the call order (for an OrderTable after the run)."""
+        self.record = []
+        self.tap = self._record_event
+        self.hooks.install(self)
+
+    def _record_event(self, event: int, n: int) -> None:
+        self.record.append(event)  # type: ignore[union-attr]
+
+    def install_lazy(self, table: "OrderTable") -> None:
+        """Wrap only the root and the extra modules; bodies' requests wrap the rest."""
+        self.lazy = table
+        only = [0, *range(self.n_core, len(self.modules))]
+        self.wrapped = set(only)
+        self.tap = self._check_event
+        self.hooks.install(self, only)
+
+    def _cursor(self, slot: "_Slot | None") -> tuple[int, int] | None:
+        """(root step, table position now); position -1 between root forwards; None if unknown."""
+        s0 = self.started[0]
+        if s0 == self.finished[0]:
+            return (s0, -1)
+        if slot is None or slot.idx >= self.n_core:
+            return None
+        table = self.lazy
+        assert table is not None
+        pos = table.start[slot.idx] if slot.kind == INPUT else table.end[slot.idx]
+        return (s0 - 1, pos) if pos >= 0 else None
+
+    def _set_counts(self, idx: int, cursor: tuple[int, int]) -> None:
+        """Counters of a module wrapped mid-run, as if it had been wrapped from the start."""
+        step, pos = cursor
+        table = self.lazy
+        assert table is not None
+        if pos < 0:
+            self.started[idx] = self.finished[idx] = step
+        else:
+            self.started[idx] = step + (0 <= table.start[idx] <= pos)
+            self.finished[idx] = step + (0 <= table.end[idx] <= pos)
+
+    def wrap_lazily(self, idx: int, slot: "_Slot | None") -> None:
+        """Wrap module `idx` (and the modules that call it, so a module that is running is
+        always wrapped) for the rest of this lazy run."""
+        table = self.lazy
+        assert table is not None and self.wrapped is not None
+        cursor = self._cursor(slot)
+        if table.start[idx] < 0 or cursor is None:  # not in the table, or no known position
+            self.wrap_all(slot)
+            return
+        chain = []
+        while idx >= 0 and idx not in self.wrapped:
+            chain.append(idx)
+            idx = table.parent[idx]
+        for i in reversed(chain):  # callers first
+            self._set_counts(i, cursor)
+            self.wrapped.add(i)
+            self.hooks.wrap(i)
+
+    def wrap_all(self, slot: "_Slot | None" = None) -> None:
+        """Leave the lazy mode for the rest of this run (every module wrapped)."""
+        table = self.lazy
+        if table is None:
+            return
+        assert self.wrapped is not None
+        cursor = self._cursor(slot)
+        if cursor is None:  # should not happen; counts are then a best guess
+            table.valid = False
+            s0 = self.started[0]
+            cursor = (s0 - 1 if s0 > self.finished[0] else s0, -1)
+        for i in range(self.n_core):
+            if i not in self.wrapped:
+                self._set_counts(i, cursor) if table.start[i] >= 0 else self._set_counts(i, (cursor[0], -1))
+                self.wrapped.add(i)
+                self.hooks.wrap(i)
+        self.lazy = None
+        self.tap = None
+
+    def _check_event(self, event: int, n: int) -> None:
+        """Lazy runs: wrapped modules must start in table order, once per root forward."""
+        if event <= 0 or event >= self.n_core:
+            return
+        table = self.lazy
+        if table is None:
+            return
+        pos = table.start[event]
+        s0 = self.started[0]
+        step, last = self._last
+        if pos < 0 or s0 == self.finished[0] or n != s0 - 1 or (step == n and pos <= last):
+            table.valid = False  # the next run wraps everything and records a new table
+        self._last = (n, pos)
+
     def _call(self, idx: int, inner: Callable[..., Any], args: tuple, kwargs: dict, n: int) -> Any:
         """A module call that has mediators waiting for its inputs (the wrapper's slow path)."""
         args, kwargs, skipped = self._serve_input(idx, n, args, kwargs)
         out = inner(*args, **kwargs) if skipped is _NOTHING else skipped
         self.finished[idx] += 1
+        if self.tap is not None:
+            self.tap(~idx, n)
         if idx in self.output_waiters or idx in self.observers:
             out = self._after(idx, n, args, kwargs, out)
         return out
@@ -557,6 +757,7 @@ class Interleaver:
 
     def finish(self, generation: bool = False) -> None:
         """After the forward: every body still waiting learns its module never came."""
+        self.completed = True
         pending = sorted(
             {id(m): m for table in (self.input_waiters, self.output_waiters) for ms in table.values() for m in ms}.values(),
             key=_by_index,

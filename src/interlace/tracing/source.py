@@ -234,6 +234,8 @@ def _accessor(envoy: Envoy) -> _Accessor:
         accessor.roots.add(envoy._root)
         _check_built_mid_run(envoy)
     accessor.roots.add(envoy._root)
+    # Op sites are not in the call-order table: such a model always wraps every module.
+    envoy._root.__dict__["_no_lazy"] = True
     return accessor
 
 
@@ -244,6 +246,8 @@ def _check_built_mid_run(envoy: Envoy) -> None:
     if il is None:
         return
     idx = envoy._root._module_index(envoy._module)
+    if getattr(il, "lazy", None) is not None:
+        il.wrap_all(mediator.current)  # counters of every module, for the checks below
     hooks = getattr(il, "hooks", None)
     if hooks is not None and hasattr(hooks, "refresh"):
         hooks.refresh(idx)  # the running wrapper calls the rewritten forward from now on
