@@ -6,12 +6,28 @@ Each invoke body (a "mediator") runs in its own greenlet; the model runs in the 
 Exactly one of them runs at any moment, and a switch costs about a microsecond (the peer uses
 one OS thread per invoke with lock-step mailboxes).
 
-For the duration of one run every module's `forward` is wrapped (an instance attribute, put
+For the duration of one run a module's `forward` is wrapped (an instance attribute, put
 back afterwards). The wrapper counts calls per module, which gives two things cheaply:
 - order checks at the access: asking for `h[0].output` after h[0] has finished raises
   `OutOfOrderError` right there, in the user's line, instead of after the run;
 - step addressing for generation: step k of a module is its k-th call.
-Modules nobody asked for cost one Python call and two list updates.
+
+Which modules are wrapped: a model's first run (and any run without a valid `OrderTable`)
+wraps every module and records the call order of one forward of the root module. If every
+module ran at most once per root forward (and only inside it), later runs wrap only the root
+(its calls are the steps) and extra modules like `generator`; a body's request for module M
+wraps M and the modules that called it (so a module that is running is always one that was
+wrapped before its call began) and sets M's counters from the table: at root step s, served
+at X's input (output), M has started s + 1 times if it starts before X's start (end) in the
+table, else s times; likewise for ends. `tracer.cache` wraps the observed modules the same
+way; `.source` and models with shared or recurrent modules always wrap everything.
+
+Each lazy run checks that wrapped modules start in table order, once per root step, inside
+the root's forward; if not, the table is dropped and the next run wraps all and records a new
+one. Residual risk: a model whose call order changes between runs (data-dependent branches
+or reordering) can, in the first run after the change, raise a wrong `OutOfOrderError` or
+`ModuleNotCalledError` (or miss one) for modules the table places wrongly, before the check
+sees it; a module wrapped mid-run is counted as if it ran in every earlier root step.
 
 Waiting mediators are kept per module; when a module starts (inputs) or ends (output) the
 mediators waiting on that call are resumed in invoke order with their rows of the value.
