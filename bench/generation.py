@@ -12,6 +12,8 @@ Variants (each one call, timed with ``perf_counter``):
   logits (what a script without Interlace does).
 - ``interlace generate``: ``with model.generate(ids, max_new_tokens=16) as tracer:`` with a
   loop ``for step in tracer.iter[:]: logits.append(model.lm_head.output)``.
+- ``interlace generate, wrap all``: the same with every module wrapped for the run (what all
+  runs did before call-order tables; now only a model's first run, or shared modules).
 
 Variants run round-robin (one call of each, repeated) so machine noise hits all alike; the
 table shows medians and the ratio to plain ``hf generate``. Target: within 1.03x.
@@ -64,7 +66,19 @@ def _variants(model: interlace.LanguageModel, ids: torch.Tensor, tokens: int) ->
         assert len(logits) == tokens, len(logits)
         return out, logits
 
-    return {"hf generate": hf, "hf generate + hook": hf_hook, "interlace generate": traced}
+    def traced_wrap_all() -> Any:
+        model.__dict__["_no_lazy"] = True  # every module wrapped, as before call-order tables
+        try:
+            return traced()
+        finally:
+            del model.__dict__["_no_lazy"]
+
+    return {
+        "hf generate": hf,
+        "hf generate + hook": hf_hook,
+        "interlace generate": traced,
+        "interlace generate, wrap all": traced_wrap_all,
+    }
 
 
 def measure(runs: int, tokens: int, warmup: int = 5) -> tuple[dict[str, float], float]:

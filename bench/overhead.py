@@ -17,6 +17,8 @@ Variants (each one call, timed with ``perf_counter``):
   one greenlet).
 - ``interlace: one statement``: ``logits = model.lm_head.output.save()``. The fixed cost is
   its median minus the plain forward's median.
+- ``wrap all: ...``: the same bodies on a second ``NNsight`` of the module that wraps every
+  module in every run (``_no_lazy``), as all runs did before call-order tables.
 - ``hooks: zero + logits`` / ``interlace: zero + logits``: zero block 1's output in place and
   keep the logits.
 
@@ -45,6 +47,10 @@ __all__ = ["main"]
 
 def _variants(module: Any, ids: torch.Tensor) -> dict[str, Callable[[], Any]]:
     model = interlace.NNsight(module)
+    # The same model traced the way every run worked before call-order tables: every module
+    # wrapped for each run (what a model with a shared module, or using `.source`, still does).
+    full = interlace.NNsight(module)
+    full.__dict__["_no_lazy"] = True
     blocks = list(module.transformer.h)
     layer = blocks[1]
 
@@ -65,6 +71,16 @@ def _variants(module: Any, ids: torch.Tensor) -> dict[str, Callable[[], Any]]:
         with model.trace(ids):
             outs = interlace.save([b.output for b in model.transformer.h])
         return outs
+
+    def full_save_blocks() -> Any:
+        with full.trace(ids):
+            outs = interlace.save([b.output for b in full.transformer.h])
+        return outs
+
+    def full_one_statement() -> Any:
+        with full.trace(ids):
+            logits = full.lm_head.output.save()
+        return logits
 
     def interlace_pass() -> Any:
         with model.trace(ids):
@@ -102,6 +118,8 @@ def _variants(module: Any, ids: torch.Tensor) -> dict[str, Callable[[], Any]]:
         "interlace: save blocks": interlace_save_blocks,
         "interlace: pass": interlace_pass,
         "interlace: one statement": interlace_one_statement,
+        "wrap all: save blocks": full_save_blocks,
+        "wrap all: one statement": full_one_statement,
         "hooks: zero + logits": hooks_zero_logits,
         "interlace: zero + logits": interlace_zero_logits,
     }
@@ -112,6 +130,8 @@ _HOOK_PEER = {
     "interlace: save blocks": "hooks: save blocks",
     "interlace: pass": "plain",
     "interlace: one statement": "plain",
+    "wrap all: save blocks": "hooks: save blocks",
+    "wrap all: one statement": "plain",
     "interlace: zero + logits": "hooks: zero + logits",
 }
 
@@ -171,7 +191,9 @@ def _table(title: str, times: dict[str, list[float]]) -> str:
         "",
         f"fixed cost (one statement - plain): median {fixed(med, 'interlace: one statement'):.3f} ms, "
         f"min {fixed(low, 'interlace: one statement'):.3f} ms; `pass` body - plain: median "
-        f"{fixed(med, 'interlace: pass'):.3f} ms, min {fixed(low, 'interlace: pass'):.3f} ms",
+        f"{fixed(med, 'interlace: pass'):.3f} ms, min {fixed(low, 'interlace: pass'):.3f} ms; "
+        f"wrap all, one statement - plain: median {fixed(med, 'wrap all: one statement'):.3f} ms, "
+        f"min {fixed(low, 'wrap all: one statement'):.3f} ms",
         "",
     ]
     return "\n".join(lines)
