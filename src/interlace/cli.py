@@ -76,6 +76,12 @@ def _build_runner(models: list[str], data_dir: Path, max_upload_bytes: int | Non
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server.settings import MiB, ServerSettings, is_loopback
 
+    if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        # The event loop answers status and downloads while a job computes; on CPU, a
+        # forward that takes every core makes both slower.
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     data_dir = _data_dir(args)
     if not is_loopback(args.host) and not args.insecure:
         return _fail(
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sweep-interval", type=float, default=60.0, metavar="SECONDS",
                        help="how often expired results are deleted")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch intra-op threads for CPU models (default: CPU count - 1, leaving a "
+                            "core for the HTTP/WebSocket loop)")
     serve.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="manage API keys")
