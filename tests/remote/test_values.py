@@ -429,7 +429,7 @@ def test_decoder_wraps_extension_failures() -> None:
 
 # ------------------------------------------------------------------------- fuzzing
 
-from interlace.remote.values import _FIELDS  # noqa: E402
+from interlace.remote.value_decoding import _FIELDS  # noqa: E402
 
 FIELD_NAMES = sorted({f for req, opt in _FIELDS.values() for f in req | opt} | {"$t", "name"})
 json_leaves = (
