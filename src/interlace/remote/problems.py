@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import InterlaceError
 
-__all__ = ["Problem", "RemoteValidationError", "CATEGORIES"]
+__all__ = ["Problem", "RemoteValidationError", "CATEGORIES", "unique", "first_line"]
 
 #: Every category the validator can report, with a one-line meaning (shown by `interlace env`).
 CATEGORIES = {
@@ -49,6 +49,17 @@ class Problem(BaseModel):
             fix = "\n".join("        " + line for line in self.fix.strip("\n").splitlines())
             text += f"\n     fix:\n{fix}"
         return text
+
+
+def unique(problems: Iterable[Problem]) -> list[Problem]:
+    """The problems in order, each once (a Problem is frozen, so equal ones hash alike)."""
+    return list(dict.fromkeys(problems))
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, for a one-line problem description."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class RemoteValidationError(InterlaceError):

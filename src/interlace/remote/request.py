@@ -19,7 +19,7 @@ from .._version import PROTOCOL_VERSION, __version__
 from .codecheck import check_source
 from .errors import UnsupportedValueError, WireFormatError
 from .policy import DEFAULT_POLICY, Policy
-from .problems import Problem
+from .problems import Problem, first_line, unique
 from .source import CodeEncoder
 from .values import ValueEncoder
 from .wire import decode_message, encode_message
@@ -123,7 +123,7 @@ def build_request(tracer: "Tracer", model_key: str, policy: Policy = DEFAULT_POL
             except UnsupportedValueError as e:
                 problems.append(Problem(
                     category="unserializable-variable", filename=block.filename, lineno=line,
-                    message=f"`{name}` ({type(value).__name__}) cannot be sent to the server: {_first_line(e)}",
+                    message=f"`{name}` ({type(value).__name__}) cannot be sent to the server: {first_line(e)}",
                     fix=f"# convert it before the trace, e.g.\n{name} = torch.as_tensor({name})   # or a list / dict / number\n"
                         "# or decorate its class with @interlace.remote",
                 ))
@@ -135,7 +135,7 @@ def build_request(tracer: "Tracer", model_key: str, policy: Policy = DEFAULT_POL
         args, kwargs = [], {}
         problems.append(Problem(
             category="unserializable-input", filename=block.filename, lineno=block.first_lineno,
-            message=f"the trace's inputs cannot be sent: {_first_line(e)}",
+            message=f"the trace's inputs cannot be sent: {first_line(e)}",
             fix="# pass text, token ids (lists or tensors) or a dict of tensors:\nwith model.trace(\"text\", remote=True):\n    ...",
         ))
     problems.extend(code.problems)
@@ -152,7 +152,7 @@ def build_request(tracer: "Tracer", model_key: str, policy: Policy = DEFAULT_POL
         remote_objects=code.remote_names,
         strict_remote=strict_remote,
     )
-    return BuiltRequest(request, dict(encoder.tensors), _dedupe(problems))
+    return BuiltRequest(request, dict(encoder.tensors), unique(problems))
 
 
 def encode_request(built: BuiltRequest, *, compress: bool = True) -> bytes:
@@ -179,22 +179,6 @@ def _is_builtin_name(name: str, value: Any) -> bool:
 
 
 _SENTINEL = object()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen: set[tuple[str, str, int, str]] = set()
-    out = []
-    for p in problems:
-        key = (p.category, p.filename, p.lineno, p.message)
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
 
 
 # -- which names a body needs from outside -----------------------------------------------------

@@ -19,7 +19,6 @@ import __future__
 import ast
 import builtins
 import dis
-import enum
 import importlib
 import inspect
 import linecache
@@ -29,7 +28,7 @@ import types
 from typing import Any, Callable
 
 from .policy import Policy, module_allowed
-from .problems import Problem
+from .problems import Problem, first_line
 
 __all__ = ["CodeEncoder", "CodeDecoder", "is_remote_decorated", "REMOTE_ATTR", "remote_filename"]
 
@@ -82,8 +81,6 @@ class CodeEncoder:
             ref = self._reference(value)
             if ref is not None:
                 return ref
-        if isinstance(value, enum.Enum):
-            return {"$t": "x:enum", "cls": self.encode(type(value), encoder), "name": value.name}
         if isinstance(value, types.MethodType):
             return {"$t": "x:method", "self": encoder.encode(value.__self__), "name": value.__name__}
         cls = type(value)
@@ -207,7 +204,7 @@ class CodeEncoder:
             category = "lambda-capture" if kind == "lambda" else "unserializable-variable"
             self._problem(
                 category,
-                f"`{getattr(owner, '__name__', '?')}` uses `{var}` ({type(value).__name__}), which cannot be sent: {_first_line(e)}",
+                f"`{getattr(owner, '__name__', '?')}` uses `{var}` ({type(value).__name__}), which cannot be sent: {first_line(e)}",
                 f"# turn `{var}` into a tensor, number, list or dict before the trace, or\n# make it a @remote function that imports what it needs inside:\n"
                 f"@remote\ndef {var if var.isidentifier() else 'helper'}(x):\n    import torch\n    ...",
                 owner,
@@ -245,10 +242,6 @@ class CodeEncoder:
             except (OSError, TypeError):
                 pass  # no source: keep the trace line that uses it
         self.problems.append(Problem(category=category, message=message, filename=filename, lineno=lineno, fix=fix))
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _user_source_available(cls: type) -> bool:
@@ -381,9 +374,6 @@ class CodeDecoder:
                 raise _bad(f"{module}.{qualname} does not exist on the server") from None
         if tag == "x:object":
             return self._build(str(node.get("id")), decoder)
-        if tag == "x:enum":
-            cls = decoder.decode(node["cls"])
-            return cls[node["name"]]
         if tag == "x:method":
             return getattr(decoder.decode(node["self"]), node["name"])
         if tag == "x:instance":

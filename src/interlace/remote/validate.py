@@ -7,12 +7,11 @@ it on receipt. Same input, same problems, same messages.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterator
 
 from .codecheck import check_source
 from .policy import Policy, module_category
-from .problems import Problem
+from .problems import Problem, unique
 from .request import TraceRequest
 
 __all__ = ["validate_request"]
@@ -58,7 +57,7 @@ def validate_request(request: TraceRequest, policy: Policy, *, payload_size: int
                 message=f"module `{name}` is not available on the server",
                 fix="# compute the value before the trace and pass it in, or use a module\n# the server provides (run `interlace env` to list them)",
             ))
-    return _dedupe(problems)
+    return unique(problems)
 
 
 def _nodes(value: Any) -> Iterator[dict[str, Any]]:
@@ -71,14 +70,3 @@ def _nodes(value: Any) -> Iterator[dict[str, Any]]:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-
-
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen = set()
-    out = []
-    for p in problems:
-        key = json.dumps(p.model_dump(), sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
