@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ..errors import TracingError
+from greenlet import getcurrent
+
 from .interleaver import INPUT, OUTPUT, Mediator, current_mediator
 
 if TYPE_CHECKING:
@@ -134,20 +136,29 @@ class Envoy:
     def _idx(self) -> int:
         return self._root._module_index(self._module)
 
-    def _at(self) -> tuple[int, int | None]:
-        idx = self._root._module_index(self._module)
-        return idx, self._root._step_for(idx)
+    def _locate(self, what: str) -> tuple[Mediator, int, int | None]:
+        """The running invoke, this module's index and the call to address (None: the
+        invoke's current step). The hot path of every `.output`, so written out flat."""
+        mediator = getattr(getcurrent(), "mediator", None)
+        if mediator is None:
+            raise _outside_trace(self._path, what)
+        d = self._root.__dict__
+        index = d.get("_index_map")
+        idx = index.get(id(self._module)) if index is not None else None
+        if idx is None:
+            idx = self._root._module_index(self._module)
+        return mediator, idx, (0 if idx in d.get("_unstepped", ()) else None)
 
     @property
     def output(self) -> Any:
         """What the module returned (this invoke's rows). Assign to replace it."""
-        idx, it = self._at()
-        return self._mediator("output").request(OUTPUT, idx, it)
+        mediator, idx, it = self._locate("output")
+        return mediator.request(OUTPUT, idx, it)
 
     @output.setter
     def output(self, value: Any) -> None:
-        idx, it = self._at()
-        self._mediator("output").swap(OUTPUT, idx, value, it)
+        mediator, idx, it = self._locate("output")
+        mediator.swap(OUTPUT, idx, value, it)
 
     @property
     def inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -165,6 +165,11 @@ def current_mediator() -> "Mediator | None":
 class Mediator:
     """One invoke body and its place in the batch."""
 
+    __slots__ = (
+        "code", "namespace", "group", "index", "label", "step", "iter_depth", "interleaver",
+        "greenlet", "current", "want", "done", "barrier", "error",
+    )
+
     def __init__(
         self,
         code: Any,
@@ -200,20 +205,25 @@ class Mediator:
 
     def request(self, kind: int, idx: int, it: int | None = None) -> Any:
         """The value of module `idx` (its inputs or output) at call `it`, for this invoke."""
-        il = self.interleaver
-        assert il is not None
+        il: Interleaver = self.interleaver  # type: ignore[assignment]
         if it is None:
             it = self.step
         slot = self.current
-        if slot is not None and slot.kind == kind and slot.idx == idx and slot.n == it:
+        if slot is not None and slot.idx == idx and slot.kind == kind and slot.n == it:
             if slot.view is _NOTHING:
                 slot.view = narrow(slot.value, self.group, il.batch_size)
             return slot.view
-        if il.lazy is not None and idx < il.n_core and idx not in il.wrapped:
+        if il.lazy is not None and idx < il.n_core and idx not in il.wrapped:  # type: ignore[operator]
             il.wrap_lazily(idx, slot)
-        self._check_not_passed(kind, idx, it)
+        if (il.finished if kind else il.started)[idx] > it:  # OUTPUT is 1, INPUT 0
+            self._raise_passed(kind, idx, it)
         self.want = (kind, idx, it)
-        il.waiting(kind).setdefault(idx, []).append(self)
+        table = il.output_waiters if kind else il.input_waiters
+        queue = table.get(idx)
+        if queue is None:
+            table[idx] = [self]
+        else:
+            queue.append(self)
         return il.main.switch(_WAIT)
 
     def swap(self, kind: int, idx: int, value: Any, it: int | None = None) -> None:
@@ -243,28 +253,32 @@ class Mediator:
         self.barrier = barrier
         self.interleaver.main.switch(_BARRIER)  # type: ignore[union-attr]
 
-    def _check_not_passed(self, kind: int, idx: int, it: int) -> None:
+    def _raise_passed(self, kind: int, idx: int, it: int) -> None:
         il = self.interleaver
         assert il is not None
-        count = il.started[idx] if kind == INPUT else il.finished[idx]
-        if count > it:
-            filename, line = user_location()
-            what = f"{il.path(idx)}.{_KIND_NAME[kind]}"
-            step = f" (call {it})" if it else ""
-            raise OutOfOrderError(
-                f"`{what}`{step} was requested at {filename}:{line}, but {il.path(idx)} has "
-                "already run in this forward, so its value is gone. Within one invoke, access "
-                "modules in the order the model runs them (inputs before outputs, earlier "
-                "layers first). To use a later value earlier, split the work into two invokes "
-                "or two traces:\n\n"
-                "    with model.trace() as tracer:\n"
-                "        with tracer.invoke(x):\n            late = model.layer_b.output.save()\n"
-                "        with tracer.invoke():\n            early = model.layer_a.output.save()"
-            )
+        filename, line = user_location()
+        what = f"{il.path(idx)}.{_KIND_NAME[kind]}"
+        step = f" (call {it})" if it else ""
+        raise OutOfOrderError(
+            f"`{what}`{step} was requested at {filename}:{line}, but {il.path(idx)} has "
+            "already run in this forward, so its value is gone. Within one invoke, access "
+            "modules in the order the model runs them (inputs before outputs, earlier "
+            "layers first). To use a later value earlier, split the work into two invokes "
+            "or two traces:\n\n"
+            "    with model.trace() as tracer:\n"
+            "        with tracer.invoke(x):\n            late = model.layer_b.output.save()\n"
+            "        with tracer.invoke():\n            early = model.layer_a.output.save()"
+        )
 
 
 class Interleaver:
     """One run of a model with a set of mediators."""
+
+    __slots__ = (
+        "modules", "paths", "mediators", "batch_size", "steps", "started", "finished",
+        "input_waiters", "output_waiters", "observers", "main", "bypass", "n_core", "tap",
+        "tap_end", "lazy", "wrapped", "record", "completed", "_last", "stopped", "hooks", "ops",
+    )
 
     def __init__(
         self,
@@ -294,6 +308,8 @@ class Interleaver:
         # start (`idx`) and end (`~idx`) while recording (`record`) or checking the order.
         self.n_core = n
         self.tap: Callable[[int, int], None] | None = None
+        self.tap_end: Callable[[int, int], None] | None = None  # ends: only when recording
+        self.ops: dict[Any, int] | None = None  # `.source` op call sites -> their counter index
         self.lazy: OrderTable | None = None
         self.wrapped: set[int] | None = None
         self.record: list[int] | None = None
@@ -321,7 +337,7 @@ class Interleaver:
     def install_recording(self) -> None:
         """Wrap everything and record the call order (for an OrderTable after the run)."""
         self.record = []
-        self.tap = self._record_event
+        self.tap = self.tap_end = self._record_event
         self.hooks.install(self)
 
     def _record_event(self, event: int, n: int) -> None:
@@ -393,7 +409,7 @@ class Interleaver:
                 self.wrapped.add(i)
                 self.hooks.wrap(i)
         self.lazy = None
-        self.tap = None
+        self.tap = self.tap_end = None
 
     def _check_event(self, event: int, n: int) -> None:
         """Lazy runs: wrapped modules must start in table order, once per root forward."""
@@ -414,8 +430,8 @@ class Interleaver:
         args, kwargs, skipped = self._serve_input(idx, n, args, kwargs)
         out = inner(*args, **kwargs) if skipped is _NOTHING else skipped
         self.finished[idx] += 1
-        if self.tap is not None:
-            self.tap(~idx, n)
+        if self.tap_end is not None:
+            self.tap_end(~idx, n)
         if idx in self.output_waiters or idx in self.observers:
             out = self._after(idx, n, args, kwargs, out)
         return out
@@ -451,11 +467,16 @@ class Interleaver:
     ) -> Any:
         waiters = table[idx]
         skips: list[tuple[Mediator, Any]] = []
-        if len(waiters) == 1:  # the common case, without the list building below
-            want = waiters[0].want
-            ready = waiters if want is not None and want[2] == n else []
-            if ready:
-                del table[idx]
+        if len(waiters) == 1:  # the common case, without the list building and sorting below
+            mediator = waiters[0]
+            want = mediator.want
+            if want is None or want[2] != n:
+                return (value, skips) if collect_skips else value
+            del table[idx]
+            slot = _Slot(kind, idx, n, value)
+            mediator.want = None
+            self._serve_one(mediator, slot)
+            return (slot.value, slot.skips) if collect_skips else slot.value
         else:
             ready = [m for m in waiters if m.want is not None and m.want[2] == n]
             if ready:
@@ -469,22 +490,31 @@ class Interleaver:
             slot = _Slot(kind, idx, n, value)
             for mediator in ready:
                 mediator.want = None
-                self._resume(mediator, slot, serve=True)
+                self._serve_one(mediator, slot)
                 value = slot.value
             skips = slot.skips
         return (value, skips) if collect_skips else value
 
-    def _resume(self, mediator: Mediator, slot: _Slot | None, serve: bool = False) -> None:
-        """Hand control to `mediator` until it waits, parks at a barrier, ends or stops."""
+    def _serve_one(self, mediator: Mediator, slot: _Slot) -> None:
+        """Hand `slot`'s value (this invoke's rows of it) to a waiting `mediator` until it
+        waits again, parks at a barrier, ends or stops."""
         mediator.current = slot
         try:
-            if serve:
-                assert slot is not None
-                # Views differ per invoke (their rows), so they are made per resume.
-                group = mediator.group
-                slot.view = slot.value if group is None else narrow(slot.value, group, self.batch_size)
-                signal = mediator.greenlet.switch(slot.view)  # type: ignore[union-attr]
-            elif mediator.greenlet is None:  # first resume: start the body on a worker
+            # Views differ per invoke (their rows), so they are made per resume.
+            group = mediator.group
+            slot.view = slot.value if group is None else narrow(slot.value, group, self.batch_size)
+            signal = mediator.greenlet.switch(slot.view)  # type: ignore[union-attr]
+        finally:
+            mediator.current = None
+        if signal is not _WAIT:
+            self._handle_signal(mediator, signal, slot)
+
+    def _resume(self, mediator: Mediator, slot: _Slot | None) -> None:
+        """Start or continue `mediator` (not serving it a value) until it waits, parks at a
+        barrier, ends or stops."""
+        mediator.current = slot
+        try:
+            if mediator.greenlet is None:  # first resume: start the body on a worker
                 if mediator.done:
                     return
                 worker = mediator.greenlet = _take_worker(self.main)

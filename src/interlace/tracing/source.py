@@ -47,7 +47,7 @@ from greenlet import getcurrent
 
 from ..errors import TracingError
 from .envoy import Envoy
-from .interleaver import _NOTHING, Interleaver, current_mediator
+from .interleaver import _NOTHING, Interleaver, Mediator, current_mediator
 
 if TYPE_CHECKING:
     from ..models.nnsight import NNsight
@@ -173,9 +173,9 @@ class _Site:
 
 def _op_index(il: Interleaver, site: _Site) -> int:
     """This run's index for `site` (op counters live after the modules' in the run's lists)."""
-    table = il.__dict__.get("_interlace_ops")
+    table = il.ops
     if table is None:
-        table = il.__dict__["_interlace_ops"] = {}
+        table = il.ops = {}
         il.paths = list(il.paths)
     idx = table.get(site)
     if idx is None:
@@ -329,17 +329,21 @@ class OperationEnvoy(Envoy):
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_site", site)
 
-    def _idx(self) -> int:
+    def _running(self) -> Mediator:
         mediator = current_mediator()
         if mediator is None or mediator.interleaver is None:
             raise TracingError(
                 f"`{self._path}` can only be used inside a traced block that runs the model:\n\n"
                 f"    with model.trace(inputs):\n        value = {self._path}.output.save()"
             )
-        return _op_index(mediator.interleaver, self._site)
+        return mediator
 
-    def _at(self) -> tuple[int, int | None]:
-        return self._idx(), None
+    def _idx(self) -> int:
+        return _op_index(self._running().interleaver, self._site)  # type: ignore[arg-type]
+
+    def _locate(self, what: str) -> tuple[Mediator, int, int | None]:
+        mediator = self._running()
+        return mediator, _op_index(mediator.interleaver, self._site), None  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
         if name == "source":

@@ -37,6 +37,7 @@ def _wrapper(idx: int, inner: Callable[..., Any], active: list[Any]) -> Callable
             return il._call(idx, inner, args, kwargs, n)
         out = inner(*args, **kwargs)
         il.finished[idx] += 1
+        tap = il.tap_end  # only while recording: checks need starts alone
         if tap is not None:
             tap(~idx, n)
         if idx in il.output_waiters or idx in il.observers:
