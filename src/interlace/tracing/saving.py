@@ -49,31 +49,29 @@ class SaveRegistry:
 
 _SHARED_TYPES = (int, bool, float, str, bytes, type(None))
 
-_local = threading.local()
+class _ThreadState(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[SaveRegistry] = []  # registries of the traces running on this thread
 
 
-def _stack() -> list[SaveRegistry]:
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    return stack
+_local = _ThreadState()
 
 
 def active_registry() -> SaveRegistry | None:
-    stack = _stack()
+    stack = _local.stack
     return stack[0] if stack else None
 
 
 def push_registry() -> SaveRegistry:
     """Enter a trace; returns the registry of the outermost one (a new one if this is it)."""
-    stack = _stack()
+    stack = _local.stack
     registry = stack[0] if stack else SaveRegistry()
     stack.append(registry)
     return registry
 
 
 def pop_registry() -> None:
-    _stack().pop()
+    _local.stack.pop()
 
 
 def save(value: T) -> T:

@@ -14,7 +14,7 @@ import types
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import TracingError
-from .capture import SAVE_HELPER, Block, SkipBody, capture_block, skip_body
+from .capture import SAVE_HELPER, Block, BodySkipper, SkipBody, capture_block
 from .frames import NAMESPACE_MARKER, clean_traceback, is_namespace, push_to_frame
 from .interleaver import Interleaver, Mediator, _StopForward, current_mediator
 from .saving import SaveRegistry, pop_registry, push_registry, save_in_body
@@ -90,12 +90,14 @@ class Tracer:
     # -- capture ------------------------------------------------------------------------------
 
     def __enter__(self) -> "Tracer":
-        frame = _entered_frame()
+        frame = sys._getframe(1)
+        while frame.f_code.co_name == "__enter__":  # skip wrapping context managers' __enter__
+            frame = frame.f_back  # type: ignore[assignment]
         self.block = capture_block(frame, self._describe())
         self._frame = frame
-        self._nested = is_namespace(frame.f_globals)
+        self._nested = NAMESPACE_MARKER in frame.f_globals
         self._registry = push_registry()
-        self._skipper = skip_body(frame)
+        self._skipper = BodySkipper(frame)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -105,17 +107,21 @@ class Tracer:
                 return False
             # Python never stored the `as` target (the body was skipped at its first opcode,
             # which is that store), so bind it here like a normal `with` would.
-            bind_as = {self.block.as_name: self} if self.block is not None and self.block.as_name else {}
+            as_name = self.block.as_name if self.block is not None else None
             try:
                 values = self._run_backend()
             except BaseException as error:
-                partial = {**bind_as, **(getattr(error, "_interlace_partial", None) or {})}
+                partial = getattr(error, "_interlace_partial", None) or {}
+                if as_name:
+                    partial = {as_name: self, **partial}
                 if partial:
                     push_to_frame(self._frame, partial)  # type: ignore[arg-type]
                 error.__traceback__ = clean_traceback(error.__traceback__)
                 raise error from error.__cause__
-            if values or bind_as:
-                push_to_frame(self._frame, {**bind_as, **values} if values else bind_as)  # type: ignore[arg-type]
+            if as_name:
+                values = {as_name: self, **values}
+            if values:
+                push_to_frame(self._frame, values)  # type: ignore[arg-type]
             return True
         finally:
             pop_registry()
@@ -139,15 +145,33 @@ class Tracer:
         return not self._nested
 
     def namespace_from_caller(self) -> dict[str, Any]:
-        assert self.block is not None and self._frame is not None
-        ns = new_namespace(self.block, frame_lookup(self._frame), self._frame.f_globals.get("__name__", "__main__"))
-        if self.block.as_name:
-            ns[self.block.as_name] = self
+        """The body's namespace: the names it reads, from the caller's frame (new_namespace
+        written out, as every local trace pays for it)."""
+        block, frame = self.block, self._frame
+        assert block is not None and frame is not None
+        f_globals = frame.f_globals
+        ns: dict[str, Any] = {
+            "__builtins__": _BUILTINS,
+            "__name__": f_globals.get("__name__", "__main__"),
+            NAMESPACE_MARKER: True,
+            SAVE_HELPER: save_in_body,
+            BACKWARD_HELPER: backward_helper,
+        }
+        f_locals = frame.f_locals
+        missing = _MISSING
+        for name in block.loaded_names:
+            value = f_locals.get(name, missing)
+            if value is missing:
+                value = f_globals.get(name, missing)
+            if value is not missing:
+                ns[name] = value
+        if block.as_name:
+            ns[block.as_name] = self
         return ns
 
     def results(self, ns: dict[str, Any]) -> dict[str, Any]:
         """What to bind in the caller: saved values for the outermost trace, all for inner ones."""
-        if self.is_root:
+        if not self._nested:
             assert self._registry is not None
             return self._registry.select(ns, self.block.saved_names if self.block is not None else None)
         return user_variables(ns)
@@ -247,7 +271,8 @@ class InterleavingTracer(Tracer):
         assert self.block is not None and self.model is not None
         model = self.model
         model._before_run()
-        if self.has_input:
+        has_input = model._has_input(self.args, self.kwargs)
+        if has_input:
             prepared = [model._prepare_input(*self.args, **self.kwargs)]
             mediators = [Mediator(self.block.code, ns, None, 0, label="trace body")]
         else:
@@ -274,11 +299,13 @@ class InterleavingTracer(Tracer):
                     "Every invoke in this trace is empty, so there is no input to run the model "
                     "on. Pass the input to one invoke: `with tracer.invoke(inputs):`."
                 )
-        mediators = model._edit_mediators(ns) + mediators
-        for i, m in enumerate(mediators):
-            m.index = i
+        edits = model._edit_mediators(ns)
+        if edits:
+            mediators = edits + mediators
+            for i, m in enumerate(mediators):
+                m.index = i
         args, kwargs, batch_size = model._batch(prepared)
-        if not self.has_input and self.kwargs:  # e.g. `model.generate(max_new_tokens=3)` with invokes
+        if not has_input and self.kwargs:  # e.g. `model.generate(max_new_tokens=3)` with invokes
             kwargs = {**model._trace_options(self.kwargs), **kwargs}
         if len(prepared) == 1:
             for m in mediators:
@@ -321,7 +348,7 @@ class Invoker:
         frame = _entered_frame()
         self.block = capture_block(frame, "tracer.invoke(...)")
         self._frame = frame
-        self._skipper = skip_body(frame)
+        self._skipper = BodySkipper(frame)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
