@@ -63,10 +63,20 @@ class Envoy:
         return envoy
 
     def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        module = d["_module"]
+        child = module._modules.get(name)
+        if child is not None:  # a child envoy made before, unless `name` may be an alias
+            envoy = d["_children"].get(name)
+            if envoy is not None and envoy._module is child:
+                rd = d["_root"].__dict__
+                if name not in rd.get("_name_aliases", ()) and (
+                    d["_root"] is not self or (name not in rd.get("_root_aliases", ()) and name not in rd.get("_extra_modules", ()))
+                ):
+                    return envoy
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        root = self.__dict__["_root"]
-        module = self.__dict__["_module"]
+        root = d["_root"]
         real = root._alias_target(self, name)
         if real is not None:
             return real

@@ -42,7 +42,7 @@ def push_to_frame(frame: types.FrameType, values: Mapping[str, Any]) -> None:
         # variables was declared `global` there (`global G` in the body makes it global for
         # the whole function), so it belongs in the module's globals.
         own = _own_names(frame.f_code)
-        if any(name not in own for name in values):
+        if not own.issuperset(values):
             for name in [n for n in values if n not in own]:
                 frame.f_globals[name] = values[name]
             values = {n: v for n, v in values.items() if n in own}

@@ -407,13 +407,20 @@ class Interleaver:
         if table.start[idx] < 0 or cursor is None:  # not in the table, or no known position
             self.wrap_all(slot)
             return
+        wrapped, parent = self.wrapped, table.parent
         chain = []
-        while idx >= 0 and idx not in self.wrapped:
+        while idx >= 0 and idx not in wrapped:
             chain.append(idx)
-            idx = table.parent[idx]
-        for i in reversed(chain):  # callers first
-            self._set_counts(i, cursor)
-            self.wrapped.add(i)
+            idx = parent[idx]
+        step, pos = cursor
+        started, finished, start, end = self.started, self.finished, table.start, table.end
+        for i in reversed(chain):  # callers first; counters as in _set_counts
+            if pos < 0:
+                started[i] = finished[i] = step
+            else:
+                started[i] = step + (0 <= start[i] <= pos)
+                finished[i] = step + (0 <= end[i] <= pos)
+            wrapped.add(i)
             self.hooks.wrap(i)
 
     def wrap_all(self, slot: "_Slot | None" = None) -> None:
@@ -530,7 +537,7 @@ class Interleaver:
             signal = mediator.greenlet.switch(slot.view)  # type: ignore[union-attr]
         finally:
             mediator.current = None
-        if signal is not _WAIT:
+        if signal is not _WAIT and signal is not _DONE:
             self._handle_signal(mediator, signal, slot)
 
     def _resume(self, mediator: Mediator, slot: _Slot | None) -> None:

@@ -93,12 +93,18 @@ def save_in_body(value: T) -> T:
     own = getattr(type(value), "save", None)
     if own is not None and own is not _tensor_save:
         return value.save()
-    return save(value)
+    stack = _local.stack  # `save(value)` written out: this runs for every saved value
+    if stack:
+        stack[0].saved[id(value)] = value
+    return value
 
 
 def _tensor_save(self: torch.Tensor) -> torch.Tensor:
     """Mark this tensor to be returned from the enclosing trace (see `interlace.save`)."""
-    return save(self)
+    stack = _local.stack
+    if stack:
+        stack[0].saved[id(self)] = self
+    return self
 
 
 def mount_tensor_save() -> None:
