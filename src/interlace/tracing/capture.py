@@ -345,9 +345,13 @@ class BodySkipper:
 
     def restore(self) -> None:
         self.armed = False
-        self.frame.f_trace_opcodes = False
-        self.frame.f_trace = self.previous_local
+        frame = self.frame
+        frame.f_trace_opcodes = False
+        frame.f_trace = self.previous_local
         sys.settrace(self.previous)
+        # The caller's frame may end up holding the tracer (`as tracer`), which holds this:
+        # let go of the frame so no reference cycle keeps saved values alive until a GC.
+        self.frame = self.previous_local = None  # type: ignore[assignment]
 
 
 def skip_body(frame: types.FrameType) -> BodySkipper:

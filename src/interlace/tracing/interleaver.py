@@ -674,7 +674,12 @@ class Interleaver:
             self._raise_error(mediator)
 
     def close(self) -> None:
-        """Unwind any suspended body (after stop or an error) so its `finally` blocks run."""
+        """Unwind any suspended body (after stop or an error) so its `finally` blocks run.
+
+        Then break the run's reference cycles (interleaver <-> mediators, the bound tap), so
+        a finished run, and the body namespaces it holds, are freed at once rather than at
+        the next garbage collection.
+        """
         for mediator in self.mediators:
             g = mediator.greenlet
             if g is not None and not g.dead:
@@ -683,3 +688,5 @@ class Interleaver:
                 except BaseException:
                     pass
             mediator.error = None
+            mediator.interleaver = None
+        self.tap = self.tap_end = None

@@ -286,7 +286,10 @@ class InterleavingTracer(Tracer):
             prepared = []
             mediators = []
             start = 0
-            for i, (block, invoke_ns, prep) in enumerate(self._invokes):
+            # The invokes' namespace (the trace body's) holds this tracer: drop the list so
+            # no cycle keeps the run's values alive until a garbage collection.
+            invokes, self._invokes = self._invokes, []
+            for i, (block, invoke_ns, prep) in enumerate(invokes):
                 group = None
                 if prep is not None:
                     size = prep[2]
