@@ -281,18 +281,34 @@ class NNsight(Envoy):
         elif table is None:
             interleaver.install_recording()
         elif table.once:
-            interleaver.install_lazy(table)
+            interleaver.install_lazy(table, table.ahead.get(_call_site(interleaver), ()))
         else:
             interleaver.install()
 
     def _end_run(self, interleaver: Interleaver) -> None:
-        interleaver.uninstall()
+        interleaver.hooks.uninstall(interleaver)
         d = self.__dict__
         d["_active"] = None
-        if interleaver.record is not None:
-            if interleaver.completed and d.get("_modules_list") is interleaver.modules:
-                d["_order"] = OrderTable.from_events(interleaver.modules, interleaver.n_core, interleaver.record)
-            interleaver.record = None
+        events = interleaver.events
+        if events is None:
+            return
+        interleaver.events = None
+        table = interleaver.lazy
+        if table is not None:
+            # Lazy run: check the order table still holds (else the next run records a new
+            # one), and remember what this call site needed so its next run wraps it upfront.
+            if not table.agrees(events, interleaver.n_core):
+                table.valid = False
+            elif len(interleaver.wrapped) != interleaver.upfront:  # type: ignore[arg-type]
+                table.remember(_call_site(interleaver), interleaver.wrapped, interleaver.n_core)  # type: ignore[arg-type]
+        elif interleaver.recording and interleaver.completed and d.get("_modules_list") is interleaver.modules:
+            d["_order"] = OrderTable.from_events(interleaver.modules, interleaver.n_core, events)
+
+
+def _call_site(interleaver: Interleaver) -> Any:
+    """What identifies a run's call site for `OrderTable.ahead`: its bodies' code."""
+    mediators = interleaver.mediators
+    return mediators[0].code if len(mediators) == 1 else tuple([m.code for m in mediators])
 
 
 def _local_backend_class() -> Any:

@@ -86,7 +86,7 @@ def execute_request(
         with _grad_mode_for(request):
             tracer.execute(ns)
     except BaseException as error:  # noqa: BLE001 - every failure becomes the job's ERROR
-        raise ExecutionFailed(user_traceback(error), type(error).__name__, registry.select(ns, block.saved_names)) from None
+        raise ExecutionFailed(user_traceback(error), type(error).__name__, registry.select(ns, visibly_saved=block.saved_names)) from None
     finally:
         _state.depth -= 1
         pop_registry()
@@ -100,7 +100,7 @@ def execute_request(
             "(`module.output[:] = ...`) or work on a copy (`w = model.lm_head.weight.clone()`).",
             "model-modified",
         )
-    return registry.select(ns, block.saved_names)
+    return registry.select(ns, visibly_saved=block.saved_names)
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

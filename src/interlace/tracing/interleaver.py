@@ -69,19 +69,20 @@ class _GenerationEnded(BaseException):
     """Ends a body that waits for a generation step that will never come."""
 
 
+_NOTHING = object()
+
+
 class _Slot:
-    __slots__ = ("kind", "idx", "n", "value", "view", "skips")
+    """The value of one module call being served (its inputs or output)."""
+
+    view: Any = _NOTHING  # this invoke's rows of `value`, made when first asked for
+    skips: tuple[tuple["Mediator", Any], ...] = ()  # (invoke, value) pairs of `.skip(value)`
 
     def __init__(self, kind: int, idx: int, n: int, value: Any) -> None:
         self.kind = kind
         self.idx = idx
         self.n = n
         self.value = value
-        self.view: Any = _NOTHING
-        self.skips: list[tuple[Mediator, Any]] = []
-
-
-_NOTHING = object()
 
 
 class _BodyGreenlet(greenlet):
@@ -155,7 +156,11 @@ def _worker_loop() -> Any:
         mediator = me.mediator
         assert mediator is not None
         try:
-            mediator._run()
+            try:
+                exec(mediator.code, mediator.namespace)
+            except _GenerationEnded:
+                pass
+            mediator.done = True
             signal = _DONE
         except GreenletExit:  # unwound by Interleaver.close() (or garbage collection): retire
             mediator.greenlet = None
@@ -187,12 +192,21 @@ def current_mediator() -> "Mediator | None":
 
 
 class Mediator:
-    """One invoke body and its place in the batch."""
+    """One invoke body and its place in the batch.
 
-    __slots__ = (
-        "code", "namespace", "group", "index", "label", "step", "iter_depth", "interleaver",
-        "greenlet", "current", "want", "done", "barrier", "error",
-    )
+    Per-run state starts from the class defaults below: every trace makes mediators, and
+    each line of set-up runs with cold caches right before or after a forward.
+    """
+
+    step = 0
+    iter_depth = 0  # > 0 inside `tracer.iter[...]`
+    interleaver: "Interleaver | None" = None
+    greenlet: "_BodyGreenlet | None" = None
+    current: "_Slot | None" = None  # the value being served to this body
+    want: tuple[int, int, int] | None = None  # (kind, module, call) it waits for
+    done = False
+    barrier: Any = None
+    error: BaseException | None = None
 
     def __init__(
         self,
@@ -207,25 +221,8 @@ class Mediator:
         self.group = group
         self.index = index
         self.label = label
-        self.step = 0
-        self.iter_depth = 0  # > 0 inside `tracer.iter[...]`
-        self.interleaver: Interleaver | None = None
-        self.greenlet: _BodyGreenlet | None = None
-        self.current: _Slot | None = None
-        self.want: tuple[int, int, int] | None = None
-        self.done = False
-        self.barrier: Any = None
-        self.error: BaseException | None = None
 
     # -- body side (runs in the mediator's greenlet) ------------------------------------------
-
-    def _run(self) -> str:
-        try:
-            exec(self.code, self.namespace)
-        except _GenerationEnded:
-            pass
-        self.done = True
-        return _DONE
 
     def request(self, kind: int, idx: int, it: int | None = None) -> Any:
         """The value of module `idx` (its inputs or output) at call `it`, for this invoke."""
@@ -266,7 +263,7 @@ class Mediator:
         assert slot is not None
         if any(m is self for m, _ in slot.skips):
             raise TracingError(f"{self.interleaver.path(idx)} is already skipped in this invoke.")  # type: ignore[union-attr]
-        slot.skips.append((self, value))
+        slot.skips = (*slot.skips, (self, value))
 
     def stop(self) -> None:
         il = self.interleaver
@@ -296,13 +293,25 @@ class Mediator:
 
 
 class Interleaver:
-    """One run of a model with a set of mediators."""
+    """One run of a model with a set of mediators.
 
-    __slots__ = (
-        "modules", "paths", "mediators", "batch_size", "steps", "started", "finished",
-        "input_waiters", "output_waiters", "observers", "main", "bypass", "n_core", "tap",
-        "tap_end", "lazy", "wrapped", "record", "completed", "_last", "stopped", "hooks", "ops",
-    )
+    Wrapping only what is needed (see OrderTable): `n_core` modules belong to the root's
+    forward (the rest, like `generator`, are always wrapped); `lazy` is the table of a lazy
+    run, `wrapped` its wrapped indices. While recording the call order (a full run) or in a
+    lazy run, `tap` is `events.append`: wrappers add each call's start (`idx`) and end
+    (`~idx`), read after the run (`OrderTable.from_events` / `OrderTable.agrees`).
+    """
+
+    tap: Callable[[int], None] | None = None
+    events: list[int] | None = None
+    recording = False
+    lazy: "OrderTable | None" = None
+    wrapped: set[int] | None = None
+    upfront = 0  # how many modules a lazy run wrapped before the forward
+    ops: dict[Any, int] | None = None  # `.source` op call sites -> their counter index
+    completed = False
+    stopped = False
+    bypass = 0
 
     def __init__(
         self,
@@ -325,21 +334,7 @@ class Interleaver:
         self.output_waiters: dict[int, list[Mediator]] = {}
         self.observers: dict[int, list[Callable[..., None]]] = {}
         self.main = getcurrent()
-        self.bypass = 0
-        # Wrapping only what is needed (see OrderTable): `n_core` modules belong to the root's
-        # forward (the rest, like `generator`, are always wrapped); `lazy` is the table of a
-        # lazy run, `wrapped` its wrapped indices; `tap(event, n)` sees each wrapped call's
-        # start (`idx`) and end (`~idx`) while recording (`record`) or checking the order.
         self.n_core = n
-        self.tap: Callable[[int, int], None] | None = None
-        self.tap_end: Callable[[int, int], None] | None = None  # ends: only when recording
-        self.ops: dict[Any, int] | None = None  # `.source` op call sites -> their counter index
-        self.lazy: OrderTable | None = None
-        self.wrapped: set[int] | None = None
-        self.record: list[int] | None = None
-        self.completed = False
-        self._last = (-1, -1)
-        self.stopped = False
         # Wrappers are made once per model (NNsight keeps its ModuleHooks) and only put in
         # place for the run, so a run costs two dict writes per module, not a new closure.
         self.hooks = hooks if hooks is not None and hooks.modules is modules else ModuleHooks(modules)
@@ -360,19 +355,20 @@ class Interleaver:
 
     def install_recording(self) -> None:
         """Wrap everything and record the call order (for an OrderTable after the run)."""
-        self.record = []
-        self.tap = self.tap_end = self._record_event
+        self.recording = True
+        self.events = []
+        self.tap = self.events.append
         self.hooks.install(self)
 
-    def _record_event(self, event: int, n: int) -> None:
-        self.record.append(event)  # type: ignore[union-attr]
-
-    def install_lazy(self, table: "OrderTable") -> None:
-        """Wrap only the root and the extra modules; bodies' requests wrap the rest."""
+    def install_lazy(self, table: "OrderTable", ahead: Sequence[int] = ()) -> None:
+        """Wrap only the root, the extra modules and `ahead` (what this call site needed last
+        time, see `OrderTable.ahead`); bodies' requests wrap the rest."""
         self.lazy = table
-        only = [0, *range(self.n_core, len(self.modules))]
+        only = [0, *ahead, *range(self.n_core, len(self.modules))]
         self.wrapped = set(only)
-        self.tap = self._check_event
+        self.upfront = len(self.wrapped)
+        self.events = []
+        self.tap = self.events.append
         self.hooks.install(self, only)
 
     def _cursor(self, slot: "_Slot | None") -> tuple[int, int] | None:
@@ -440,37 +436,38 @@ class Interleaver:
                 self.wrapped.add(i)
                 self.hooks.wrap(i)
         self.lazy = None
-        self.tap = self.tap_end = None
-
-    def _check_event(self, event: int, n: int) -> None:
-        """Lazy runs: wrapped modules must start in table order, once per root forward."""
-        if event <= 0 or event >= self.n_core:
-            return
-        table = self.lazy
-        if table is None:
-            return
-        pos = table.start[event]
-        s0 = self.started[0]
-        step, last = self._last
-        if pos < 0 or s0 == self.finished[0] or n != s0 - 1 or (step == n and pos <= last):
-            table.valid = False  # the next run wraps everything and records a new table
-        self._last = (n, pos)
+        self.tap = None
 
     def _call(self, idx: int, inner: Callable[..., Any], args: tuple, kwargs: dict, n: int) -> Any:
         """A module call that has mediators waiting for its inputs (the wrapper's slow path)."""
         args, kwargs, skipped = self._serve_input(idx, n, args, kwargs)
         out = inner(*args, **kwargs) if skipped is _NOTHING else skipped
         self.finished[idx] += 1
-        if self.tap_end is not None:
-            self.tap_end(~idx, n)
+        if self.tap is not None:
+            self.tap(~idx)
         if idx in self.output_waiters or idx in self.observers:
             out = self._after(idx, n, args, kwargs, out)
         return out
 
     def _after(self, idx: int, n: int, args: tuple, kwargs: dict, out: Any) -> Any:
-        """Serve module `idx`'s output to waiting mediators, then run observers."""
-        if idx in self.output_waiters:
-            out = self._serve(self.output_waiters, OUTPUT, idx, n, out)
+        """Serve module `idx`'s output to waiting mediators, then run observers.
+
+        One body waiting for this very call (the common case) is served from here, without
+        `_serve`: this runs with cold caches right after the module's forward, where every
+        extra function costs more than its work (see `bench/RESULTS.md`).
+        """
+        waiters = self.output_waiters.get(idx)
+        if waiters is not None:
+            mediator = waiters[0]
+            want = mediator.want
+            if len(waiters) == 1 and want is not None and want[2] == n:
+                del self.output_waiters[idx]
+                mediator.want = None
+                slot = _Slot(OUTPUT, idx, n, out)
+                self._serve_one(mediator, slot)
+                out = slot.value
+            else:
+                out = self._serve(self.output_waiters, OUTPUT, idx, n, out)
         observers = self.observers.get(idx)
         if observers:
             for observe in observers:
@@ -497,7 +494,7 @@ class Interleaver:
         collect_skips: bool = False,
     ) -> Any:
         waiters = table[idx]
-        skips: list[tuple[Mediator, Any]] = []
+        skips: tuple[tuple[Mediator, Any], ...] = ()
         if len(waiters) == 1:  # the common case, without the list building and sorting below
             mediator = waiters[0]
             want = mediator.want
@@ -545,14 +542,9 @@ class Interleaver:
         barrier, ends or stops."""
         mediator.current = slot
         try:
-            if mediator.greenlet is None:  # first resume: start the body on a worker
-                if mediator.done:
-                    return
-                worker = mediator.greenlet = _take_worker(self.main)
-                worker.mediator = mediator
-                signal = worker.switch()
-            else:
-                signal = mediator.greenlet.switch()
+            if mediator.greenlet is None:  # its body has ended
+                return
+            signal = mediator.greenlet.switch()
         finally:
             mediator.current = None
         if signal is not _WAIT and signal is not _DONE:
@@ -606,12 +598,18 @@ class Interleaver:
     # -- the run -----------------------------------------------------------------------------
 
     def start(self) -> bool:
-        """Run each body until its first request; False if a body stopped the run."""
-        for mediator in self.mediators:
+        """Run each body, on a worker greenlet, until its first request; False if a body
+        stopped the run."""
+        mediators = self.mediators
+        for mediator in mediators:
             mediator.interleaver = self
         try:
-            for mediator in self.mediators:
-                self._resume(mediator, None)
+            for mediator in mediators:
+                worker = mediator.greenlet = _take_worker(self.main)
+                worker.mediator = mediator
+                signal = worker.switch()
+                if signal is not _WAIT and signal is not _DONE:
+                    self._handle_signal(mediator, signal, None)
         except _StopForward:
             return False
         return True
@@ -689,4 +687,4 @@ class Interleaver:
                     pass
             mediator.error = None
             mediator.interleaver = None
-        self.tap = self.tap_end = None
+        self.tap = None

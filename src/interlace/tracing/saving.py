@@ -30,8 +30,9 @@ class SaveRegistry:
     def __contains__(self, value: Any) -> bool:
         return id(value) in self.saved and self.saved[id(value)] is value
 
-    def select(self, namespace: dict[str, Any], visibly_saved: frozenset[str] | None = None) -> dict[str, Any]:
-        """The saved values among `namespace`'s variables.
+    def select(self, namespace: dict[str, Any], names: Any = None, visibly_saved: frozenset[str] | None = None) -> dict[str, Any]:
+        """The saved values among `namespace`'s variables (only `names` among them, if given:
+        the names a body assigns, as a body binds nothing else in the caller).
 
         Values of shared immutable types (small ints, None, bools, interned strings) are the
         same object under unrelated names, so for them only `visibly_saved` names count
@@ -39,7 +40,11 @@ class SaveRegistry:
         """
         saved = self.saved
         out = {}
-        for name, value in namespace.items():
+        if names is None:
+            names = namespace
+        missing = _NOTHING
+        for name in names:
+            value = namespace.get(name, missing)
             if id(value) in saved and saved[id(value)] is value and not name.startswith("__interlace"):
                 if visibly_saved is not None and type(value) in _SHARED_TYPES and name not in visibly_saved:
                     continue
@@ -47,6 +52,7 @@ class SaveRegistry:
         return out
 
 
+_NOTHING = object()
 _SHARED_TYPES = (int, bool, float, str, bytes, type(None))
 
 class _ThreadState(threading.local):

@@ -74,18 +74,20 @@ class Tracer:
     """Base of every `with` context that captures its body."""
 
     kind = "session"
+    # Set while the `with` block is entered and run (class defaults: a trace's set-up runs
+    # with cold caches next to a forward, so it does no more than it must).
+    block: Block | None = None
+    _frame: types.FrameType | None = None
+    _skipper: Any = None
+    _registry: SaveRegistry | None = None
+    _nested = False
+    job: Any = None  # the server job of a remote run
 
     def __init__(self, model: "NNsight | None", *args: Any, backend: Any = None, **kwargs: Any) -> None:
         self.model = model
         self.args = args
         self.kwargs = kwargs
         self.backend = backend
-        self.block: Block | None = None
-        self._frame: types.FrameType | None = None
-        self._skipper: Any = None
-        self._registry: SaveRegistry | None = None
-        self._nested = False
-        self.job: Any = None
 
     # -- capture ------------------------------------------------------------------------------
 
@@ -172,8 +174,8 @@ class Tracer:
     def results(self, ns: dict[str, Any]) -> dict[str, Any]:
         """What to bind in the caller: saved values for the outermost trace, all for inner ones."""
         if not self._nested:
-            assert self._registry is not None
-            return self._registry.select(ns, self.block.saved_names if self.block is not None else None)
+            assert self._registry is not None and self.block is not None
+            return self._registry.select(ns, self.block.stored_names, self.block.saved_names)
         return user_variables(ns)
 
     def execute(self, ns: dict[str, Any]) -> None:
@@ -195,13 +197,16 @@ class InterleavingTracer(Tracer):
     """`with model.trace(inputs):` runs the model once with the body beside it."""
 
     kind = "trace"
+    _collecting = False  # while the body runs to collect invokes
+    _interleaver: Interleaver | None = None  # while the model runs
+    output: Any = None  # the traced call's return value
 
     def __init__(self, model: "NNsight", *args: Any, backend: Any = None, **kwargs: Any) -> None:
-        super().__init__(model, *args, backend=backend, **kwargs)
+        self.model = model
+        self.args = args
+        self.kwargs = kwargs
+        self.backend = backend
         self._invokes: list[tuple[Block, dict[str, Any], Any]] = []
-        self._collecting = False
-        self._interleaver: Interleaver | None = None
-        self.output: Any = None
 
     def _describe(self) -> str:
         return "model.trace(...)"

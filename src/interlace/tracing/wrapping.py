@@ -30,16 +30,16 @@ def _wrapper(idx: int, inner: Callable[..., Any], active: list[Any]) -> Callable
         started = il.started
         n = started[idx]
         started[idx] = n + 1
-        tap = il.tap  # None unless recording the call order or checking it (lazy runs)
+        tap = il.tap  # `events.append` while recording the call order or in a lazy run
         if tap is not None:
-            tap(idx, n)
+            tap(idx)
         if idx in il.input_waiters:
             return il._call(idx, inner, args, kwargs, n)
         out = inner(*args, **kwargs)
         il.finished[idx] += 1
-        tap = il.tap_end  # only while recording: checks need starts alone
+        tap = il.tap
         if tap is not None:
-            tap(~idx, n)
+            tap(~idx)
         if idx in il.output_waiters or idx in il.observers:
             return il._after(idx, n, args, kwargs, out)
         return out
@@ -55,20 +55,21 @@ class ModuleHooks:
 
     `install` points the wrappers at a run's interleaver and puts them in the modules'
     instance dicts; `uninstall` takes them out again, so outside runs the model is untouched.
-    Wrappers call a bound method of the class's forward; `install` checks each class's
-    forward is still the same function (a patched class gets new wrappers). A module that has
+    Wrappers call a bound method of the class's forward; putting one in place checks the
+    module's class and that class's forward are still the ones it was made for (`.source`
+    gives a module its own subclass; a patched class gets new wrappers). A module that has
     its own instance `forward` (accelerate hooks, a user patch) gets a wrapper around that
     one, remade only when it changes.
     """
 
-    __slots__ = ("modules", "active", "_dicts", "_types", "_wrappers", "_custom", "_restore", "_class_forwards", "_installed")
+    __slots__ = ("modules", "active", "_dicts", "_types", "_forwards", "_wrappers", "_custom", "_restore", "_installed")
 
     def __init__(self, modules: Sequence[Any]) -> None:
         self.modules = modules
         self.active: list[Any] = [None]
         self._dicts = [m.__dict__ for m in modules]
         self._types = [type(m) for m in modules]
-        self._class_forwards: dict[type, Any] = {}
+        self._forwards = [m_type.forward for m_type in self._types]
         self._wrappers: list[Callable[..., Any]] = []
         for i, m in enumerate(modules):
             self._wrappers.append(self._class_wrapper(i, m))
@@ -79,23 +80,8 @@ class ModuleHooks:
     def _class_wrapper(self, idx: int, module: Any) -> Callable[..., Any]:
         cls = type(module)
         self._types[idx] = cls
-        self._class_forwards.setdefault(cls, cls.forward)
-        return _wrapper(idx, cls.forward.__get__(module, cls), self.active)
-
-    def _check_classes(self) -> None:
-        """Remake wrappers whose class forward was patched (a module that changed class is
-        handled in `install`'s loop)."""
-        for cls, forward in self._class_forwards.items():
-            if cls.forward is not forward:
-                break
-        else:
-            return
-        for cls, forward in list(self._class_forwards.items()):
-            if cls.forward is not forward:
-                del self._class_forwards[cls]
-                for i, m in enumerate(self.modules):
-                    if self._types[i] is cls:
-                        self._wrappers[i] = self._class_wrapper(i, m)
+        self._forwards[idx] = forward = cls.forward
+        return _wrapper(idx, forward.__get__(module, cls), self.active)
 
     def refresh(self, idx: int) -> None:
         """Re-wrap module `idx` whose class changed during a run (`.source` first used in a
@@ -116,15 +102,14 @@ class ModuleHooks:
                 "These modules are already being traced (a trace of another envoy of the same "
                 "model is running). Run the traces one after another."
             )
-        self._check_classes()
         if only is None:
             self._installed = None
             for idx in range(len(self._dicts)):
                 self._put(idx)
         else:
-            self._installed = []
+            self._installed = list(only)
             for idx in only:
-                self.wrap(idx)
+                self._put(idx)
         self.active[0] = il
 
     def wrap(self, idx: int) -> None:
@@ -136,9 +121,9 @@ class ModuleHooks:
     def _put(self, idx: int) -> None:
         d = self._dicts[idx]
         wrappers = self._wrappers
-        module = self.modules[idx]
-        if type(module) is not self._types[idx]:  # `.source` gives a module its own subclass
-            wrappers[idx] = self._class_wrapper(idx, module)
+        cls = type(self.modules[idx])
+        if cls is not self._types[idx] or cls.forward is not self._forwards[idx]:
+            wrappers[idx] = self._class_wrapper(idx, self.modules[idx])
         previous = d.get("forward")
         if previous is None:
             d["forward"] = wrappers[idx]
@@ -166,6 +151,9 @@ class ModuleHooks:
         self._restore.clear()
 
 
+_AHEAD_LIMIT = 256  # call sites remembered per table; a full memo starts over
+
+
 class OrderTable:
     """The call order of one forward of a model's root module, recorded in a full run.
 
@@ -174,10 +162,15 @@ class OrderTable:
     the root). `once`: every module ran at most once per root forward and only inside it, so
     a run can wrap only the root (its calls count steps) and the modules bodies ask for: where
     module M is in its current call follows from the root's step and the body's position.
-    `valid` turns False when a lazy run sees wrapped modules start out of this order.
+    `valid` turns False when a lazy run's wrapped modules did not start in this order
+    (`agrees`, checked after each lazy run).
+
+    `ahead` maps a call site (its bodies' code objects) to the modules its last lazy run
+    wrapped: the next run of that site wraps them before the forward starts, which is exact
+    (counters from zero) and much cheaper than wrapping each at its request mid-run.
     """
 
-    __slots__ = ("modules", "once", "start", "end", "parent", "valid")
+    __slots__ = ("modules", "once", "start", "end", "parent", "valid", "ahead")
 
     def __init__(self, modules: Sequence[Any], once: bool, start: list[int], end: list[int], parent: list[int]) -> None:
         self.modules = modules
@@ -186,6 +179,37 @@ class OrderTable:
         self.end = end
         self.parent = parent
         self.valid = True
+        self.ahead: dict[Any, tuple[int, ...]] = {}
+
+    def agrees(self, events: list[int], n_core: int) -> bool:
+        """Whether a lazy run's events (starts `i`, ends `~i` of wrapped modules) fit this
+        table: every wrapped module started inside a forward of the root, at most once per
+        forward, in table order."""
+        start = self.start
+        inside = False
+        last = -1
+        for event in events:
+            if event > 0:
+                if event < n_core:
+                    pos = start[event]
+                    if not inside or pos <= last:
+                        return False
+                    last = pos
+            elif event == 0:
+                if inside:
+                    return False  # the root called inside itself
+                inside = True
+                last = -1
+            elif event == -1:  # ~0: the root's forward ended
+                inside = False
+        return True
+
+    def remember(self, site: Any, wrapped: "set[int]", n_core: int) -> None:
+        """Note the modules (below `n_core`, not the root) a lazy run of `site` wrapped."""
+        ahead = self.ahead
+        if len(ahead) >= _AHEAD_LIMIT:
+            ahead.clear()
+        ahead[site] = tuple(sorted(i for i in wrapped if 0 < i < n_core))
 
     @classmethod
     def from_events(cls, modules: Sequence[Any], n_core: int, events: list[int]) -> "OrderTable | None":
