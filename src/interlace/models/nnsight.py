@@ -252,15 +252,14 @@ class NNsight(Envoy):
         return edit_mediators(self, ns)
 
     def _new_interleaver(self, mediators: list[Mediator], batch_size: int, steps: int | None) -> Interleaver:
-        if self.__dict__["_index_map"] is None:
-            self._rebuild_index()
         d = self.__dict__
+        if d["_index_map"] is None:
+            self._rebuild_index()
+        modules = d["_modules_list"]
         hooks = d.get("_hooks")
-        if hooks is None or hooks.modules is not d["_modules_list"]:
-            hooks = d["_hooks"] = ModuleHooks(d["_modules_list"])  # made once per module index
-        il = Interleaver(d["_modules_list"], d["_paths_list"], mediators, batch_size, steps, hooks=hooks)
-        il.n_core = d.get("_n_core", len(d["_modules_list"]))
-        return il
+        if hooks is None or hooks.modules is not modules:
+            hooks = d["_hooks"] = ModuleHooks(modules)  # made once per module index
+        return Interleaver(modules, d["_paths_list"], mediators, batch_size, steps, hooks, d.get("_n_core"))
 
     def _begin_run(self, interleaver: Interleaver) -> None:
         d = self.__dict__
@@ -281,7 +280,9 @@ class NNsight(Envoy):
         elif table is None:
             interleaver.install_recording()
         elif table.once:
-            interleaver.install_lazy(table, table.ahead.get(_call_site(interleaver), ()))
+            mediators = interleaver.mediators
+            site = interleaver.site = mediators[0].code if len(mediators) == 1 else tuple([m.code for m in mediators])
+            interleaver.install_lazy(table, table.ahead.get(site, ()))
         else:
             interleaver.install()
 
@@ -300,15 +301,9 @@ class NNsight(Envoy):
             if not table.agrees(events, interleaver.n_core):
                 table.valid = False
             elif len(interleaver.wrapped) != interleaver.upfront:  # type: ignore[arg-type]
-                table.remember(_call_site(interleaver), interleaver.wrapped, interleaver.n_core)  # type: ignore[arg-type]
+                table.remember(interleaver.site, interleaver.wrapped, interleaver.n_core)  # type: ignore[arg-type]
         elif interleaver.recording and interleaver.completed and d.get("_modules_list") is interleaver.modules:
             d["_order"] = OrderTable.from_events(interleaver.modules, interleaver.n_core, events)
-
-
-def _call_site(interleaver: Interleaver) -> Any:
-    """What identifies a run's call site for `OrderTable.ahead`: its bodies' code."""
-    mediators = interleaver.mediators
-    return mediators[0].code if len(mediators) == 1 else tuple([m.code for m in mediators])
 
 
 def _local_backend_class() -> Any:

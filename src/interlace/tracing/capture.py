@@ -68,7 +68,8 @@ def capture_block(frame: types.FrameType, what: str = "model.trace(...)") -> Blo
     """Find and compile the `with` block that `frame` is entering."""
     filename = frame.f_code.co_filename
     lineno = frame.f_lineno
-    lines = linecache.getlines(filename, frame.f_globals)
+    entry = linecache.cache.get(filename)  # linecache.getlines's cached case, without the call
+    lines = entry[2] if entry is not None and len(entry) != 1 else linecache.getlines(filename, frame.f_globals)
     # f_lasti tells apart the items of one `with a() as x, b() as y:` statement.
     key = (filename, lineno, frame.f_code.co_name, frame.f_lasti)
     hit = _block_cache.get(key)

@@ -162,8 +162,14 @@ class Envoy:
     @property
     def output(self) -> Any:
         """What the module returned (this invoke's rows). Assign to replace it."""
-        mediator, idx, it = self._locate("output")
-        return mediator.request(OUTPUT, idx, it)
+        mediator = getattr(getcurrent(), "mediator", None)  # `_locate` written out: the hot path
+        d = self._root.__dict__
+        index = d.get("_index_map")
+        idx = index.get(id(self._module)) if index is not None else None
+        if mediator is None or idx is None:
+            mediator, idx, it = self._locate("output")
+            return mediator.request(OUTPUT, idx, it)
+        return mediator.request(OUTPUT, idx, 0 if idx in d["_unstepped"] else None)
 
     @output.setter
     def output(self, value: Any) -> None:

@@ -308,6 +308,7 @@ class Interleaver:
     lazy: "OrderTable | None" = None
     wrapped: set[int] | None = None
     upfront = 0  # how many modules a lazy run wrapped before the forward
+    site: Any = None  # a lazy run's call site (its bodies' code), the key of OrderTable.ahead
     ops: dict[Any, int] | None = None  # `.source` op call sites -> their counter index
     completed = False
     stopped = False
@@ -321,6 +322,7 @@ class Interleaver:
         batch_size: int,
         steps: int | None = None,
         hooks: "ModuleHooks | None" = None,
+        n_core: int | None = None,
     ) -> None:
         self.modules = modules
         self.paths = paths
@@ -334,7 +336,7 @@ class Interleaver:
         self.output_waiters: dict[int, list[Mediator]] = {}
         self.observers: dict[int, list[Callable[..., None]]] = {}
         self.main = getcurrent()
-        self.n_core = n
+        self.n_core = n if n_core is None else n_core
         # Wrappers are made once per model (NNsight keeps its ModuleHooks) and only put in
         # place for the run, so a run costs two dict writes per module, not a new closure.
         self.hooks = hooks if hooks is not None and hooks.modules is modules else ModuleHooks(modules)

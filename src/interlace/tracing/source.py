@@ -47,7 +47,7 @@ from greenlet import getcurrent
 
 from ..errors import TracingError
 from .envoy import Envoy
-from .interleaver import _NOTHING, Interleaver, Mediator, current_mediator
+from .interleaver import _NOTHING, OUTPUT, Interleaver, Mediator, current_mediator
 
 if TYPE_CHECKING:
     from ..models.nnsight import NNsight
@@ -344,6 +344,17 @@ class OperationEnvoy(Envoy):
     def _locate(self, what: str) -> tuple[Mediator, int, int | None]:
         mediator = self._running()
         return mediator, _op_index(mediator.interleaver, self._site), None  # type: ignore[arg-type]
+
+    @property
+    def output(self) -> Any:
+        """What the operation returned (this invoke's rows). Assign to replace it."""
+        mediator, idx, it = self._locate("output")
+        return mediator.request(OUTPUT, idx, it)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        mediator, idx, it = self._locate("output")
+        mediator.swap(OUTPUT, idx, value, it)
 
     def __getattr__(self, name: str) -> Any:
         if name == "source":

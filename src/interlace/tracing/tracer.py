@@ -64,6 +64,12 @@ def frame_lookup(frame: types.FrameType) -> Callable[[str], Any]:
 
 
 _MISSING = object()
+_BASE_NAMESPACE: dict[str, Any] = {
+    "__builtins__": _BUILTINS,
+    NAMESPACE_MARKER: True,
+    SAVE_HELPER: save_in_body,
+    BACKWARD_HELPER: backward_helper,
+}
 
 
 def user_variables(ns: dict[str, Any]) -> dict[str, Any]:
@@ -152,13 +158,8 @@ class Tracer:
         block, frame = self.block, self._frame
         assert block is not None and frame is not None
         f_globals = frame.f_globals
-        ns: dict[str, Any] = {
-            "__builtins__": _BUILTINS,
-            "__name__": f_globals.get("__name__", "__main__"),
-            NAMESPACE_MARKER: True,
-            SAVE_HELPER: save_in_body,
-            BACKWARD_HELPER: backward_helper,
-        }
+        ns = _BASE_NAMESPACE.copy()
+        ns["__name__"] = f_globals.get("__name__", "__main__")
         f_locals = frame.f_locals
         missing = _MISSING
         for name in block.loaded_names:
@@ -273,13 +274,12 @@ class InterleavingTracer(Tracer):
     # -- running ------------------------------------------------------------------------------
 
     def execute(self, ns: dict[str, Any]) -> None:
-        assert self.block is not None and self.model is not None
-        model = self.model
+        model: NNsight = self.model  # type: ignore[assignment]
         model._before_run()
         has_input = model._has_input(self.args, self.kwargs)
         if has_input:
             prepared = [model._prepare_input(*self.args, **self.kwargs)]
-            mediators = [Mediator(self.block.code, ns, None, 0, label="trace body")]
+            mediators = [Mediator(self.block.code, ns, None, 0, "trace body")]  # type: ignore[union-attr]
         else:
             self._collecting = True
             try:
@@ -307,6 +307,9 @@ class InterleavingTracer(Tracer):
                     "Every invoke in this trace is empty, so there is no input to run the model "
                     "on. Pass the input to one invoke: `with tracer.invoke(inputs):`."
                 )
+            if len(prepared) == 1:  # one input: every invoke sees the whole batch
+                for m in mediators:
+                    m.group = None
         edits = model._edit_mediators(ns)
         if edits:
             mediators = edits + mediators
@@ -315,15 +318,11 @@ class InterleavingTracer(Tracer):
         args, kwargs, batch_size = model._batch(prepared)
         if not has_input and self.kwargs:  # e.g. `model.generate(max_new_tokens=3)` with invokes
             kwargs = {**model._trace_options(self.kwargs), **kwargs}
-        if len(prepared) == 1:
-            for m in mediators:
-                m.group = None
         self._run(mediators, args, kwargs, batch_size)
 
     def _run(self, mediators: list[Mediator], args: tuple, kwargs: dict, batch_size: int) -> None:
-        model = self.model
-        assert model is not None
-        il = model._new_interleaver(mediators, batch_size, steps=self._steps())
+        model: NNsight = self.model  # type: ignore[assignment]
+        il = model._new_interleaver(mediators, batch_size, self._steps())
         self._interleaver = il
         model._begin_run(il)
         try:
