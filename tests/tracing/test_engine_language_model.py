@@ -101,6 +101,34 @@ def test_input_ids_keyword(gpt2: interlace.LanguageModel, hf_gpt2: Any, hf_tok: 
     assert torch.equal(logits[0], _hf_logits(hf_gpt2, ids))
 
 
+def test_id_tensor_input_reaches_the_model_as_a_copy(gpt2: interlace.LanguageModel, hf_tok: Any) -> None:
+    ids = torch.tensor([hf_tok("Hello world")["input_ids"]])
+    before = ids.clone()
+    with gpt2.trace(ids):
+        args, kwargs = gpt2.inputs
+        seen = interlace.save(kwargs["input_ids"])
+        kwargs["input_ids"][:] = 0  # an edit of the model's input must not reach the caller's tensor
+    assert torch.equal(ids, before)
+    assert seen is not ids
+
+    with gpt2.trace(ids.to(torch.int32)):  # any integer dtype; the model gets int64 ids
+        args, kwargs = gpt2.inputs
+        seen = interlace.save(kwargs["input_ids"])
+    assert seen.dtype == torch.long and torch.equal(seen, before)
+
+
+def test_id_tensor_and_text_invokes_pad_together(gpt2: interlace.LanguageModel, hf_gpt2: Any, hf_tok: Any) -> None:
+    short, long = hf_tok("Hello")["input_ids"], hf_tok("The Eiffel Tower is in the city of")["input_ids"]
+    with gpt2.trace() as tracer:
+        with tracer.invoke(torch.tensor(short)):
+            a = gpt2.lm_head.output.save()
+        with tracer.invoke("The Eiffel Tower is in the city of"):
+            b = gpt2.lm_head.output.save()
+    assert a.shape[1] == b.shape[1] == len(long)
+    torch.testing.assert_close(a[0, -len(short):], _hf_logits(hf_gpt2, short), rtol=0, atol=TOL)
+    torch.testing.assert_close(b[0], _hf_logits(hf_gpt2, long), rtol=0, atol=TOL)
+
+
 def test_left_padding_with_attention_mask(gpt2: interlace.LanguageModel, hf_tok: Any) -> None:
     short, long = "Hello", "The Eiffel Tower is in the city of"
     n_short, n_long = len(hf_tok(short)["input_ids"]), len(hf_tok(long)["input_ids"])

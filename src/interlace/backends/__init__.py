@@ -12,6 +12,8 @@ __all__ = ["LocalBackend", "LocalSimulationBackend", "RemoteBackend", "RemoteJob
 
 _SIMULATION_OPTIONS = ("verbose", "strict_remote", "max_upload_mb")
 _REMOTE_OPTIONS = ("blocking", "callback", "host", "api_key", "strict_remote", "verbose")
+#: Every option only remote runs take; a local trace without any of these needs no checks.
+REMOTE_ONLY_OPTIONS = frozenset(_SIMULATION_OPTIONS) | frozenset(_REMOTE_OPTIONS)
 
 
 def select_backend(model: Any, remote: bool | str, kwargs: dict[str, Any]) -> Any:

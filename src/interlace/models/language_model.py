@@ -160,6 +160,14 @@ class LanguageModel(NNsight):
             )
         value = inputs[0]
         mask = kwargs.pop("attention_mask", None)
+        if isinstance(value, torch.Tensor) and mask is None and 0 < value.dim() <= 2 and not value.is_floating_point():
+            # Token ids without a mask: nothing to strip. Keep the tensor; rows (lists of ids,
+            # for padding several invokes together) are only made if `_batch` needs them.
+            ids = value if value.dim() == 2 else value.reshape(1, -1)
+            if ids.shape[0] == 0 or ids.shape[1] == 0:
+                raise TracingError("The input produced zero tokens. Pass a non-empty prompt or non-empty `input_ids`.")
+            kwargs["__rows__"] = ids
+            return (), kwargs, ids.shape[0]
         rows, masks = self._rows(value, mask, tokenizer_kwargs)
         if not rows or any(len(r) == 0 for r in rows):
             raise TracingError("The input produced zero tokens. Pass a non-empty prompt or non-empty `input_ids`.")
@@ -208,11 +216,19 @@ class LanguageModel(NNsight):
         return _strip_padding(ids, masks)
 
     def _batch(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict, int]:
+        if len(prepared) == 1:
+            _, kwargs, size = prepared[0]
+            ids = kwargs["__rows__"]
+            if isinstance(ids, torch.Tensor):  # one unpadded id tensor: the model gets a copy of it
+                input_ids = ids.to(device=self._device(), dtype=torch.long, copy=True)
+                extra = {k: v for k, v in kwargs.items() if k != "__rows__"}
+                return (), {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **extra}, size
         rows: list[list[int]] = []
         masks: list[list[int]] = []
-        extra: dict[str, Any] = {}
+        extra = {}
         for _, kwargs, _ in prepared:
-            r, m = kwargs["__rows__"]
+            held = kwargs["__rows__"]
+            r, m = _ones_mask(held.tolist()) if isinstance(held, torch.Tensor) else held
             rows += r
             masks += m
             for key, value in kwargs.items():
@@ -270,7 +286,7 @@ class LanguageModel(NNsight):
         d = self.__dict__
         if "_generator" not in d:
             d["_generator"] = Generator()
-        self._extra_modules["generator"] = d["_generator"]
+        self._add_extra_module("generator", d["_generator"])
 
     def _result_envoy(self, kind: str) -> "Envoy":
         return self._child("generator") if kind == "generate" else self
@@ -299,6 +315,10 @@ def _reject_tokenizer_options(kwargs: dict[str, Any]) -> None:
             f"generation options: `model.trace(text, tokenizer_kwargs={{{bad[0]!r}: ...}})`"
             + (" (to cap generation use `max_new_tokens=`)" if "max_length" in bad else "")
         )
+
+
+def _ones_mask(ids: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    return ids, [[1] * len(r) for r in ids]
 
 
 def _strip_padding(ids: list[list[int]], masks: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:

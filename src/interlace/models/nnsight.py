@@ -52,6 +52,13 @@ class NNsight(Envoy):
         # Modules that are not part of the torch model but can be traced like them
         # (LanguageModel's `generator`); step loops do not apply to them.
         d["_extra_modules"] = {}
+        # Names that may mean something other than the child module of that name (aliases,
+        # extra modules): `Envoy.__getattr__` takes its shortcut only for other names.
+        d["_shadow"] = set(d["_root_aliases"]) | set(d["_name_aliases"])
+
+    def _add_extra_module(self, name: str, module: torch.nn.Module) -> None:
+        self.__dict__["_extra_modules"][name] = module
+        self.__dict__["_shadow"].add(name)
 
     # -- module index (for the interleaver's per-module counters) -----------------------------
 
@@ -192,8 +199,8 @@ class NNsight(Envoy):
     def _backend_for(self, remote: bool | str, backend: Any, kwargs: dict[str, Any]) -> Any:
         if backend is not None:
             return backend
-        if remote is False and not kwargs and _LocalBackend is not None:
-            # What select_backend returns for a plain local trace with no options, without
+        if remote is False and _LocalBackend is not None and (not kwargs or _REMOTE_ONLY_OPTIONS.isdisjoint(kwargs)):
+            # What select_backend returns for a local trace without remote options, without
             # its per-call imports (a few us of every trace's fixed cost).
             return _LocalBackend()
         from ..backends import select_backend
@@ -295,26 +302,29 @@ class NNsight(Envoy):
             return
         interleaver.events = None
         table = interleaver.lazy
-        if table is not None:
-            # Lazy run: check the order table still holds (else the next run records a new
-            # one), and remember what this call site needed so its next run wraps it upfront.
+        if table is not None and len(interleaver.wrapped) != interleaver.upfront:  # type: ignore[arg-type]
+            # A lazy run that wrapped modules mid-run, with counters taken from the table:
+            # check the table still holds (else the next run records a new one), and remember
+            # what this call site needed, so its next run wraps that upfront (exact counters,
+            # no table needed; see OrderTable.ahead).
             if not table.agrees(events, interleaver.n_core):
                 table.valid = False
-            elif len(interleaver.wrapped) != interleaver.upfront:  # type: ignore[arg-type]
+            else:
                 table.remember(interleaver.site, interleaver.wrapped, interleaver.n_core)  # type: ignore[arg-type]
         elif interleaver.recording and interleaver.completed and d.get("_modules_list") is interleaver.modules:
             d["_order"] = OrderTable.from_events(interleaver.modules, interleaver.n_core, events)
 
 
-def _local_backend_class() -> Any:
+def _local_backend_class() -> tuple[Any, frozenset[str]]:
     try:
+        from ..backends import REMOTE_ONLY_OPTIONS
         from ..backends.local import LocalBackend
     except ImportError:  # pragma: no cover - partial installs
-        return None
-    return LocalBackend
+        return None, frozenset()
+    return LocalBackend, REMOTE_ONLY_OPTIONS
 
 
-_LocalBackend = _local_backend_class()
+_LocalBackend, _REMOTE_ONLY_OPTIONS = _local_backend_class()
 
 
 def _cat(values: list[Any]) -> Any:

@@ -68,12 +68,8 @@ class Envoy:
         child = module._modules.get(name)
         if child is not None:  # a child envoy made before, unless `name` may be an alias
             envoy = d["_children"].get(name)
-            if envoy is not None and envoy._module is child:
-                rd = d["_root"].__dict__
-                if name not in rd.get("_name_aliases", ()) and (
-                    d["_root"] is not self or (name not in rd.get("_root_aliases", ()) and name not in rd.get("_extra_modules", ()))
-                ):
-                    return envoy
+            if envoy is not None and envoy._module is child and name not in d["_root"].__dict__["_shadow"]:
+                return envoy
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
         root = d["_root"]

@@ -22,12 +22,22 @@ at X's input (output), M has started s + 1 times if it starts before X's start (
 table, else s times; likewise for ends. `tracer.cache` wraps the observed modules the same
 way; `.source` and models with shared or recurrent modules always wrap everything.
 
-Each lazy run checks that wrapped modules start in table order, once per root step, inside
-the root's forward; if not, the table is dropped and the next run wraps all and records a new
-one. Residual risk: a model whose call order changes between runs (data-dependent branches
-or reordering) can, in the first run after the change, raise a wrong `OutOfOrderError` or
-`ModuleNotCalledError` (or miss one) for modules the table places wrongly, before the check
-sees it; a module wrapped mid-run is counted as if it ran in every earlier root step.
+The modules a call site's run wrapped mid-run are remembered (`OrderTable.ahead`, keyed by
+the bodies' code); the site's next runs wrap them before the forward starts, with exact
+counters from zero, so a steady loop of traces neither wraps mid-run nor relies on the table.
+
+A lazy run that did wrap mid-run (its counters came from the table) checks afterwards that
+its wrapped modules started in table order, once per root step, inside the root's forward; if
+not, the table is dropped and the next run wraps all and records a new one. Residual risk: a
+model whose call order changes between runs (data-dependent branches or reordering) can, in
+the first run after the change that wraps a module mid-run, raise a wrong `OutOfOrderError`
+or `ModuleNotCalledError` (or miss one) for modules the table places wrongly, before the
+check sees it; a module wrapped mid-run is counted as if it ran in every earlier root step.
+
+Cost note: a trace's own Python runs with cold caches, between or inside forwards that evict
+them, at roughly 50 ns per distinct bytecode instruction (measured on the tiny GPT-2), many
+times its hot cost. So the per-run and per-served-value paths keep few functions and lines:
+class defaults instead of per-run initialisation, the common cases written out inline.
 
 Waiting mediators are kept per module; when a module starts (inputs) or ends (output) the
 mediators waiting on that call are resumed in invoke order with their rows of the value.
@@ -369,8 +379,7 @@ class Interleaver:
         only = [0, *ahead, *range(self.n_core, len(self.modules))]
         self.wrapped = set(only)
         self.upfront = len(self.wrapped)
-        self.events = []
-        self.tap = self.events.append
+        self.events = []  # recorded from the first module wrapped mid-run (see wrap_lazily)
         self.hooks.install(self, only)
 
     def _cursor(self, slot: "_Slot | None") -> tuple[int, int] | None:
@@ -405,6 +414,11 @@ class Interleaver:
         if table.start[idx] < 0 or cursor is None:  # not in the table, or no known position
             self.wrap_all(slot)
             return
+        if self.tap is None:  # from now on the table sets counters: record calls to check it
+            events: list[int] = self.events  # type: ignore[assignment]
+            if self.started[0] > self.finished[0]:
+                events.append(0)  # inside a root forward that began before recording
+            self.tap = events.append
         wrapped, parent = self.wrapped, table.parent
         chain = []
         while idx >= 0 and idx not in wrapped:
@@ -465,15 +479,23 @@ class Interleaver:
             if len(waiters) == 1 and want is not None and want[2] == n:
                 del self.output_waiters[idx]
                 mediator.want = None
-                slot = _Slot(OUTPUT, idx, n, out)
-                self._serve_one(mediator, slot)
+                slot = mediator.current = _Slot(OUTPUT, idx, n, out)  # _serve_one, written out
+                try:
+                    group = mediator.group
+                    slot.view = out if group is None else narrow(out, group, self.batch_size)
+                    signal = mediator.greenlet.switch(slot.view)  # type: ignore[union-attr]
+                finally:
+                    mediator.current = None
+                if signal is not _WAIT and signal is not _DONE:
+                    self._handle_signal(mediator, signal, slot)
                 out = slot.value
             else:
                 out = self._serve(self.output_waiters, OUTPUT, idx, n, out)
-        observers = self.observers.get(idx)
-        if observers:
-            for observe in observers:
-                observe(idx, n, args, kwargs, out)
+        if self.observers:
+            observers = self.observers.get(idx)
+            if observers:
+                for observe in observers:
+                    observe(idx, n, args, kwargs, out)
         return out
 
     # -- serving values ----------------------------------------------------------------------
