@@ -30,7 +30,7 @@ def _wrapper(idx: int, inner: Callable[..., Any], active: list[Any]) -> Callable
         started = il.started
         n = started[idx]
         started[idx] = n + 1
-        tap = il.tap  # `events.append` while recording the call order or in a lazy run
+        tap = il.tap  # `events.append` while recording the call order (see Interleaver)
         if tap is not None:
             tap(idx)
         if idx in il.input_waiters:
