@@ -75,7 +75,8 @@ def _run_all(model: interlace.NNsight, x: torch.Tensor) -> tuple[Any, ...]:
         model.blocks[2].inner.output[:] = 0
         head_in = model.head.input.save()
         out = model.output.save()
-        wrapped = interlace.save(None if model.__dict__["_active"].wrapped is None else len(model.__dict__["_active"].wrapped))
+        running = model.__dict__["_active"]
+        wrapped = interlace.save(len(running.wrapped) if running.lazy is not None else None)  # None: all wrapped
     return inner1, block1, head_in, out, wrapped
 
 

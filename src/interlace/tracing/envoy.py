@@ -109,7 +109,9 @@ class Envoy:
         return len(self._module._modules)
 
     def __iter__(self) -> Iterator["Envoy"]:
-        return (self._child(n) for n in list(self._module._modules))
+        # All children up front: a loop over blocks in a body resumes between served values,
+        # with cold caches, so a lazy generator would cost a resume and a `_child` call each.
+        return iter([self._child(n) for n in list(self._module._modules)])
 
     def modules(self) -> Iterator["Envoy"]:
         """This envoy and every descendant, parents first."""

@@ -244,7 +244,7 @@ class Mediator:
             if slot.view is _NOTHING:
                 slot.view = narrow(slot.value, self.group, il.batch_size)
             return slot.view
-        if il.lazy is not None and idx < il.n_core and idx not in il.wrapped:  # type: ignore[operator]
+        if idx not in il.wrapped:  # only in a lazy run (otherwise `wrapped` holds every index)
             il.wrap_lazily(idx, slot)
         if (il.finished if kind else il.started)[idx] > it:  # OUTPUT is 1, INPUT 0
             self._raise_passed(kind, idx, it)
@@ -316,7 +316,7 @@ class Interleaver:
     events: list[int] | None = None
     recording = False
     lazy: "OrderTable | None" = None
-    wrapped: set[int] | None = None
+    wrapped: "set[int] | range" = range(1 << 62)  # every index, unless a lazy run
     upfront = 0  # how many modules a lazy run wrapped before the forward
     site: Any = None  # a lazy run's call site (its bodies' code), the key of OrderTable.ahead
     ops: dict[Any, int] | None = None  # `.source` op call sites -> their counter index
@@ -447,10 +447,10 @@ class Interleaver:
             s0 = self.started[0]
             cursor = (s0 - 1 if s0 > self.finished[0] else s0, -1)
         for i in range(self.n_core):
-            if i not in self.wrapped:
+            if i not in self.wrapped:  # type: ignore[operator]
                 self._set_counts(i, cursor) if table.start[i] >= 0 else self._set_counts(i, (cursor[0], -1))
-                self.wrapped.add(i)
                 self.hooks.wrap(i)
+        self.wrapped = Interleaver.wrapped  # every index from now on
         self.lazy = None
         self.tap = None
 
