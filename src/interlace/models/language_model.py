@@ -270,7 +270,19 @@ class LanguageModel(NNsight):
         return d["_position_ids_ok"]
 
     def _device(self) -> torch.device:
-        for p in self._module.parameters():
+        """Where the inputs go: the device of the model's first parameter.
+
+        The parameter is remembered with its owner, as `parameters()` walks every module
+        (hundreds of bytecode instructions per trace); `.to()` moves it in place, and a
+        parameter replaced since is noticed by the identity check.
+        """
+        held = self.__dict__.get("_first_param")
+        if held is not None and held[0]._parameters.get(held[1]) is held[2]:
+            return held[2].device
+        for name, p in self._module.named_parameters():
+            owner_name, _, attr = name.rpartition(".")
+            owner = self._module.get_submodule(owner_name)
+            self.__dict__["_first_param"] = (owner, attr, p)
             return p.device
         return torch.device("cpu")
 

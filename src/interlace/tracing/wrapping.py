@@ -4,6 +4,7 @@ only what a body asks for (see the design note in `interleaver.py`).
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from greenlet import getcurrent
@@ -50,6 +51,15 @@ def _wrapper(idx: int, inner: Callable[..., Any], active: list[Any]) -> Callable
     return forward
 
 
+def _keep_signature(wrapper: Callable[..., Any]) -> None:
+    """Store the wrapped forward's signature on the wrapper (the root's: `generate` reads it
+    several times per call, and unwrapping each time costs more than a served value)."""
+    try:
+        wrapper.__signature__ = inspect.signature(wrapper.__wrapped__)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):  # no signature to read: inspect unwraps as before
+        pass
+
+
 class ModuleHooks:
     """Forward wrappers for one list of modules, made once and reused by every run.
 
@@ -81,7 +91,10 @@ class ModuleHooks:
         cls = type(module)
         self._types[idx] = cls
         self._forwards[idx] = forward = cls.forward
-        return _wrapper(idx, forward.__get__(module, cls), self.active)
+        wrapper = _wrapper(idx, forward.__get__(module, cls), self.active)
+        if idx == 0:
+            _keep_signature(wrapper)
+        return wrapper
 
     def refresh(self, idx: int) -> None:
         """Re-wrap module `idx` whose class changed during a run (`.source` first used in a
@@ -131,6 +144,8 @@ class ModuleHooks:
             custom = self._custom.get(idx)
             if custom is None or custom[0] is not previous:
                 custom = self._custom[idx] = (previous, _wrapper(idx, previous, self.active))
+                if idx == 0:
+                    _keep_signature(custom[1])
             self._restore.append((d, previous))
             d["forward"] = custom[1]
 
