@@ -41,6 +41,17 @@ def test_scan_on_meta_language_model_does_not_dispatch(tiny_gpt2_path, et_prompt
     assert attn_dtype == torch.float32
 
 
+def test_trace_after_a_scan_of_token_ids_runs_on_the_loaded_weights(tiny_gpt2_path):
+    model = interlace.LanguageModel(str(tiny_gpt2_path))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with model.scan(ids):  # inputs placed for the meta model
+        shape = model.lm_head.output.shape.save()
+    with model.trace(ids):  # loads the weights: inputs now go where they live
+        logits = model.lm_head.output.save()
+    assert tuple(shape) == tuple(logits.shape) == (1, 4, 512)
+    assert logits.device.type == "cpu" and torch.isfinite(logits).all()
+
+
 def test_scan_with_invokes_and_edits_shapes(tiny_gpt2_path, et_prompt, msg_prompt):
     model = interlace.LanguageModel(str(tiny_gpt2_path))
     with model.scan() as tracer:

@@ -276,13 +276,13 @@ class LanguageModel(NNsight):
         (hundreds of bytecode instructions per trace); `.to()` moves it in place, and a
         parameter replaced since is noticed by the identity check.
         """
+        module = self._module
         held = self.__dict__.get("_first_param")
-        if held is not None and held[0]._parameters.get(held[1]) is held[2]:
-            return held[2].device
-        for name, p in self._module.named_parameters():
+        if held is not None and held[0] is module and held[1]._parameters.get(held[2]) is held[3]:
+            return held[3].device
+        for name, p in module.named_parameters():
             owner_name, _, attr = name.rpartition(".")
-            owner = self._module.get_submodule(owner_name)
-            self.__dict__["_first_param"] = (owner, attr, p)
+            self.__dict__["_first_param"] = (module, module.get_submodule(owner_name), attr, p)
             return p.device
         return torch.device("cpu")
 
