@@ -307,9 +307,10 @@ class Interleaver:
 
     Wrapping only what is needed (see OrderTable): `n_core` modules belong to the root's
     forward (the rest, like `generator`, are always wrapped); `lazy` is the table of a lazy
-    run, `wrapped` its wrapped indices. While recording the call order (a full run) or in a
-    lazy run, `tap` is `events.append`: wrappers add each call's start (`idx`) and end
-    (`~idx`), read after the run (`OrderTable.from_events` / `OrderTable.agrees`).
+    run, `wrapped` its wrapped indices. While recording the call order (a full run), or once
+    a lazy run has wrapped a module mid-run, `tap` is `events.append`: wrappers add each
+    call's start (`idx`) and end (`~idx`), read after the run (`OrderTable.from_events` /
+    `OrderTable.agrees`).
     """
 
     tap: Callable[[int], None] | None = None
@@ -322,7 +323,6 @@ class Interleaver:
     ops: dict[Any, int] | None = None  # `.source` op call sites -> their counter index
     completed = False
     stopped = False
-    bypass = 0
 
     def __init__(
         self,
