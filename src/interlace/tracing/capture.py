@@ -322,8 +322,8 @@ _NOOP = lambda *args: None  # noqa: E731 - a trace function must be installed fo
 class BodySkipper:
     """Makes the frame raise `SkipBody` at its next opcode (the first of the `with` body).
 
-    Opcode events (not line events) are used so one-line bodies (`with m.trace(x): ...`) are
-    skipped too. The previous global trace function (debugger, coverage) is put back in
+    Opcode events are turned on so one-line bodies (`with m.trace(x): ...`) are skipped too;
+    whichever of the line or opcode event comes first after `__enter__` raises. The previous global trace function (debugger, coverage) is put back in
     `restore`, unlike the peer, which clears it.
     """
 
@@ -339,7 +339,7 @@ class BodySkipper:
         frame.f_trace = self._trace
 
     def _trace(self, frame: types.FrameType, event: str, arg: Any) -> Any:
-        if self.armed and event == "opcode":
+        if self.armed and (event == "line" or event == "opcode"):
             self.armed = False
             raise SkipBody()
         return self._trace
