@@ -1,12 +1,13 @@
 """What tracing costs on top of plain Hugging Face generation, on CPU.
 
-Run by hand: ``.venv/bin/python bench/generation.py [--runs 60] [--tokens 16] [--append]``.
+Run by hand: ``.venv/bin/python bench/generation.py [--runs 60] [--tokens 16] [--clock cpu] [--append]``.
 
 Model: the tiny GPT-2 (4 layers x 128, ``demo.build_tiny_gpt2``) as an
 ``interlace.LanguageModel``, fed a token-id tensor (1 x 16, no tokenizer in the timed part),
 greedy, ``max_new_tokens=16``, one thread.
 
-Variants (each one call, timed with ``perf_counter``):
+Variants (each one call, timed with ``perf_counter``, or this thread's CPU time with
+``--clock cpu``, steadier on a shared machine; all compute runs on this thread):
 - ``hf generate``: ``module.generate(input_ids=..., attention_mask=..., max_new_tokens=16)``.
 - ``hf generate + hook``: the same with a raw forward hook on ``lm_head`` keeping each step's
   logits (what a script without Interlace does).
@@ -101,7 +102,7 @@ def _variants(model: interlace.LanguageModel, ids: torch.Tensor, tokens: int) ->
     }
 
 
-def measure(runs: int, tokens: int, warmup: int = 5) -> tuple[dict[str, float], dict[str, float]]:
+def measure(runs: int, tokens: int, warmup: int = 5, clock: Any = time.perf_counter) -> tuple[dict[str, float], dict[str, float]]:
     """Medians per variant, and the median of per-round ratios interlace / hf (less sensitive
     to slow drifts in machine load than the ratio of medians)."""
     models_dir = os.environ.get("INTERLACE_TEST_MODELS_DIR") or tempfile.mkdtemp(prefix="interlace-bench-")
@@ -116,9 +117,9 @@ def measure(runs: int, tokens: int, warmup: int = 5) -> tuple[dict[str, float], 
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup + runs):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if i >= warmup:
                 times[name].append(elapsed)
     paired = {
@@ -148,12 +149,13 @@ def table(medians: dict[str, float], runs: int, tokens: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=60)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall: perf_counter; cpu: this thread's CPU time")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with torch.no_grad():
-        medians, paired = measure(args.runs, args.tokens)
+        medians, paired = measure(args.runs, args.tokens, clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
     text = table(medians, args.runs, args.tokens)
     ratio = medians["interlace generate"] / medians["hf generate"]
     like = medians["interlace generate"] / medians["hf generate, signature cached"]
