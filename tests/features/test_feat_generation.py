@@ -156,6 +156,15 @@ def test_streamer_fires_once_per_new_token(feat_gpt2, et_prompt):
     assert torch.equal(torch.cat(tokens, dim=1), out[:, -4:])
 
 
+def test_streamer_read_only_at_a_later_step_is_that_steps_token(feat_gpt2, et_prompt):
+    # Until a body waits on the streamer, tokens only advance its call counters.
+    with feat_gpt2.generate(et_prompt, max_new_tokens=4) as tracer:
+        for step in tracer.iter[2]:
+            token = feat_gpt2.generator.streamer.output.save()
+        out = feat_gpt2.generator.output.save()
+    assert torch.equal(token, out[:, -2:-1])
+
+
 @pytest.mark.parametrize("option", ["max_length", "padding", "truncation"])
 def test_tokenizer_options_must_be_explicit(feat_gpt2, et_prompt, option):
     value = {"max_length": 4, "padding": True, "truncation": True}[option]

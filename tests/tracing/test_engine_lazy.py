@@ -235,3 +235,59 @@ def test_cache_in_a_lazy_run_sees_every_module() -> None:
         caches.append(cache)
     assert set(caches[0]) == set(caches[1]) and "model.blocks.2.inner" in caches[1]
     assert all(torch.equal(caches[0][k].output, caches[1][k].output) for k in caches[0])
+
+
+def test_a_call_site_asking_for_different_modules_each_run_stays_right() -> None:
+    net = _Net()
+    model = interlace.NNsight(net)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = []
+        h = x
+        for b in net.blocks:
+            expected.append((b.inner(h), b(h)))
+            h = b(h)
+
+    def run(layer: int) -> tuple[Any, Any]:
+        with model.trace(x):
+            inner = model.blocks[layer].inner.output.save()
+            block = model.blocks[layer].output.save()
+        return inner, block
+
+    # The first runs record the table and remember what this call site wrapped; later ones
+    # wrap it before the forward (OrderTable.ahead) and still wrap new requests mid-run.
+    for layer in (0, 2, 1, 2, 0, 1):
+        inner, block = run(layer)
+        assert torch.equal(inner, expected[layer][0]) and torch.equal(block, expected[layer][1])
+    table = model.__dict__["_order"]
+    assert table.valid and table.ahead  # the memo holds this call site
+
+
+def test_a_remembered_call_site_gives_right_values_after_the_order_changes() -> None:
+    net = _Swappable()
+    model = interlace.NNsight(net)
+    x = torch.randn(1, 4)
+
+    def run() -> tuple[Any, Any]:
+        with model.trace() as tracer:
+            with tracer.invoke(x):
+                a = model.a.output.save()
+            with tracer.invoke(x):
+                b = model.b.output.save()
+        return a, b
+
+    for _ in range(3):  # record, wrap mid-run (remembered), then wrap a and b upfront
+        run()
+    table = model.__dict__["_order"]
+    net.flip = True
+    a, b = run()  # upfront-wrapped modules count from zero: right whatever the order
+    with torch.no_grad():
+        assert torch.allclose(a, net.a(x)) and torch.allclose(b, net.b(x))
+    assert not table.valid  # and the run's check saw the new order
+
+    with model.trace(x):  # another call site, in the new order: records a new table
+        b2 = model.b.output.save()
+        a2 = model.a.output.save()
+    assert torch.allclose(a2, a) and torch.allclose(b2, b)
+    new = model.__dict__["_order"]
+    assert new is not table and new.valid and new.start[2] < new.start[1]

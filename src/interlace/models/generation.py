@@ -44,9 +44,10 @@ class Generator(torch.nn.Module):
 class _StreamerAdapter:
     """What Hugging Face's `generate(streamer=...)` calls; forwards tokens to the Streamer module.
 
-    While no body waits on the streamer module (or watches it), a token only advances the
-    module's call counters, as its wrapper would: calling it through `nn.Module.__call__` for
-    every token would cost a few percent of a small model's generation.
+    While no body waits on the streamer module (or watches it, or has a torch hook on it), a
+    token only advances the module's call counters, as its wrapper would: calling it through
+    `nn.Module.__call__` for every token would cost a few percent of a small model's
+    generation.
     """
 
     def __init__(self, module: Streamer, user_streamer: Any, interleaver: Interleaver, idx: int) -> None:
@@ -62,9 +63,16 @@ class _StreamerAdapter:
         if not self.prompt_seen:  # the first call carries the prompt
             self.prompt_seen = True
             return
-        il, idx = self.interleaver, self.idx
-        if idx in il.input_waiters or idx in il.output_waiters or idx in il.observers or il.recording:
-            self.module(value.reshape(-1, 1) if value.dim() == 1 else value)
+        il, idx, module = self.interleaver, self.idx, self.module
+        if (
+            idx in il.input_waiters
+            or idx in il.output_waiters
+            or idx in il.observers
+            or il.recording
+            or module._forward_hooks
+            or module._forward_pre_hooks
+        ):
+            module(value.reshape(-1, 1) if value.dim() == 1 else value)
         else:
             il.started[idx] += 1
             il.finished[idx] += 1

@@ -302,14 +302,13 @@ class NNsight(Envoy):
             return
         interleaver.events = None
         table = interleaver.lazy
-        if table is not None and len(interleaver.wrapped) != interleaver.upfront:  # type: ignore[arg-type]
-            # A lazy run that wrapped modules mid-run, with counters taken from the table:
-            # check the table still holds (else the next run records a new one), and remember
-            # what this call site needed, so its next run wraps that upfront (exact counters,
-            # no table needed; see OrderTable.ahead).
+        if table is not None:
+            # A lazy run: check the table still holds (else the next run records a new one);
+            # if modules were wrapped mid-run, remember what this call site needed, so its next
+            # run wraps that upfront (exact counters; see OrderTable.ahead).
             if not table.agrees(events, interleaver.n_core):
                 table.valid = False
-            else:
+            elif len(interleaver.wrapped) != interleaver.upfront:  # type: ignore[arg-type]
                 table.remember(interleaver.site, interleaver.wrapped, interleaver.n_core)  # type: ignore[arg-type]
         elif interleaver.recording and interleaver.completed and d.get("_modules_list") is interleaver.modules:
             d["_order"] = OrderTable.from_events(interleaver.modules, interleaver.n_core, events)

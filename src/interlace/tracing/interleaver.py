@@ -26,13 +26,13 @@ The modules a call site's run wrapped mid-run are remembered (`OrderTable.ahead`
 the bodies' code); the site's next runs wrap them before the forward starts, with exact
 counters from zero, so a steady loop of traces neither wraps mid-run nor relies on the table.
 
-A lazy run that did wrap mid-run (its counters came from the table) checks afterwards that
-its wrapped modules started in table order, once per root step, inside the root's forward; if
-not, the table is dropped and the next run wraps all and records a new one. Residual risk: a
-model whose call order changes between runs (data-dependent branches or reordering) can, in
-the first run after the change that wraps a module mid-run, raise a wrong `OutOfOrderError`
-or `ModuleNotCalledError` (or miss one) for modules the table places wrongly, before the
-check sees it; a module wrapped mid-run is counted as if it ran in every earlier root step.
+Every lazy run checks afterwards that its wrapped modules started in table order, once per
+root step, inside the root's forward; if not, the table is dropped and the next run wraps
+all and records a new one. Residual risk: a model whose call order changes between runs
+(data-dependent branches or reordering) can, in the first run after the change, raise a
+wrong `OutOfOrderError` or `ModuleNotCalledError` (or miss one) for modules wrapped mid-run
+that the table places wrongly, before the check sees it; a module wrapped mid-run is counted
+as if it ran in every earlier root step. Modules wrapped before the forward count exactly.
 
 Cost note: a trace's own Python runs with cold caches, between or inside forwards that evict
 them, at roughly 50 ns per distinct bytecode instruction (measured on the tiny GPT-2), many
@@ -307,10 +307,9 @@ class Interleaver:
 
     Wrapping only what is needed (see OrderTable): `n_core` modules belong to the root's
     forward (the rest, like `generator`, are always wrapped); `lazy` is the table of a lazy
-    run, `wrapped` its wrapped indices. While recording the call order (a full run), or once
-    a lazy run has wrapped a module mid-run, `tap` is `events.append`: wrappers add each
-    call's start (`idx`) and end (`~idx`), read after the run (`OrderTable.from_events` /
-    `OrderTable.agrees`).
+    run, `wrapped` its wrapped indices. While recording the call order (a full run) or in a
+    lazy run, `tap` is `events.append`: wrappers add each call's start (`idx`) and end
+    (`~idx`), read after the run (`OrderTable.from_events` / `OrderTable.agrees`).
     """
 
     tap: Callable[[int], None] | None = None
@@ -379,7 +378,8 @@ class Interleaver:
         only = [0, *ahead, *range(self.n_core, len(self.modules))]
         self.wrapped = set(only)
         self.upfront = len(self.wrapped)
-        self.events = []  # recorded from the first module wrapped mid-run (see wrap_lazily)
+        self.events = []
+        self.tap = self.events.append
         self.hooks.install(self, only)
 
     def _cursor(self, slot: "_Slot | None") -> tuple[int, int] | None:
@@ -414,11 +414,6 @@ class Interleaver:
         if table.start[idx] < 0 or cursor is None:  # not in the table, or no known position
             self.wrap_all(slot)
             return
-        if self.tap is None:  # from now on the table sets counters: record calls to check it
-            events: list[int] = self.events  # type: ignore[assignment]
-            if self.started[0] > self.finished[0]:
-                events.append(0)  # inside a root forward that began before recording
-            self.tap = events.append
         wrapped, parent = self.wrapped, table.parent
         chain = []
         while idx >= 0 and idx not in wrapped:
