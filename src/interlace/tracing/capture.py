@@ -54,6 +54,11 @@ class Block:
     as_name: str | None
     is_empty: bool
     saved_names: frozenset[str] = frozenset()
+    #: The body's first act, when it is reading a module's output through a plain path
+    #: (`name.attr[0].attr.output`, see `first_output_read`): the interleaver can then start
+    #: the body when that value arrives instead of before the forward (one greenlet round
+    #: trip less). (root name, (("a", attribute) | ("i", index), ...)).
+    first_read: tuple[str, tuple[tuple[str, Any], ...]] | None = None
 
 
 class SkipBody(Exception):
@@ -243,6 +248,7 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
     saved_names = _statically_saved(body)
     module = ast.Module(body=[_SaveRewriter().visit(rewrite_backward(s)) for s in body], type_ignores=[])
     ast.fix_missing_locations(module)
+    first_read = first_output_read(module.body[0]) if module.body else None
     try:
         code = compile(module, filename, "exec", dont_inherit=True)
     except SyntaxError as e:  # e.g. `yield` or `nonlocal` at block level
@@ -258,7 +264,62 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
         as_name=as_name,
         is_empty=is_empty,
         saved_names=saved_names,
+        first_read=first_read,
     )
+
+
+def first_output_read(stmt: ast.stmt) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
+    """The path of the `.output` a statement reads before doing anything else, if it does.
+
+    Design note: Python evaluates an assignment's value before its targets, a call's callee
+    before its arguments, and an attribute's or subscript's object before the rest. Walking
+    down that order from the statement, only loads of plain names and constants may come
+    before the read, so running the body later, when that value is ready, is not observable.
+    Assigning to a subscript of the value (`m.layer.output[:] = 0`) qualifies (the constant
+    is evaluated first). Anything else (augmented assignment, loops, comprehensions, calls
+    of anything but a plain name) returns None and the body starts before the forward.
+    """
+    if isinstance(stmt, ast.Expr):
+        node: ast.AST = stmt.value
+    elif isinstance(stmt, ast.Assign):
+        node = stmt.value
+        if isinstance(node, (ast.Constant, ast.Name)) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Subscript):
+            node = stmt.targets[0].value  # `x.output[...] = constant`: the target's object is next
+    elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+        node = stmt.value
+    else:
+        return None
+    while True:
+        if isinstance(node, ast.Attribute):
+            if node.attr == "output":
+                return _plain_path(node.value)
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        elif isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Name) and node.args and not isinstance(node.args[0], ast.Starred):
+                node = node.args[0]  # a plain name is loaded, then the first argument
+            else:
+                node = node.func
+        elif isinstance(node, ast.BinOp):
+            node = node.left
+        else:
+            return None
+
+
+def _plain_path(node: ast.AST) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
+    steps: list[tuple[str, Any]] = []
+    while True:
+        if isinstance(node, ast.Attribute):
+            steps.append(("a", node.attr))
+            node = node.value
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and type(node.slice.value) is int:
+            steps.append(("i", node.slice.value))
+            node = node.value
+        elif isinstance(node, ast.Name):
+            return node.id, tuple(reversed(steps))
+        else:
+            return None
 
 
 def _is_save_call(node: ast.AST) -> bool:

@@ -217,6 +217,7 @@ class Mediator:
     done = False
     barrier: Any = None
     error: BaseException | None = None
+    deferred = False  # its body starts when its first value arrives (Interleaver.defer_start)
 
     def __init__(
         self,
@@ -478,7 +479,10 @@ class Interleaver:
                 try:
                     group = mediator.group
                     slot.view = out if group is None else narrow(out, group, self.batch_size)
-                    signal = mediator.greenlet.switch(slot.view)  # type: ignore[union-attr]
+                    if mediator.greenlet is None:  # a deferred body starts with this value
+                        signal = self._start_body(mediator)
+                    else:
+                        signal = mediator.greenlet.switch(slot.view)
                 finally:
                     mediator.current = None
                 if signal is not _WAIT and signal is not _DONE:
@@ -550,7 +554,10 @@ class Interleaver:
             # Views differ per invoke (their rows), so they are made per resume.
             group = mediator.group
             slot.view = slot.value if group is None else narrow(slot.value, group, self.batch_size)
-            signal = mediator.greenlet.switch(slot.view)  # type: ignore[union-attr]
+            if mediator.greenlet is None:  # a deferred body starts with this value
+                signal = self._start_body(mediator)
+            else:
+                signal = mediator.greenlet.switch(slot.view)
         finally:
             mediator.current = None
         if signal is not _WAIT and signal is not _DONE:
@@ -616,6 +623,24 @@ class Interleaver:
 
     # -- the run -----------------------------------------------------------------------------
 
+    def defer_start(self, mediator: Mediator, idx: int) -> None:
+        """Let `mediator`'s body start when module `idx`'s first output is served, instead of
+        before the forward: the body's first act is known to be reading that value and
+        nothing before it can be observed (`capture.first_output_read`), so this saves the
+        start's greenlet round trip. If the module never runs, `finish` starts the body so
+        the error surfaces at its line as usual."""
+        if idx not in self.wrapped:
+            self.wrap_lazily(idx, None)
+        mediator.want = (OUTPUT, idx, 0)
+        self.output_waiters[idx] = [mediator]
+        mediator.deferred = True
+
+    def _start_body(self, mediator: Mediator, value: Any = None) -> Any:
+        """Put `mediator`'s body on a worker and run it until it waits; returns the signal."""
+        worker = mediator.greenlet = _take_worker(self.main)
+        worker.mediator = mediator
+        return worker.switch(value)
+
     def start(self) -> bool:
         """Run each body, on a worker greenlet, until its first request; False if a body
         stopped the run."""
@@ -624,6 +649,8 @@ class Interleaver:
             mediator.interleaver = self
         try:
             for mediator in mediators:
+                if mediator.deferred:
+                    continue
                 worker = mediator.greenlet = _take_worker(self.main)
                 worker.mediator = mediator
                 signal = worker.switch()
@@ -680,6 +707,14 @@ class Interleaver:
                 )
 
     def _throw(self, mediator: Mediator, exc: BaseException) -> None:
+        if mediator.greenlet is None and mediator.deferred and not mediator.done:
+            # Its value never came: run the body up to that read, so the error is raised there.
+            mediator.want = None
+            signal = self._start_body(mediator)
+            if signal != _WAIT:
+                self._handle_signal(mediator, signal, None)
+                return
+            mediator.want = None
         g = mediator.greenlet
         if g is None or g.dead:
             return

@@ -200,6 +200,7 @@ class InterleavingTracer(Tracer):
     kind = "trace"
     _collecting = False  # while the body runs to collect invokes
     _interleaver: Interleaver | None = None  # while the model runs
+    _first_read: int | None = None  # module whose output a lone body reads first (see _run)
     output: Any = None  # the traced call's return value
 
     def __init__(self, model: "NNsight", *args: Any, backend: Any = None, **kwargs: Any) -> None:
@@ -315,6 +316,8 @@ class InterleavingTracer(Tracer):
             mediators = edits + mediators
             for i, m in enumerate(mediators):
                 m.index = i
+        elif has_input and self.block.first_read is not None:  # type: ignore[union-attr]
+            self._first_read = _first_read_index(self.block.first_read, ns, model)  # type: ignore[union-attr]
         args, kwargs, batch_size = model._batch(prepared)
         if not has_input and self.kwargs:  # e.g. `model.generate(max_new_tokens=3)` with invokes
             kwargs = {**model._trace_options(self.kwargs), **kwargs}
@@ -326,6 +329,8 @@ class InterleavingTracer(Tracer):
         self._interleaver = il
         model._begin_run(il)
         try:
+            if self._first_read is not None:
+                il.defer_start(mediators[0], self._first_read)
             if il.start():
                 try:
                     self.output = model._call_model(self.kind, args, kwargs, il)
@@ -340,6 +345,34 @@ class InterleavingTracer(Tracer):
 
     def _steps(self) -> int | None:
         return 1
+
+
+def _first_read_index(first_read: tuple[str, tuple[tuple[str, Any], ...]], ns: dict[str, Any], model: Any) -> int | None:
+    """The module index of a body's first read (`Block.first_read`) if its path leads, through
+    child modules and aliases of `model` only, to a module envoy; else None (the body then
+    starts before the forward as usual, and raises at its own line if the path is wrong)."""
+    from .envoy import Envoy
+
+    name, steps = first_read
+    envoy = ns.get(name)
+    if not isinstance(envoy, Envoy) or envoy._root is not model:
+        return None
+    shadow = model.__dict__.get("_shadow", ())
+    try:
+        for kind, key in steps:
+            if kind == "a":
+                if key not in envoy._module._modules and key not in shadow:
+                    return None  # a plain attribute: reading it might run code
+                envoy = getattr(envoy, key)
+            else:
+                envoy = envoy[key]
+            if not isinstance(envoy, Envoy):
+                return None
+        if type(envoy)._locate is not Envoy._locate:  # operations (`.source`) locate themselves
+            return None
+        return model._module_index(envoy._module)
+    except Exception:
+        return None
 
 
 class Invoker:

@@ -1,0 +1,95 @@
+"""A body whose first act is reading a module's output starts when that value arrives.
+
+`capture.first_output_read` finds such bodies; the interleaver then skips running the body
+before the forward (a greenlet round trip). Nothing a user can see may change: values,
+edits, errors and their lines, `tracer.stop()`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import interlace
+from interlace.tracing import interleaver as interleaver_module
+
+THIS_FILE = __file__
+
+
+def _line_of(marker: str) -> int:
+    lines = inspect.getsource(inspect.getmodule(_line_of)).splitlines()  # type: ignore[arg-type]
+    return next(i for i, text in enumerate(lines, 1) if marker in text and "_line_of" not in text)
+
+
+@pytest.fixture
+def starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records each deferred start (the index of the module whose value started the body)."""
+    seen: list[int] = []
+    original = interleaver_module.Interleaver._start_body
+
+    def recording(self: interleaver_module.Interleaver, mediator: interleaver_module.Mediator, value: object = None) -> object:
+        seen.append(mediator.want[1] if mediator.want else -1)
+        return original(self, mediator, value)
+
+    monkeypatch.setattr(interleaver_module.Interleaver, "_start_body", recording)
+    return seen
+
+
+def test_deferred_and_early_start_give_the_same_values_and_edits(
+    mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor, starts: list[int]
+) -> None:
+    with mlp_model.trace(tiny_input):
+        mlp_model.layer1.output[:] = 0  # first act: an edit of layer1's output
+        out = mlp_model.layer2.output.save()
+    assert starts  # the body started when layer1's output arrived
+    starts.clear()
+    with mlp_model.trace(tiny_input):
+        _first = 0  # noqa: F841 - any other first statement: the body starts before the forward
+        mlp_model.layer1.output[:] = 0
+        again = mlp_model.layer2.output.save()
+    assert not starts
+    with torch.no_grad():
+        expected = tiny_mlp.layer2(tiny_mlp.act(torch.zeros_like(tiny_mlp.layer1(tiny_input))))
+    assert torch.equal(out, again) and torch.equal(out, expected)
+
+
+def test_a_deferred_read_of_a_module_that_never_runs_fails_at_its_line(
+    mlp_model: interlace.NNsight, tiny_input: torch.Tensor, starts: list[int]
+) -> None:
+    class Unused(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    mlp_model._module.layer1.add_module("unused", Unused())  # a Linear never calls it
+    with pytest.raises(interlace.ModuleNotCalledError, match=r"model\.layer1\.unused") as info:
+        with mlp_model.trace(tiny_input):
+            never = mlp_model.layer1.unused.output.save()  # DEFERRED-NEVER
+    assert starts
+    frames = [(f.filename, f.lineno) for f in __import__("traceback").extract_tb(info.value.__traceback__)]
+    assert (THIS_FILE, _line_of("# DEFERRED-NEVER")) in frames
+
+
+def test_errors_and_stop_after_a_deferred_read(mlp_model: interlace.NNsight, tiny_input: torch.Tensor, starts: list[int]) -> None:
+    with pytest.raises(AttributeError) as info:
+        with mlp_model.trace(tiny_input):
+            h = mlp_model.layer1.output.no_such_attribute  # DEFERRED-ERROR
+    frames = [(f.filename, f.lineno) for f in __import__("traceback").extract_tb(info.value.__traceback__)]
+    assert (THIS_FILE, _line_of("# DEFERRED-ERROR")) in frames
+
+    with mlp_model.trace(tiny_input) as tracer:
+        h = mlp_model.layer1.output.save()
+        tracer.stop()
+        after = mlp_model.layer2.output.save()  # noqa: F841 - never reached
+    assert h.shape == (1, 10) and "after" not in locals()
+    assert starts
+
+
+def test_a_path_that_is_not_plain_modules_starts_the_body_first(
+    mlp_model: interlace.NNsight, tiny_input: torch.Tensor, starts: list[int]
+) -> None:
+    holder = {"model": mlp_model}
+    with mlp_model.trace(tiny_input):
+        out = holder["model"].layer2.output.save()  # a subscript of a dict: not a plain path
+    assert not starts and out.shape == (1, 2)
