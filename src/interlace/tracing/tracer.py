@@ -348,31 +348,38 @@ class InterleavingTracer(Tracer):
 
 
 def _first_read_index(first_read: tuple[str, tuple[tuple[str, Any], ...]], ns: dict[str, Any], model: Any) -> int | None:
-    """The module index of a body's first read (`Block.first_read`) if its path leads, through
-    child modules and aliases of `model` only, to a module envoy; else None (the body then
-    starts before the forward as usual, and raises at its own line if the path is wrong)."""
+    """The module index of a body's first read (`Block.first_read`) if its path leads from an
+    envoy of `model` through child modules only (walked on the modules: nothing runs), else
+    None; the body then starts before the forward as usual and raises at its own line if the
+    path is wrong."""
     from .envoy import Envoy
 
     name, steps = first_read
     envoy = ns.get(name)
     if not isinstance(envoy, Envoy) or envoy._root is not model:
         return None
-    shadow = model.__dict__.get("_shadow", ())
-    try:
-        for kind, key in steps:
-            if kind == "a":
-                if key not in envoy._module._modules and key not in shadow:
-                    return None  # a plain attribute: reading it might run code
-                envoy = getattr(envoy, key)
-            else:
-                envoy = envoy[key]
-            if not isinstance(envoy, Envoy):
+    shadow = model.__dict__["_shadow"]  # aliases and extra modules: left to the envoys
+    module = envoy._module
+    for kind, key in steps:
+        children = module._modules
+        if kind == "a":
+            if key in shadow:
                 return None
-        if type(envoy)._locate is not Envoy._locate:  # operations (`.source`) locate themselves
+            module = children.get(key)
+            if module is None:
+                return None
+        else:
+            try:
+                module = list(children.values())[key]  # as Envoy.__getitem__ picks
+            except IndexError:
+                return None
+    index = model.__dict__["_index_map"]
+    if index is None or id(module) not in index:
+        try:
+            return model._module_index(module)  # (re)builds the index, as the run would
+        except Exception:
             return None
-        return model._module_index(envoy._module)
-    except Exception:
-        return None
+    return index[id(module)]
 
 
 class Invoker:
