@@ -30,7 +30,7 @@ def starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     original = interleaver_module.Interleaver._start_body
 
     def recording(self: interleaver_module.Interleaver, mediator: interleaver_module.Mediator, value: object = None) -> object:
-        seen.append(mediator.want[1] if mediator.want else -1)
+        seen.append(mediator.current.idx if mediator.current is not None else -1)  # -1: not served
         return original(self, mediator, value)
 
     monkeypatch.setattr(interleaver_module.Interleaver, "_start_body", recording)
@@ -93,3 +93,36 @@ def test_a_path_that_is_not_plain_modules_starts_the_body_first(
     with mlp_model.trace(tiny_input):
         out = holder["model"].layer2.output.save()  # a subscript of a dict: not a plain path
     assert not starts and out.shape == (1, 2)
+
+
+def test_a_comprehension_over_layers_starts_at_the_first_layer(gpt2: interlace.LanguageModel, starts: list[int]) -> None:
+    prompt = "The Eiffel Tower is in"
+    with gpt2.trace(prompt):
+        outs = interlace.save([layer.output for layer in gpt2.transformer.h])
+    assert starts == [gpt2._module_index(gpt2.transformer.h[0]._module)]
+    starts.clear()
+    with gpt2.trace(prompt):
+        _first = 0  # noqa: F841 - starts before the forward
+        again = interlace.save([layer.output for layer in gpt2.transformer.h])
+    assert not starts
+    assert len(outs) == len(again) == len(gpt2.transformer.h)
+    for a, b in zip(outs, again):
+        a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+        assert torch.equal(a, b)
+
+
+def test_a_call_on_a_plain_object_before_the_read_starts_the_body_first(
+    mlp_model: interlace.NNsight, tiny_input: torch.Tensor, starts: list[int]
+) -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.seen: list[object] = []
+
+        def keep(self, value: object) -> object:
+            self.seen.append(value)
+            return value
+
+    recorder = Recorder()
+    with mlp_model.trace(tiny_input):
+        h = recorder.keep(mlp_model.layer1.output)  # `recorder.keep` is not a module attribute
+    assert not starts and len(recorder.seen) == 1

@@ -57,8 +57,9 @@ class Block:
     #: The body's first act, when it is reading a module's output through a plain path
     #: (`name.attr[0].attr.output`, see `first_output_read`): the interleaver can then start
     #: the body when that value arrives instead of before the forward (one greenlet round
-    #: trip less). (root name, (("a", attribute) | ("i", index), ...)).
-    first_read: tuple[str, tuple[tuple[str, Any], ...]] | None = None
+    #: trip less). (root name, (("a", attribute) | ("i", index), ...), (module, attribute)
+    #: pairs read before it, e.g. `interlace.save`, that must be plain module attributes).
+    first_read: tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, str], ...]] | None = None
 
 
 class SkipBody(Exception):
@@ -268,17 +269,22 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
     )
 
 
-def first_output_read(stmt: ast.stmt) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
+def first_output_read(stmt: ast.stmt) -> tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, str], ...]] | None:
     """The path of the `.output` a statement reads before doing anything else, if it does.
 
     Design note: Python evaluates an assignment's value before its targets, a call's callee
     before its arguments, and an attribute's or subscript's object before the rest. Walking
-    down that order from the statement, only loads of plain names and constants may come
-    before the read, so running the body later, when that value is ready, is not observable.
-    Assigning to a subscript of the value (`m.layer.output[:] = 0`) qualifies (the constant
-    is evaluated first). Anything else (augmented assignment, loops, comprehensions, calls
-    of anything but a plain name) returns None and the body starts before the forward.
+    down that order from the statement, only loads of plain names, constants and module
+    attributes (checked when the run starts) may come before the read, so running the body
+    later, when that value is ready, is not observable. Assigning to a subscript of the value
+    (`m.layer.output[:] = 0`) qualifies (the constant is evaluated first), and so does a list
+    comprehension over a plain path whose element starts with the item's `.output`
+    (`[b.output for b in m.layers]`: the first item's output is read first; iterating an
+    envoy runs no code). Anything else (augmented assignment, loops, other comprehensions,
+    calls of anything but a name or `module.name`) returns None and the body starts before
+    the forward.
     """
+    module_attrs: list[tuple[str, str]] = []
     if isinstance(stmt, ast.Expr):
         node: ast.AST = stmt.value
     elif isinstance(stmt, ast.Assign):
@@ -292,19 +298,46 @@ def first_output_read(stmt: ast.stmt) -> tuple[str, tuple[tuple[str, Any], ...]]
     while True:
         if isinstance(node, ast.Attribute):
             if node.attr == "output":
-                return _plain_path(node.value)
+                path = _plain_path(node.value)
+                return (*path, tuple(module_attrs)) if path is not None else None
             node = node.value
         elif isinstance(node, ast.Subscript):
             node = node.value
         elif isinstance(node, ast.Call):
-            if isinstance(node.func, ast.Name) and node.args and not isinstance(node.args[0], ast.Starred):
+            func = node.func
+            if not node.args or isinstance(node.args[0], ast.Starred):
+                node = func
+            elif isinstance(func, ast.Name):
                 node = node.args[0]  # a plain name is loaded, then the first argument
+            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+                module_attrs.append((func.value.id, func.attr))  # `interlace.save(...)`
+                node = node.args[0]
             else:
-                node = node.func
+                node = func
         elif isinstance(node, ast.BinOp):
             node = node.left
+        elif isinstance(node, ast.ListComp):
+            return _first_item_read(node, tuple(module_attrs))
         else:
             return None
+
+
+def _first_item_read(node: ast.ListComp, module_attrs: tuple[tuple[str, str], ...]) -> Any:
+    """`[item.output... for item in path]`: the first read is `path[0].output`."""
+    if len(node.generators) != 1:
+        return None
+    loop = node.generators[0]
+    if loop.ifs or loop.is_async or not isinstance(loop.target, ast.Name):
+        return None
+    elt: ast.AST = node.elt
+    while isinstance(elt, (ast.Subscript, ast.Attribute)) and not (isinstance(elt, ast.Attribute) and elt.attr == "output"):
+        elt = elt.value
+    if not (isinstance(elt, ast.Attribute) and isinstance(elt.value, ast.Name) and elt.value.id == loop.target.id):
+        return None
+    path = _plain_path(loop.iter)
+    if path is None:
+        return None
+    return path[0], (*path[1], ("i", 0)), module_attrs
 
 
 def _plain_path(node: ast.AST) -> tuple[str, tuple[tuple[str, Any], ...]] | None:

@@ -347,14 +347,18 @@ class InterleavingTracer(Tracer):
         return 1
 
 
-def _first_read_index(first_read: tuple[str, tuple[tuple[str, Any], ...]], ns: dict[str, Any], model: Any) -> int | None:
+def _first_read_index(first_read: tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, str], ...]], ns: dict[str, Any], model: Any) -> int | None:
     """The module index of a body's first read (`Block.first_read`) if its path leads from an
     envoy of `model` through child modules only (walked on the modules: nothing runs), else
     None; the body then starts before the forward as usual and raises at its own line if the
     path is wrong."""
     from .envoy import Envoy
 
-    name, steps = first_read
+    name, steps, module_attrs = first_read
+    for module_name, attr in module_attrs:  # read before the value: must run no code
+        loaded = ns.get(module_name)
+        if not isinstance(loaded, types.ModuleType) or attr not in loaded.__dict__:
+            return None
     envoy = ns.get(name)
     if not isinstance(envoy, Envoy) or envoy._root is not model:
         return None
