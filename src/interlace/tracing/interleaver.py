@@ -1,4 +1,6 @@
-"""Running intervention bodies beside a model's forward.
+"""Running intervention bodies beside a model's forward: the model side (`Interleaver`).
+The body side (`Mediator`, its pooled greenlet and signals) is in `mediator.py`, wrappers and
+the call-order table in `wrapping.py`.
 
 Design note
 -----------
@@ -46,262 +48,34 @@ A mediator that asks again for the value it is being served gets it without any 
 
 from __future__ import annotations
 
-import threading
 import warnings
 from typing import Any, Callable, Sequence
 
-from greenlet import GreenletExit, getcurrent, greenlet
+from greenlet import getcurrent
 
-from ..errors import GenerationEndedWarning, ModuleNotCalledError, OutOfOrderError, TracingError
-from .batching import BatchGroup, narrow, splice, whole
-from .frames import user_location
+from ..errors import GenerationEndedWarning, ModuleNotCalledError, TracingError
+from .batching import narrow, whole
+from .mediator import (  # noqa: F401 - INPUT, OUTPUT, Mediator, current_mediator re-exported
+    _BARRIER,
+    _DONE,
+    _ERROR,
+    _KIND_NAME,
+    _NOTHING,
+    _STOP,
+    _WAIT,
+    INPUT,
+    OUTPUT,
+    Mediator,
+    _by_index,
+    _GenerationEnded,
+    _Slot,
+    _StopForward,
+    _take_worker,
+    current_mediator,
+)
 from .wrapping import ModuleHooks, OrderTable, _wrapper  # noqa: F401 - re-exported
 
 __all__ = ["Interleaver", "ModuleHooks", "Mediator", "OrderTable", "current_mediator", "INPUT", "OUTPUT"]
-
-INPUT = 0
-OUTPUT = 1
-_KIND_NAME = {INPUT: "input", OUTPUT: "output"}
-
-# What a body greenlet hands back to the model side when it gives up control.
-_WAIT = "wait"
-_DONE = "done"
-_STOP = "stop"
-_BARRIER = "barrier"
-_ERROR = "error"  # the body raised; the exception is in `mediator.error`
-
-
-class _StopForward(Exception):
-    """Unwinds the model's forward after `tracer.stop()`."""
-
-
-class _GenerationEnded(BaseException):
-    """Ends a body that waits for a generation step that will never come."""
-
-
-_NOTHING = object()
-
-
-class _Slot:
-    """The value of one module call being served (its inputs or output)."""
-
-    view: Any = _NOTHING  # this invoke's rows of `value`, made when first asked for
-    skips: tuple[tuple["Mediator", Any], ...] = ()  # (invoke, value) pairs of `.skip(value)`
-
-    def __init__(self, kind: int, idx: int, n: int, value: Any) -> None:
-        self.kind = kind
-        self.idx = idx
-        self.n = n
-        self.value = value
-
-
-class _BodyGreenlet(greenlet):
-    """A reusable greenlet that runs one body after another.
-
-    Starting a new greenlet costs ~9 us (its first switch sets up a C stack); switching to a
-    live one ~0.7 us. So finished workers wait in a per-thread pool for the next body.
-    """
-
-    mediator: "Mediator | None" = None
-
-
-class _Pool(threading.local):
-    def __init__(self) -> None:
-        self.idle: list[_BodyGreenlet] = []  # this thread's parked workers
-
-
-_pool = _Pool()
-_POOL_SIZE = 16
-
-# Design note: greenlets share the thread's C stack. Switching to a greenlet copies out the
-# part of the stack between the current depth and the greenlet's base (where it was first
-# started), and copies it back on return. A worker started at the trace's depth therefore
-# copies the model's whole forward stack (tens of KB) on every value served from inside it.
-# New workers are started from a few dozen C frames deeper, so a switch from a module's
-# forward only moves the body's own small stack (measured ~2.3 -> ~1.4 us a round trip).
-_PRIME_DEPTH = 32
-
-
-class _Descend:
-    def __call__(self, depth: int, then: Callable[[], Any]) -> Any:
-        # `self(...)` goes through tp_call, so each level takes C stack (Python-to-Python
-        # calls do not in 3.11).
-        return then() if depth <= 0 else self(depth - 1, then)
-
-
-def _new_worker(main: Any) -> _BodyGreenlet:
-    worker = _BodyGreenlet(_worker_loop, parent=main)
-    try:
-        _Descend()(_PRIME_DEPTH, worker.switch)  # the worker starts there and parks at once
-    except RecursionError:  # near the recursion limit: start it at its first body instead
-        pass
-    return worker
-
-
-def _take_worker(main: Any) -> _BodyGreenlet:
-    idle = _pool.idle
-    while idle:
-        worker = idle.pop()
-        if worker.dead:
-            continue
-        if worker.parent is not main:
-            try:
-                worker.parent = main  # a worker that ends returns to the model's side
-            except ValueError:  # would make a parent cycle (nested traces): use a new one
-                continue
-        return worker
-    return _new_worker(main)
-
-
-def _worker_loop() -> Any:
-    """Run bodies: the model side sets `worker.mediator` and switches in to start each one.
-
-    Nothing is passed through `switch` or the run arguments: greenlet keeps a new greenlet's
-    run arguments alive as long as it lives, which would pin the first body's namespace.
-    """
-    me: _BodyGreenlet = getcurrent()  # type: ignore[assignment]
-    if me.mediator is None:  # started by _new_worker: park until the first body
-        me.parent.switch()  # type: ignore[union-attr]
-    while True:
-        mediator = me.mediator
-        assert mediator is not None
-        try:
-            try:
-                exec(mediator.code, mediator.namespace)
-            except _GenerationEnded:
-                pass
-            mediator.done = True
-            signal = _DONE
-        except GreenletExit:  # unwound by Interleaver.close() (or garbage collection): retire
-            mediator.greenlet = None
-            me.mediator = None
-            return _DONE
-        except BaseException as error:
-            # Handed over by reference, not raised through `switch`, so a waiting worker
-            # does not keep the exception (and the frames and tensors it holds) alive.
-            mediator.error = error
-            signal = _ERROR
-        main = mediator.interleaver.main  # type: ignore[union-attr]
-        mediator.greenlet = None
-        me.mediator = None
-        mediator = None  # type: ignore[assignment]
-        idle = _pool.idle
-        if len(idle) >= _POOL_SIZE:
-            return signal
-        idle.append(me)
-        main.switch(signal)
-        del main
-
-
-def _by_index(mediator: "Mediator") -> int:
-    return mediator.index
-
-
-def current_mediator() -> "Mediator | None":
-    return getattr(getcurrent(), "mediator", None)
-
-
-class Mediator:
-    """One invoke body and its place in the batch.
-
-    Per-run state starts from the class defaults below: every trace makes mediators, and
-    each line of set-up runs with cold caches right before or after a forward.
-    """
-
-    step = 0
-    iter_depth = 0  # > 0 inside `tracer.iter[...]`
-    interleaver: "Interleaver | None" = None
-    greenlet: "_BodyGreenlet | None" = None
-    current: "_Slot | None" = None  # the value being served to this body
-    want: tuple[int, int, int] | None = None  # (kind, module, call) it waits for
-    done = False
-    barrier: Any = None
-    error: BaseException | None = None
-    deferred = False  # its body starts when its first value arrives (Interleaver.defer_start)
-
-    def __init__(
-        self,
-        code: Any,
-        namespace: dict[str, Any],
-        group: BatchGroup,
-        index: int,
-        label: str = "invoke",
-    ) -> None:
-        self.code = code
-        self.namespace = namespace
-        self.group = group
-        self.index = index
-        self.label = label
-
-    # -- body side (runs in the mediator's greenlet) ------------------------------------------
-
-    def request(self, kind: int, idx: int, it: int | None = None) -> Any:
-        """The value of module `idx` (its inputs or output) at call `it`, for this invoke."""
-        il: Interleaver = self.interleaver  # type: ignore[assignment]
-        if it is None:
-            it = self.step
-        slot = self.current
-        if slot is not None and slot.idx == idx and slot.kind == kind and slot.n == it:
-            if slot.view is _NOTHING:
-                slot.view = narrow(slot.value, self.group, il.batch_size)
-            return slot.view
-        if idx not in il.wrapped:  # only in a lazy run (otherwise `wrapped` holds every index)
-            il.wrap_lazily(idx, slot)
-        if (il.finished if kind else il.started)[idx] > it:  # OUTPUT is 1, INPUT 0
-            self._raise_passed(kind, idx, it)
-        self.want = (kind, idx, it)
-        table = il.output_waiters if kind else il.input_waiters
-        queue = table.get(idx)
-        if queue is None:
-            table[idx] = [self]
-        else:
-            queue.append(self)
-        return il.main.switch(_WAIT)
-
-    def swap(self, kind: int, idx: int, value: Any, it: int | None = None) -> None:
-        """Replace module `idx`'s inputs or output (this invoke's rows) with `value`."""
-        self.request(kind, idx, it)
-        slot = self.current
-        assert slot is not None
-        il = self.interleaver
-        assert il is not None
-        slot.value = splice(slot.value, value, self.group, il.batch_size)
-        slot.view = _NOTHING
-
-    def skip(self, idx: int, value: Any, it: int | None = None) -> None:
-        self.request(INPUT, idx, it)
-        slot = self.current
-        assert slot is not None
-        if any(m is self for m, _ in slot.skips):
-            raise TracingError(f"{self.interleaver.path(idx)} is already skipped in this invoke.")  # type: ignore[union-attr]
-        slot.skips = (*slot.skips, (self, value))
-
-    def stop(self) -> None:
-        il = self.interleaver
-        assert il is not None
-        il.main.switch(_STOP)
-
-    def wait_barrier(self, barrier: Any) -> None:
-        self.barrier = barrier
-        self.interleaver.main.switch(_BARRIER)  # type: ignore[union-attr]
-
-    def _raise_passed(self, kind: int, idx: int, it: int) -> None:
-        il = self.interleaver
-        assert il is not None
-        filename, line = user_location()
-        what = f"{il.path(idx)}.{_KIND_NAME[kind]}"
-        step = f" (call {it})" if it else ""
-        raise OutOfOrderError(
-            f"`{what}`{step} was requested at {filename}:{line}, but {il.path(idx)} has "
-            "already run in this forward, so its value is gone. Within one invoke, access "
-            "modules in the order the model runs them (inputs before outputs, earlier "
-            "layers first). To use a later value earlier, split the work into two invokes "
-            "or two traces:\n\n"
-            "    with model.trace() as tracer:\n"
-            "        with tracer.invoke(x):\n            late = model.layer_b.output.save()\n"
-            "        with tracer.invoke():\n            early = model.layer_a.output.save()"
-        )
-
 
 class Interleaver:
     """One run of a model with a set of mediators.
