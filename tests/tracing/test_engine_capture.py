@@ -216,3 +216,30 @@ def test_tracer_is_bound_after_the_block(mlp_model: interlace.NNsight, tiny_inpu
     with mlp_model.trace(tiny_input) as tracer:
         pass
     assert isinstance(tracer, interlace.tracing.tracer.InterleavingTracer)
+
+
+def test_a_debugger_or_coverage_tracer_keeps_running_after_a_trace(
+    mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor
+) -> None:
+    import sys
+
+    lines: list[int] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is here and event == "line":
+            lines.append(frame.f_lineno)
+        return tracer
+
+    here = test_a_debugger_or_coverage_tracer_keeps_running_after_a_trace.__code__
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        sys._getframe().f_trace = tracer  # this frame too, as a debugger stepping here would
+        with mlp_model.trace(tiny_input):
+            out = mlp_model.layer2.output.save()
+        after = sys._getframe().f_lineno  # TRACED-AFTER
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(previous)
+    assert torch.equal(out, tiny_mlp(tiny_input))
+    assert after in lines  # the line after the block was still reported to the tracer

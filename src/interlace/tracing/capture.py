@@ -417,8 +417,9 @@ class BodySkipper:
     """Makes the frame raise `SkipBody` at its next opcode (the first of the `with` body).
 
     Opcode events are turned on so one-line bodies (`with m.trace(x): ...`) are skipped too;
-    whichever of the line or opcode event comes first after `__enter__` raises. The previous global trace function (debugger, coverage) is put back in
-    `restore`, unlike the peer, which clears it.
+    whichever of the line or opcode event comes first after `__enter__` raises. The previous
+    global trace function (debugger, coverage) is put back in `restore`, unlike the peer,
+    which clears it.
     """
 
     __slots__ = ("frame", "previous", "previous_local", "armed")
@@ -434,13 +435,18 @@ class BodySkipper:
 
     def _trace(self, frame: types.FrameType, event: str, arg: Any) -> Any:
         if self.armed and (event == "line" or event == "opcode"):
+            # CPython unsets the thread's trace function when one raises, so the `with`
+            # machinery and `__exit__` run untraced; `restore` (from `__exit__`) puts it back.
             self.armed = False
             raise SkipBody()
         return self._trace
 
     def restore(self) -> None:
+        """Put the frame's and the thread's trace functions back (once; later calls do nothing)."""
         self.armed = False
         frame = self.frame
+        if frame is None:
+            return
         frame.f_trace_opcodes = False
         frame.f_trace = self.previous_local
         sys.settrace(self.previous)
