@@ -252,3 +252,15 @@ def test_saving_all_layers_by_comprehension(gpt2: interlace.LanguageModel, et_pr
     assert len(outs) == 4
     for a, b in zip(outs, raw):
         assert torch.equal(a, b)
+
+
+def test_forward_signature_is_the_models_own_during_a_run(gpt2: interlace.LanguageModel) -> None:
+    import inspect
+
+    module = gpt2._module
+    expected = inspect.signature(type(module).forward.__get__(module))
+    with gpt2.trace("Hello"):
+        during = interlace.save(inspect.signature(gpt2._module.forward))  # wrapped for the run
+        logits = gpt2.lm_head.output.save()
+    assert during == expected and "input_ids" in during.parameters
+    assert "forward" not in module.__dict__ and logits.shape[0] == 1
