@@ -63,6 +63,16 @@ class _Twice(torch.nn.Module):
         return self.lin(self.lin(x))
 
 
+def _a_and_b_in_two_invokes(model: interlace.NNsight, x: torch.Tensor) -> tuple[Any, Any]:
+    """One call site reading `_Swappable`'s two layers, one per invoke."""
+    with model.trace() as tracer:
+        with tracer.invoke(x):
+            a = model.a.output.save()
+        with tracer.invoke(x):
+            b = model.b.output.save()
+    return a, b
+
+
 def _line_of(marker: str) -> int:
     lines = inspect.getsource(inspect.getmodule(_line_of)).splitlines()  # type: ignore[arg-type]
     return next(i for i, text in enumerate(lines, 1) if marker in text and "_line_of" not in text)
@@ -193,12 +203,7 @@ def test_a_changed_call_order_invalidates_the_table() -> None:
     x = torch.randn(1, 4)
 
     def run() -> tuple[Any, Any]:
-        with model.trace() as tracer:
-            with tracer.invoke(x):
-                a = model.a.output.save()
-            with tracer.invoke(x):
-                b = model.b.output.save()
-        return a, b
+        return _a_and_b_in_two_invokes(model, x)
 
     run()
     table = model.__dict__["_order"]
@@ -269,12 +274,7 @@ def test_a_remembered_call_site_gives_right_values_after_the_order_changes() -> 
     x = torch.randn(1, 4)
 
     def run() -> tuple[Any, Any]:
-        with model.trace() as tracer:
-            with tracer.invoke(x):
-                a = model.a.output.save()
-            with tracer.invoke(x):
-                b = model.b.output.save()
-        return a, b
+        return _a_and_b_in_two_invokes(model, x)
 
     for _ in range(3):  # record, wrap mid-run (remembered), then wrap a and b upfront
         run()

@@ -249,18 +249,8 @@ class Interleaver:
             if len(waiters) == 1 and want is not None and want[2] == n:
                 del self.output_waiters[idx]
                 mediator.want = None
-                slot = mediator.current = _Slot(OUTPUT, idx, n, out)  # _serve_one, written out
-                try:
-                    group = mediator.group
-                    slot.view = out if group is None else narrow(out, group, self.batch_size)
-                    if mediator.greenlet is None:  # a deferred body starts with this value
-                        signal = self._start_body(mediator)
-                    else:
-                        signal = mediator.greenlet.switch(slot.view)
-                finally:
-                    mediator.current = None
-                if signal is not _WAIT and signal is not _DONE:
-                    self._handle_signal(mediator, signal, slot)
+                slot = _Slot(OUTPUT, idx, n, out)
+                self._serve_one(mediator, slot)
                 out = slot.value
             else:
                 out = self._serve(self.output_waiters, OUTPUT, idx, n, out)
@@ -425,9 +415,7 @@ class Interleaver:
             for mediator in mediators:
                 if mediator.deferred:
                     continue
-                worker = mediator.greenlet = _take_worker(self.main)
-                worker.mediator = mediator
-                signal = worker.switch()
+                signal = self._start_body(mediator)
                 if signal is not _WAIT and signal is not _DONE:
                     self._handle_signal(mediator, signal, None)
         except _StopForward:
