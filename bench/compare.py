@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 
+import overhead  # the sibling benchmark (bench/ is on sys.path when run as a script)
+
 __all__ = ["main"]
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -49,24 +51,8 @@ def _copy_version(rev: str | None, name: str, into: Path) -> None:
         path.write_text(_SELF_IMPORT.sub(rf"\1 {name}\2", path.read_text()))
 
 
-def _variants(package: Any, module: Any, ids: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    model = package.NNsight(module)
-
-    def trace_pass() -> Any:
-        with model.trace(ids):
-            pass
-
-    def one_statement() -> Any:
-        with model.trace(ids):
-            logits = model.lm_head.output.save()
-        return logits
-
-    def save_blocks() -> Any:
-        with model.trace(ids):
-            outs = package.save([b.output for b in model.transformer.h])
-        return outs
-
-    return {"pass": trace_pass, "one statement": one_statement, "save blocks": save_blocks}
+# The variants of overhead.py timed here, for each version (plain and hooks once).
+_COMPARED = ("interlace: pass", "interlace: one statement", "interlace: save blocks")
 
 
 def main() -> None:
@@ -89,26 +75,18 @@ def main() -> None:
         path = demo.build_tiny_gpt2(Path(tempfile.gettempdir()) / "interlace-bench-tiny-gpt2")
         module = AutoModelForCausalLM.from_pretrained(str(path)).eval()
         ids = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(0))
-        blocks = list(module.transformer.h)
-
-        def plain() -> Any:
-            return module(ids)
-
-        def hooks() -> Any:
-            saved: list[Any] = []
-            handles = [b.register_forward_hook(lambda m, a, o: saved.append(o)) for b in blocks]
-            module(ids)
-            for h in handles:
-                h.remove()
-            return saved
 
         # Each version mounts its own `Tensor.save`; the one in place decides which registry
         # a `.save()` reaches, so it is set before every call of that version's variants.
-        variants: dict[str, tuple[Callable[[], Any], Any]] = {"plain": (plain, None), "hooks: save blocks": (hooks, None)}
+        baseline = overhead._variants(module, ids)
+        variants: dict[str, tuple[Callable[[], Any], Any]] = {
+            name: (baseline[name], None) for name in ("plain", "hooks: save blocks")
+        }
         for label, package in (("old", old), ("new", new)):
             saving = importlib.import_module(f"{package.__name__}.tracing.saving")
-            for name, fn in _variants(package, module, ids).items():
-                variants[f"{label}: {name}"] = (fn, saving._tensor_save)
+            timed = overhead._variants(module, ids, package)
+            for name in _COMPARED:
+                variants[f"{label}: {name.removeprefix('interlace: ')}"] = (timed[name], saving._tensor_save)
         times: dict[str, list[float]] = {name: [] for name in variants}
         with torch.no_grad():
             for i in range(20 + args.runs):

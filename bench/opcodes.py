@@ -9,13 +9,12 @@ and how many distinct instructions of Interlace's own code it touches. Interlace
 with cold caches next to a forward, so its cost follows the distinct count closely (about
 50 ns per distinct instruction on the tiny GPT-2 here); see "## opcodes" in RESULTS.md.
 
-Variants match ``overhead.py`` (tiny GPT-2, ``interlace.NNsight``, 1 x 32 token ids) and
-``generation.py`` (``LanguageModel``, 16 new tokens, logits saved each step).
+The variants are those of ``overhead.py`` (tiny GPT-2, ``interlace.NNsight``, 1 x 32 token ids)
+and ``generation.py`` (``LanguageModel``, 16 new tokens, logits saved each step).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import tempfile
@@ -24,7 +23,9 @@ from typing import Any, Callable
 
 import torch
 
+import generation  # the sibling benchmarks (bench/ is on sys.path when run as a script)
 import interlace
+import overhead
 from interlace.models import demo
 
 __all__ = ["count", "main"]
@@ -59,81 +60,21 @@ def _trace_variants(models_dir: Path) -> dict[str, Callable[[], Any]]:
     from transformers import AutoModelForCausalLM
 
     module = AutoModelForCausalLM.from_pretrained(str(demo.build_tiny_gpt2(models_dir / "tiny-gpt2"))).eval()
-    model = interlace.NNsight(module)
     ids = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(0))
-    blocks = list(module.transformer.h)
-
-    def plain() -> Any:
-        return module(ids)
-
-    def hooks_save_blocks() -> Any:
-        saved: list[Any] = []
-        handles = [b.register_forward_hook(lambda m, a, o: saved.append(o)) for b in blocks]
-        module(ids)
-        for h in handles:
-            h.remove()
-        return saved
-
-    def interlace_pass() -> Any:
-        with model.trace(ids):
-            pass
-
-    def interlace_one_statement() -> Any:
-        with model.trace(ids):
-            logits = model.lm_head.output.save()
-        return logits
-
-    def interlace_save_blocks() -> Any:
-        with model.trace(ids):
-            outs = interlace.save([b.output for b in model.transformer.h])
-        return outs
-
-    return {
-        "plain forward": plain,
-        "hooks: save blocks": hooks_save_blocks,
-        "interlace: pass": interlace_pass,
-        "interlace: one statement": interlace_one_statement,
-        "interlace: save blocks": interlace_save_blocks,
-    }
+    timed = overhead._variants(module, ids)
+    return {name: timed[name] for name in _TRACE_VARIANTS}
 
 
 def _generation_variants(models_dir: Path, tokens: int = 16) -> dict[str, Callable[[], Any]]:
     model = interlace.LanguageModel(str(demo.build_tiny_gpt2(models_dir / "tiny-gpt2")), dispatch=True)
-    module = model._module
-    ids = torch.randint(1, module.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    pad = model.tokenizer.pad_token_id
+    ids = torch.randint(1, model._module.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    timed = generation._variants(model, ids, tokens)
+    return {name: timed[name] for name in _GENERATION_VARIANTS}
 
-    def hf() -> Any:
-        return module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False, pad_token_id=pad)
 
-    def hf_signature_cached() -> Any:
-        # generate() calls inspect.signature(model.forward) several times per call; Interlace's
-        # root wrapper carries the signature, so this is the like-for-like baseline.
-        inner = module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return inner(*args, **kwargs)
-
-        forward.__signature__ = inspect.signature(inner)  # type: ignore[attr-defined]
-        module.__dict__["forward"] = forward
-        try:
-            return hf()
-        finally:
-            del module.__dict__["forward"]
-
-    def traced() -> Any:
-        with model.generate(ids, max_new_tokens=tokens, do_sample=False) as tracer:
-            logits = list().save()
-            for _ in tracer.iter[:]:
-                logits.append(model.lm_head.output)
-        return logits
-
-    return {
-        "hf generate (16 tokens)": hf,
-        "hf generate, signature cached": hf_signature_cached,
-        "interlace generate (16 tokens)": traced,
-    }
+# The variants of overhead.py and generation.py counted here (the first row is the baseline).
+_TRACE_VARIANTS = ("plain", "hooks: save blocks", "interlace: pass", "interlace: one statement", "interlace: save blocks")
+_GENERATION_VARIANTS = ("hf generate", "hf generate, signature cached", "interlace generate")
 
 
 def _report(title: str, variants: dict[str, Callable[[], Any]], base: str) -> None:
@@ -153,8 +94,8 @@ def main() -> None:
     torch.set_num_threads(1)
     models_dir = Path(os.environ.get("INTERLACE_TEST_MODELS_DIR") or tempfile.mkdtemp(prefix="interlace-bench-"))
     with torch.no_grad():
-        _report("tiny GPT-2, 1 x 32 token ids", _trace_variants(models_dir), "plain forward")
-        _report("tiny GPT-2 generation", _generation_variants(models_dir), "hf generate (16 tokens)")
+        _report("tiny GPT-2, 1 x 32 token ids", _trace_variants(models_dir), "plain")
+        _report("tiny GPT-2 generation, 16 new tokens", _generation_variants(models_dir), "hf generate")
 
 
 if __name__ == "__main__":

@@ -45,11 +45,13 @@ from interlace.models import demo
 __all__ = ["main"]
 
 
-def _variants(module: Any, ids: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    model = interlace.NNsight(module)
+def _variants(module: Any, ids: torch.Tensor, package: Any = interlace) -> dict[str, Callable[[], Any]]:
+    """The timed variants; `package` is the Interlace to trace with (`compare.py` passes two
+    copies of it, `opcodes.py` counts a subset)."""
+    model = package.NNsight(module)
     # The same model traced the way every run worked before call-order tables: every module
     # wrapped for each run (what a model with a shared module, or using `.source`, still does).
-    full = interlace.NNsight(module)
+    full = package.NNsight(module)
     full.__dict__["_no_lazy"] = True
     blocks = list(module.transformer.h)
     layer = blocks[1]
@@ -69,12 +71,12 @@ def _variants(module: Any, ids: torch.Tensor) -> dict[str, Callable[[], Any]]:
 
     def interlace_save_blocks() -> Any:
         with model.trace(ids):
-            outs = interlace.save([b.output for b in model.transformer.h])
+            outs = package.save([b.output for b in model.transformer.h])
         return outs
 
     def full_save_blocks() -> Any:
         with full.trace(ids):
-            outs = interlace.save([b.output for b in full.transformer.h])
+            outs = package.save([b.output for b in full.transformer.h])
         return outs
 
     def full_one_statement() -> Any:
