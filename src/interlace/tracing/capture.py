@@ -6,7 +6,7 @@ Python runs the body of a `with` statement right after `__enter__`, but a trace 
 *beside* the model's forward, later. So `__enter__` reads the source of the block (linecache
 covers files, IPython and Jupyter cells, and sources we register ourselves for remote jobs),
 finds the `With` node by line number, compiles its body once per call site, and then stops
-Python from running the body itself (see `skip_body`).
+Python from running the body itself (see `BodySkipper`).
 
 The body is compiled as module-level code and executed with `exec(code, namespace)`. Every
 assignment in the body lands in that namespace dict, so values survive early stops and errors,
@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import SourceNotFoundError, TracingError
 from .backward import BACKWARD_HELPER, rewrite_backward  # `with loss.backward():` blocks
 
-__all__ = ["Block", "capture_block", "block_from_source", "skip_body", "SkipBody", "SAVE_HELPER"]
+__all__ = ["Block", "BodySkipper", "capture_block", "block_from_source", "SkipBody", "SAVE_HELPER"]
 
 #: Name under which the `.save()` rewrite calls the save function inside compiled bodies.
 SAVE_HELPER = "__interlace_save__"
@@ -453,7 +453,3 @@ class BodySkipper:
         # The caller's frame may end up holding the tracer (`as tracer`), which holds this:
         # let go of the frame so no reference cycle keeps saved values alive until a GC.
         self.frame = self.previous_local = None  # type: ignore[assignment]
-
-
-def skip_body(frame: types.FrameType) -> BodySkipper:
-    return BodySkipper(frame)

@@ -128,16 +128,10 @@ class Interleaver:
     def path(self, idx: int) -> str:
         return self.paths[idx]
 
-    def waiting(self, kind: int) -> dict[int, list[Mediator]]:
-        return self.input_waiters if kind == INPUT else self.output_waiters
-
     # -- module wrapping ---------------------------------------------------------------------
 
     def install(self) -> None:
         self.hooks.install(self)
-
-    def uninstall(self) -> None:
-        self.hooks.uninstall(self)
 
     def install_recording(self) -> None:
         """Wrap everything and record the call order (for an OrderTable after the run)."""

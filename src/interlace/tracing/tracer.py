@@ -37,19 +37,37 @@ def _entered_frame() -> types.FrameType:
     return frame
 
 
-def new_namespace(block: Block, lookup: Callable[[str], Any] | None = None, module_name: str = "__main__") -> dict[str, Any]:
-    """A fresh namespace for a body: the names it reads, taken from `lookup`."""
-    ns: dict[str, Any] = {"__builtins__": _BUILTINS, "__name__": module_name, NAMESPACE_MARKER: True, SAVE_HELPER: save_in_body}
-    ns[BACKWARD_HELPER] = backward_helper
-    if lookup is not None:
-        for name in block.loaded_names:
-            value = lookup(name)
-            if value is not _MISSING:
-                ns[name] = value
+_MISSING = object()
+_BASE_NAMESPACE: dict[str, Any] = {
+    "__builtins__": _BUILTINS,
+    NAMESPACE_MARKER: True,
+    SAVE_HELPER: save_in_body,
+    BACKWARD_HELPER: backward_helper,
+}
+
+
+def new_namespace(block: Block, frame: types.FrameType | None = None) -> dict[str, Any]:
+    """A fresh namespace for a body: the names it reads, taken from `frame` (its locals, then
+    its globals) when given. Every local trace makes one, so the lookups are written out."""
+    ns = _BASE_NAMESPACE.copy()
+    if frame is None:
+        ns["__name__"] = "__main__"
+        return ns
+    f_globals = frame.f_globals
+    ns["__name__"] = f_globals.get("__name__", "__main__")
+    f_locals = frame.f_locals
+    missing = _MISSING
+    for name in block.loaded_names:
+        value = f_locals.get(name, missing)
+        if value is missing:
+            value = f_globals.get(name, missing)
+        if value is not missing:
+            ns[name] = value
     return ns
 
 
 def frame_lookup(frame: types.FrameType) -> Callable[[str], Any]:
+    """A name's value in `frame` (its locals, then its globals), or `_MISSING`."""
     f_locals = frame.f_locals
     f_globals = frame.f_globals
     missing = _MISSING
@@ -61,15 +79,6 @@ def frame_lookup(frame: types.FrameType) -> Callable[[str], Any]:
         return value
 
     return lookup
-
-
-_MISSING = object()
-_BASE_NAMESPACE: dict[str, Any] = {
-    "__builtins__": _BUILTINS,
-    NAMESPACE_MARKER: True,
-    SAVE_HELPER: save_in_body,
-    BACKWARD_HELPER: backward_helper,
-}
 
 
 def user_variables(ns: dict[str, Any]) -> dict[str, Any]:
@@ -148,28 +157,12 @@ class Tracer:
 
     # -- what the backend needs ---------------------------------------------------------------
 
-    @property
-    def is_root(self) -> bool:
-        return not self._nested
-
     def namespace_from_caller(self) -> dict[str, Any]:
-        """The body's namespace: the names it reads, from the caller's frame (new_namespace
-        written out, as every local trace pays for it)."""
-        block, frame = self.block, self._frame
-        assert block is not None and frame is not None
-        f_globals = frame.f_globals
-        ns = _BASE_NAMESPACE.copy()
-        ns["__name__"] = f_globals.get("__name__", "__main__")
-        f_locals = frame.f_locals
-        missing = _MISSING
-        for name in block.loaded_names:
-            value = f_locals.get(name, missing)
-            if value is missing:
-                value = f_globals.get(name, missing)
-            if value is not missing:
-                ns[name] = value
-        if block.as_name:
-            ns[block.as_name] = self
+        """The body's namespace: the names it reads, from the caller's frame."""
+        assert self.block is not None and self._frame is not None
+        ns = new_namespace(self.block, self._frame)
+        if self.block.as_name:
+            ns[self.block.as_name] = self
         return ns
 
     def results(self, ns: dict[str, Any]) -> dict[str, Any]:
@@ -212,11 +205,6 @@ class InterleavingTracer(Tracer):
 
     def _describe(self) -> str:
         return "model.trace(...)"
-
-    @property
-    def has_input(self) -> bool:
-        """False when the trace's arguments are only options (inputs then come from invokes)."""
-        return self.model._has_input(self.args, self.kwargs)  # type: ignore[union-attr]
 
     # -- body-side API ------------------------------------------------------------------------
 
@@ -410,7 +398,7 @@ class Invoker:
         if is_namespace(frame.f_globals):
             ns = frame.f_globals
         else:  # an invoke inside a helper function: its variables come from that function
-            ns = new_namespace(self.block, frame_lookup(frame), frame.f_globals.get("__name__", "__main__"))
+            ns = new_namespace(self.block, frame)
         if self.block.as_name:
             ns[self.block.as_name] = self
         prep = None
