@@ -44,3 +44,10 @@ def counter() -> Iterator[Callable[[torch.nn.Module], CallCounter]]:
     yield make
     for c in made:
         c.remove()
+
+
+@pytest.fixture
+def greenlet_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every body on a greenlet, as bodies that are not inline statements do
+    (`reads.inline_plan` finds none), for tests of the machinery inline bodies bypass."""
+    monkeypatch.setattr("interlace.tracing.tracer.inline_plan", lambda *args: None)

@@ -17,6 +17,10 @@ from interlace.tracing import interleaver as interleaver_module
 
 THIS_FILE = __file__
 
+# These tests are about bodies that run on a greenlet; bodies made only of inline statements
+# bypass what they check (see test_engine_inline.py).
+pytestmark = pytest.mark.usefixtures("greenlet_bodies")
+
 
 def _line_of(marker: str) -> int:
     lines = inspect.getsource(inspect.getmodule(_line_of)).splitlines()  # type: ignore[arg-type]

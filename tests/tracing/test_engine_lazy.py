@@ -14,6 +14,10 @@ import interlace
 
 THIS_FILE = __file__
 
+# These tests are about bodies that run on a greenlet; bodies made only of inline statements
+# bypass what they check (see test_engine_inline.py).
+pytestmark = pytest.mark.usefixtures("greenlet_bodies")
+
 
 class _Block(torch.nn.Module):
     def __init__(self) -> None:

@@ -276,6 +276,9 @@ class NNsight(Envoy):
                 "trace's body). Run traces one after another, or group them in `model.session()`."
             )
         d["_active"] = interleaver
+        if interleaver.needed is not None and not d.get("_no_lazy"):  # an inline body's reads
+            interleaver.install_only(interleaver.needed)
+            return
         # Wrap only what bodies need when a call-order table of this module index says every
         # module runs at most once per root forward (see OrderTable); otherwise wrap all and
         # record one. `.source` (`_no_lazy`) and shared modules always wrap everything.

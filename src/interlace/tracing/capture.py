@@ -24,11 +24,12 @@ import linecache
 import sys
 import textwrap
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SourceNotFoundError, TracingError
 from .backward import BACKWARD_HELPER, rewrite_backward  # `with loss.backward():` blocks
+from .reads import Read, Segment, body_segments, first_output_read
 
 __all__ = ["Block", "BodySkipper", "capture_block", "block_from_source", "SkipBody", "SAVE_HELPER"]
 
@@ -55,11 +56,26 @@ class Block:
     is_empty: bool
     saved_names: frozenset[str] = frozenset()
     #: The body's first act, when it is reading a module's output through a plain path
-    #: (`name.attr[0].attr.output`, see `first_output_read`): the interleaver can then start
-    #: the body when that value arrives instead of before the forward (one greenlet round
-    #: trip less). (root name, (("a", attribute) | ("i", index), ...), (module, attribute)
-    #: pairs read before it, e.g. `interlace.save`, that must be plain module attributes).
-    first_read: tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, str], ...]] | None = None
+    #: (`reads.first_output_read`): the interleaver can then start the body when that value
+    #: arrives instead of before the forward (one greenlet round trip less).
+    first_read: Read | None = None
+    #: The body as statements that run inline, without a greenlet, if it is made only of
+    #: such statements (`reads.body_segments`).
+    segments: tuple[Segment, ...] | None = None
+    #: The compiled (rewritten) statements, for `rest_code`.
+    statements: tuple[ast.stmt, ...] = field(default=(), compare=False, repr=False)
+    _rest: dict[int, types.CodeType] = field(default_factory=dict, compare=False, repr=False)
+
+    def rest_code(self, position: int) -> types.CodeType:
+        """The body from statement `position` on: where a greenlet takes over from inline
+        statements (`Interleaver.run_inline`)."""
+        if position == 0:
+            return self.code
+        code = self._rest.get(position)
+        if code is None:
+            module = ast.Module(body=list(self.statements[position:]), type_ignores=[])
+            code = self._rest[position] = compile(module, self.filename, "exec", dont_inherit=True)
+        return code
 
 
 class SkipBody(Exception):
@@ -255,6 +271,7 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
     except SyntaxError as e:  # e.g. `yield` or `nonlocal` at block level
         raise TracingError(f"{filename}:{e.lineno}: this statement cannot run inside a traced block: {e.msg}") from None
     loaded, stored = _names(code)
+    segments = body_segments(module.body, filename, stored, SAVE_HELPER)
     return Block(
         filename=filename,
         first_lineno=first,
@@ -266,93 +283,9 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
         is_empty=is_empty,
         saved_names=saved_names,
         first_read=first_read,
+        segments=segments,
+        statements=tuple(module.body),
     )
-
-
-def first_output_read(stmt: ast.stmt) -> tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, str], ...]] | None:
-    """The path of the `.output` a statement reads before doing anything else, if it does.
-
-    Design note: Python evaluates an assignment's value before its targets, a call's callee
-    before its arguments, and an attribute's or subscript's object before the rest. Walking
-    down that order from the statement, only loads of plain names, constants and module
-    attributes (checked when the run starts) may come before the read, so running the body
-    later, when that value is ready, is not observable. Assigning to a subscript of the value
-    (`m.layer.output[:] = 0`) qualifies (the constant is evaluated first), and so does a list
-    comprehension over a plain path whose element starts with the item's `.output`
-    (`[b.output for b in m.layers]`: the first item's output is read first; iterating an
-    envoy runs no code). Anything else (augmented assignment, loops, other comprehensions,
-    calls of anything but a name or `module.name`) returns None and the body starts before
-    the forward.
-    """
-    module_attrs: list[tuple[str, str]] = []
-    if isinstance(stmt, ast.Expr):
-        node: ast.AST = stmt.value
-    elif isinstance(stmt, ast.Assign):
-        node = stmt.value
-        if isinstance(node, (ast.Constant, ast.Name)) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Subscript):
-            node = stmt.targets[0].value  # `x.output[...] = constant`: the target's object is next
-    elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-        node = stmt.value
-    else:
-        return None
-    while True:
-        if isinstance(node, ast.Attribute):
-            if node.attr == "output":
-                path = _plain_path(node.value)
-                return (*path, tuple(module_attrs)) if path is not None else None
-            node = node.value
-        elif isinstance(node, ast.Subscript):
-            node = node.value
-        elif isinstance(node, ast.Call):
-            func = node.func
-            if not node.args or isinstance(node.args[0], ast.Starred):
-                node = func
-            elif isinstance(func, ast.Name):
-                node = node.args[0]  # a plain name is loaded, then the first argument
-            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-                module_attrs.append((func.value.id, func.attr))  # `interlace.save(...)`
-                node = node.args[0]
-            else:
-                node = func
-        elif isinstance(node, ast.BinOp):
-            node = node.left
-        elif isinstance(node, ast.ListComp):
-            return _first_item_read(node, tuple(module_attrs))
-        else:
-            return None
-
-
-def _first_item_read(node: ast.ListComp, module_attrs: tuple[tuple[str, str], ...]) -> Any:
-    """`[item.output... for item in path]`: the first read is `path[0].output`."""
-    if len(node.generators) != 1:
-        return None
-    loop = node.generators[0]
-    if loop.ifs or loop.is_async or not isinstance(loop.target, ast.Name):
-        return None
-    elt: ast.AST = node.elt
-    while isinstance(elt, (ast.Subscript, ast.Attribute)) and not (isinstance(elt, ast.Attribute) and elt.attr == "output"):
-        elt = elt.value
-    if not (isinstance(elt, ast.Attribute) and isinstance(elt.value, ast.Name) and elt.value.id == loop.target.id):
-        return None
-    path = _plain_path(loop.iter)
-    if path is None:
-        return None
-    return path[0], (*path[1], ("i", 0)), module_attrs
-
-
-def _plain_path(node: ast.AST) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
-    steps: list[tuple[str, Any]] = []
-    while True:
-        if isinstance(node, ast.Attribute):
-            steps.append(("a", node.attr))
-            node = node.value
-        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and type(node.slice.value) is int:
-            steps.append(("i", node.slice.value))
-            node = node.value
-        elif isinstance(node, ast.Name):
-            return node.id, tuple(reversed(steps))
-        else:
-            return None
 
 
 def _is_save_call(node: ast.AST) -> bool:

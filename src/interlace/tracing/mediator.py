@@ -177,6 +177,16 @@ class Mediator:
     barrier: Any = None
     error: BaseException | None = None
     deferred = False  # its body starts when its first value arrives (Interleaver.defer_start)
+    # A body run as inline statements (Interleaver.run_inline): its plan, the statement that
+    # comes next, the values of that statement's reads before its last (kept in order), and
+    # whether a statement is running right now.
+    plan: "list[tuple[Any, tuple[int, ...]]] | None" = None
+    block: Any = None
+    seg = 0
+    kept: list[Any] | None = None
+    inline = False
+    # Values served before a greenlet took over from inline statements (module -> its rows).
+    prefetched: dict[int, Any] | None = None
 
     def __init__(
         self,
@@ -204,6 +214,22 @@ class Mediator:
             if slot.view is _NOTHING:
                 slot.view = narrow(slot.value, self.group, il.batch_size)
             return slot.view
+        prefetched = self.prefetched
+        if prefetched is not None and kind and it == 0 and idx in prefetched:
+            value = prefetched.pop(idx)
+            if not prefetched:
+                self.prefetched = None
+            return value
+        if self.inline:
+            # A statement run inline (Interleaver.run_inline) cannot wait; only code it calls
+            # that the static check cannot see (a value's own `.save()`) gets here.
+            raise TracingError(
+                f"`{il.path(idx)}.{_KIND_NAME[kind]}` was asked for by code that a traced "
+                "statement called (a value's own `.save()` method?) while Interlace ran that "
+                "statement on the model's side, where it cannot wait for another value. Start "
+                "the block with a statement that reads no module (`_ = 0`) so the body runs on "
+                "its own greenlet, or read the value in the block itself."
+            )
         if idx not in il.wrapped:  # only in a lazy run (otherwise `wrapped` holds every index)
             il.wrap_lazily(idx, slot)
         if (il.finished if kind else il.started)[idx] > it:  # OUTPUT is 1, INPUT 0

@@ -17,6 +17,7 @@ from ..errors import TracingError
 from .capture import SAVE_HELPER, Block, BodySkipper, SkipBody, capture_block
 from .frames import NAMESPACE_MARKER, clean_traceback, is_namespace, push_to_frame
 from .interleaver import Interleaver, Mediator, _StopForward, current_mediator
+from .reads import first_read_index, inline_plan
 from .saving import SaveRegistry, pop_registry, push_registry, save_in_body
 from .backward import BACKWARD_HELPER, backward_helper
 
@@ -194,6 +195,7 @@ class InterleavingTracer(Tracer):
     _collecting = False  # while the body runs to collect invokes
     _interleaver: Interleaver | None = None  # while the model runs
     _first_read: int | None = None  # module whose output a lone body reads first (see _run)
+    _plan: list[tuple[Any, tuple[int, ...]]] | None = None  # a lone body's inline statements
     output: Any = None  # the traced call's return value
 
     def __init__(self, model: "NNsight", *args: Any, backend: Any = None, **kwargs: Any) -> None:
@@ -304,8 +306,12 @@ class InterleavingTracer(Tracer):
             mediators = edits + mediators
             for i, m in enumerate(mediators):
                 m.index = i
-        elif has_input and self.block.first_read is not None:  # type: ignore[union-attr]
-            self._first_read = _first_read_index(self.block.first_read, ns, model)  # type: ignore[union-attr]
+        elif has_input:
+            block: Block = self.block  # type: ignore[assignment]
+            if block.segments is not None:
+                self._plan = inline_plan(block.segments, ns, model)
+            if self._plan is None and block.first_read is not None:
+                self._first_read = first_read_index(block.first_read, ns, model)
         args, kwargs, batch_size = model._batch(prepared)
         if not has_input and self.kwargs:  # e.g. `model.generate(max_new_tokens=3)` with invokes
             kwargs = {**model._trace_options(self.kwargs), **kwargs}
@@ -315,6 +321,8 @@ class InterleavingTracer(Tracer):
         model: NNsight = self.model  # type: ignore[assignment]
         il = model._new_interleaver(mediators, batch_size, self._steps())
         self._interleaver = il
+        if self._plan is not None:
+            il.run_inline(mediators[0], self._plan, self.block)
         model._begin_run(il)
         try:
             if self._first_read is not None:
@@ -333,45 +341,6 @@ class InterleavingTracer(Tracer):
 
     def _steps(self) -> int | None:
         return 1
-
-
-def _first_read_index(first_read: tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, str], ...]], ns: dict[str, Any], model: Any) -> int | None:
-    """The module index of a body's first read (`Block.first_read`) if its path leads from an
-    envoy of `model` through child modules only (walked on the modules: nothing runs), else
-    None; the body then starts before the forward as usual and raises at its own line if the
-    path is wrong."""
-    from .envoy import Envoy
-
-    name, steps, module_attrs = first_read
-    for module_name, attr in module_attrs:  # read before the value: must run no code
-        loaded = ns.get(module_name)
-        if not isinstance(loaded, types.ModuleType) or attr not in loaded.__dict__:
-            return None
-    envoy = ns.get(name)
-    if not isinstance(envoy, Envoy) or envoy._root is not model:
-        return None
-    shadow = model.__dict__["_shadow"]  # aliases and extra modules: left to the envoys
-    module = envoy._module
-    for kind, key in steps:
-        children = module._modules
-        if kind == "a":
-            if key in shadow:
-                return None
-            module = children.get(key)
-            if module is None:
-                return None
-        else:
-            try:
-                module = list(children.values())[key]  # as Envoy.__getitem__ picks
-            except IndexError:
-                return None
-    index = model.__dict__["_index_map"]
-    if index is None or id(module) not in index:
-        try:
-            return model._module_index(module)  # (re)builds the index, as the run would
-        except Exception:
-            return None
-    return index[id(module)]
 
 
 class Invoker:

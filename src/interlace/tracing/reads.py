@@ -1,0 +1,357 @@
+"""What a body reads first, found in its source: the static analysis behind deferred and
+inline bodies, and its resolution to module indices when a run starts.
+
+Design note
+-----------
+A body normally runs on its own greenlet from before the forward, and every value it reads
+costs a switch to it and back (15-25 us with the caches a forward leaves cold, more than the
+rest of a served value). Two shortcuts need to know, from the source alone, what a body does
+before and after its reads:
+
+- deferred start (`first_output_read`): a body whose first act is reading a module's output
+  starts when that value is served instead of before the forward;
+- inline statements (`body_segments`): a body made only of statements that each *begin* by
+  reading module outputs through plain paths and then only compute on those values, assign
+  names and save, needs no greenlet at all. Each statement runs on the model's side, inside
+  the wrapper that serves its last value (`Interleaver.run_inline`): nothing it does can ask
+  for another value, so it never has to wait.
+
+Both are checked again when the run starts (`first_read_index`, `inline_plan`): the path's
+root must be an envoy of the traced model, every step a child module (walked on the modules,
+running no code), and a call on the path a plain module attribute (for inline statements:
+`interlace.save` itself). Anything else keeps the ordinary greenlet body, whose behaviour the
+shortcuts must match exactly (`tests/tracing/test_engine_inline.py`).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import types
+from dataclasses import dataclass
+from typing import Any
+
+from .envoy import Envoy
+from .saving import save
+
+__all__ = ["READ_NAME", "Read", "Segment", "body_segments", "first_output_read", "first_read_index", "inline_plan"]
+
+#: (root name, steps, (module, attribute) pairs called on the way): `interlace.save(m.h[0].output)`
+#: is `("m", (("a", "h"), ("i", 0)), (("interlace", "save"),))`. A last step `("*", 0)` stands
+#: for every child of the path in order (`[b.output for b in m.h]`).
+Read = tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, str], ...]]
+
+_EACH = ("*", 0)
+
+#: The name under which an inline statement finds the value it reads (see `_with_values`).
+READ_NAME = "__interlace_read__"
+
+
+def first_output_read(stmt: ast.stmt) -> Read | None:
+    """The path of the `.output` a statement reads before doing anything else, if it does.
+
+    Python evaluates an assignment's value before its targets, a call's callee before its
+    arguments, and an attribute's or subscript's object before the rest. Walking down that
+    order from the statement, only loads of plain names, constants and module attributes
+    (checked when the run starts) may come before the read, so running the body later, when
+    that value is ready, is not observable. Assigning to a subscript of the value
+    (`m.layer.output[:] = 0`) qualifies (the constant is evaluated first), and so does a list
+    comprehension over a plain path whose element starts with the item's `.output`
+    (`[b.output for b in m.layers]`: the first item's output is read first; iterating an
+    envoy runs no code). Anything else (augmented assignment, loops, other comprehensions,
+    calls of anything but a name or `module.name`) returns None and the body starts before
+    the forward.
+    """
+    module_attrs: list[tuple[str, str]] = []
+    if isinstance(stmt, ast.Expr):
+        node: ast.AST = stmt.value
+    elif isinstance(stmt, ast.Assign):
+        node = stmt.value
+        if isinstance(node, (ast.Constant, ast.Name)) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Subscript):
+            node = stmt.targets[0].value  # `x.output[...] = constant`: the target's object is next
+    elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+        node = stmt.value
+    else:
+        return None
+    while True:
+        if isinstance(node, ast.Attribute):
+            if node.attr == "output":
+                path = _plain_path(node.value)
+                return (*path, tuple(module_attrs)) if path is not None else None
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if not node.args or isinstance(node.args[0], ast.Starred):
+                node = func
+            elif isinstance(func, ast.Name):
+                node = node.args[0]  # a plain name is loaded, then the first argument
+            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+                module_attrs.append((func.value.id, func.attr))  # `interlace.save(...)`
+                node = node.args[0]
+            else:
+                node = func
+        elif isinstance(node, ast.BinOp):
+            node = node.left
+        elif isinstance(node, ast.ListComp):
+            return _each_item_read(node, tuple(module_attrs))
+        else:
+            return None
+
+
+def _each_item_read(node: ast.ListComp, module_attrs: tuple[tuple[str, str], ...]) -> Read | None:
+    """`[item.output... for item in path]`: the items' outputs, the first item's first."""
+    if len(node.generators) != 1:
+        return None
+    loop = node.generators[0]
+    if loop.ifs or loop.is_async or not isinstance(loop.target, ast.Name):
+        return None
+    elt: ast.AST = node.elt
+    while isinstance(elt, (ast.Subscript, ast.Attribute)) and not (isinstance(elt, ast.Attribute) and elt.attr == "output"):
+        elt = elt.value
+    if not (isinstance(elt, ast.Attribute) and isinstance(elt.value, ast.Name) and elt.value.id == loop.target.id):
+        return None
+    path = _plain_path(loop.iter)
+    if path is None:
+        return None
+    return path[0], (*path[1], _EACH), module_attrs
+
+
+def _plain_path(node: ast.AST) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
+    steps: list[tuple[str, Any]] = []
+    while True:
+        if isinstance(node, ast.Attribute):
+            steps.append(("a", node.attr))
+            node = node.value
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and type(node.slice.value) is int:
+            steps.append(("i", node.slice.value))
+            node = node.value
+        elif isinstance(node, ast.Name):
+            return node.id, tuple(reversed(steps))
+        else:
+            return None
+
+
+# -- inline statements -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One statement of a body that runs inline (see the design note): `code` is the statement
+    alone, `read` what it reads first, `position` its index among the body's statements
+    (where a greenlet takes over if the run cannot go on inline)."""
+
+    code: types.CodeType
+    read: Read
+    position: int
+
+
+# Nodes whose evaluation runs no user Python beyond operators on the values read (tensors,
+# tuples): names, constants, attribute and index loads, arithmetic, tuple and list displays.
+_PLAIN_NODES = (
+    ast.Expr, ast.Assign, ast.Name, ast.Constant, ast.Attribute, ast.Subscript, ast.Slice,
+    ast.Tuple, ast.List, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop, ast.expr_context,
+    ast.Call, ast.ListComp, ast.comprehension,
+)  # fmt: skip
+_ENVOY_VALUES = ("output", "input", "inputs")
+
+
+def body_segments(statements: list[ast.stmt], filename: str, stored: set[str] | frozenset[str], save_helper: str) -> tuple[Segment, ...] | None:
+    """The body as inline statements, or None if any statement is not one (`pass` and bare
+    constants are dropped: they do nothing)."""
+    segments = []
+    for position, stmt in enumerate(statements):
+        if isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)):
+            continue
+        read = _inline_read(stmt, save_helper)
+        if read is None or read[0] in stored or any(name in stored for name, _ in read[2]):
+            return None  # (a root reassigned by the body would be resolved wrongly at the start)
+        inline = _with_values(stmt, each=read[1][-1:] == (_EACH,))
+        code = compile(ast.Module(body=[inline], type_ignores=[]), filename, "exec", dont_inherit=True)
+        segments.append(Segment(code, read, position))
+    return tuple(segments)
+
+
+def _with_values(stmt: ast.stmt, each: bool) -> ast.stmt:
+    """A copy of `stmt` that takes the value it reads from `READ_NAME` (a list of the items'
+    values for a comprehension) instead of through envoys: it runs only once every value has
+    been served, and the path to it was checked when the run started (`inline_plan`)."""
+    stmt = copy.deepcopy(stmt)
+    for node in ast.walk(stmt):
+        if each and isinstance(node, ast.ListComp):
+            loop = node.generators[0]
+            loop.iter = ast.copy_location(ast.Name(id=READ_NAME, ctx=ast.Load()), loop.iter)
+            _replace_read(node, ast.Name(id=loop.target.id, ctx=ast.Load()))  # type: ignore[attr-defined]
+            break
+        if not each:
+            _replace_read(stmt, ast.Name(id=READ_NAME, ctx=ast.Load()))
+            break
+    return stmt
+
+
+def _replace_read(tree: ast.AST, value: ast.expr) -> None:
+    """Put `value` where `tree`'s (only) `.output` read is."""
+    for parent in ast.walk(tree):
+        for field, child in ast.iter_fields(parent):
+            if isinstance(child, ast.Attribute) and child.attr == "output":
+                setattr(parent, field, ast.copy_location(value, child))
+                return
+            if isinstance(child, list):
+                for i, item in enumerate(child):
+                    if isinstance(item, ast.Attribute) and item.attr == "output":
+                        child[i] = ast.copy_location(value, item)
+                        return
+    raise AssertionError("no read to replace")  # _inline_read found exactly one
+
+
+def _inline_read(stmt: ast.stmt, save_helper: str) -> Read | None:
+    """What `stmt` reads, if it begins with that read (`first_output_read`) and then only
+    evaluates plain nodes, assigns plain names (or into the value read: `m.h.output[:] = 0`)
+    and saves: it cannot ask for another value, so it never has to wait."""
+    read = first_output_read(stmt)
+    if read is None:
+        return None
+    if isinstance(stmt, ast.Assign):
+        for target in stmt.targets:
+            names = target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+            if not all(isinstance(t, ast.Name) for t in names) and not (
+                isinstance(target, ast.Subscript) and _reads_in(target) == 1
+            ):
+                return None  # `obj.attr = ...`, `obj[k] = ...`: user code (or an envoy setter)
+    elif not isinstance(stmt, ast.Expr):
+        return None  # (an annotated assignment evaluates its annotation)
+    if _reads_in(stmt) != 1:
+        return None
+    comprehensions = 0
+    for node in ast.walk(stmt):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
+                return None
+            if isinstance(func, ast.Name) and func.id == save_helper:  # `x.save()`, rewritten
+                continue
+            if not (isinstance(func, ast.Attribute) and func.attr == "save" and isinstance(func.value, ast.Name)):
+                return None
+            if (func.value.id, "save") not in read[2]:
+                return None  # (`inline_plan` checks those are `interlace.save` itself)
+        elif isinstance(node, ast.ListComp):
+            comprehensions += 1
+            if read[1][-1:] != (_EACH,) or not _index_chain(node.elt):
+                return None
+        elif not isinstance(node, _PLAIN_NODES):
+            return None
+    if comprehensions > 1 or (read[1][-1:] == (_EACH,)) != (comprehensions == 1):
+        return None
+    return read
+
+
+def _reads_in(node: ast.AST) -> int:
+    return sum(isinstance(n, ast.Attribute) and n.attr in _ENVOY_VALUES for n in ast.walk(node))
+
+
+def _index_chain(elt: ast.AST) -> bool:
+    """`item.output` followed only by constant indexes (`item.output[0][:, -1]`).
+
+    The items' outputs are kept as they arrive and the element is evaluated once the last
+    one has: plain indexing gives views of the same storage then as it would have earlier.
+    """
+    while isinstance(elt, ast.Subscript):
+        if not _constant_index(elt.slice):
+            return False
+        elt = elt.value
+    return isinstance(elt, ast.Attribute) and elt.attr == "output" and isinstance(elt.value, ast.Name)
+
+
+def _constant_index(node: ast.AST | None) -> bool:
+    if node is None:
+        return True
+    if isinstance(node, ast.Constant):
+        return node.value is None or node.value is Ellipsis or type(node.value) is int
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return isinstance(node.operand, ast.Constant) and type(node.operand.value) is int
+    if isinstance(node, ast.Slice):
+        return _constant_index(node.lower) and _constant_index(node.upper) and _constant_index(node.step)
+    if isinstance(node, ast.Tuple):
+        return all(_constant_index(e) for e in node.elts)
+    return False
+
+
+# -- when the run starts ---------------------------------------------------------------------
+
+
+def _module_at(read: Read, ns: dict[str, Any], model: Any, check: Any = None) -> Any:
+    """The module a read's path leads to (a list of modules for a last `("*", 0)` step),
+    walked on `model`'s modules, running no code; None if it does not lead through child
+    modules from an envoy of `model`, or a call on the way is not a plain module attribute
+    (is not `check`, when given). Runs with cold caches before each forward: kept flat."""
+    name, steps, module_attrs = read
+    for module_name, attr in module_attrs:  # read before the value: must run no code
+        loaded = ns.get(module_name)
+        if not isinstance(loaded, types.ModuleType) or attr not in loaded.__dict__:
+            return None
+        if check is not None and loaded.__dict__[attr] is not check:
+            return None
+    envoy = ns.get(name)
+    if not isinstance(envoy, Envoy) or envoy._root is not model:
+        return None
+    shadow = model.__dict__["_shadow"]  # aliases and extra modules: left to the envoys
+    module = envoy._module
+    for kind, key in steps:
+        children = module._modules
+        if kind == "a":
+            if key in shadow:
+                return None
+            module = children.get(key)
+            if module is None:
+                return None
+        elif kind == "i":
+            try:
+                module = list(children.values())[key]  # as Envoy.__getitem__ picks
+            except IndexError:
+                return None
+        else:  # every child, as iterating the envoy gives them
+            each = list(children.values())
+            return each if each and None not in each else None
+    return module
+
+
+def _index(model: Any, module: Any) -> int | None:
+    index = model.__dict__["_index_map"]
+    if index is None or id(module) not in index:
+        try:
+            return model._module_index(module)  # (re)builds the index, as the run would
+        except Exception:
+            return None
+    return index[id(module)]
+
+
+def first_read_index(read: Read, ns: dict[str, Any], model: Any) -> int | None:
+    """The module index of a body's first read (`Block.first_read`), or None when the read
+    cannot be resolved without running code; the body then starts before the forward as usual
+    and raises at its own line if the path is wrong."""
+    module = _module_at(read, ns, model)
+    if isinstance(module, list):
+        module = module[0]
+    return None if module is None else _index(model, module)
+
+
+def inline_plan(segments: tuple[Segment, ...], ns: dict[str, Any], model: Any) -> list[tuple[Segment, tuple[int, ...]]] | None:
+    """Each inline statement with the module indices it reads, in order; None if a read does
+    not resolve (the body then runs on a greenlet)."""
+    plan = []
+    for segment in segments:
+        module = _module_at(segment.read, ns, model, save)
+        if module is None:
+            return None
+        if type(module) is list:
+            indices = tuple([_index(model, m) for m in module])
+            if None in indices:
+                return None
+        else:
+            idx = _index(model, module)
+            if idx is None:
+                return None
+            indices = (idx,)
+        plan.append((segment, indices))
+    return plan

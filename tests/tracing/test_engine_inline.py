@@ -1,0 +1,271 @@
+"""Bodies made only of inline statements run without a greenlet (`reads.body_segments`,
+`Interleaver.run_inline`): each statement runs in the wrapper that serves its last value.
+
+Nothing a user can see may differ from the same body on a greenlet: every case here runs
+both ways and compares values, edits, errors and the lines errors point at.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import interlace
+from interlace.tracing import interleaver as interleaver_module
+
+THIS_FILE = __file__
+
+
+def _line_of(marker: str) -> int:
+    lines = inspect.getsource(inspect.getmodule(_line_of)).splitlines()  # type: ignore[arg-type]
+    return next(i for i, text in enumerate(lines, 1) if marker in text and "_line_of" not in text)
+
+
+def _outcome(run: Callable[[], Any]) -> tuple[str, Any]:
+    """("ok", values) or ("error", (type, message, user lines in this file))."""
+    try:
+        return "ok", run()
+    except Exception as error:
+        lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == THIS_FILE]
+        return "error", (type(error), str(error), lines)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _both_ways(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) -> tuple[str, Any]:
+    """The outcome of `run` with inline bodies, checked equal to the same on greenlets;
+    also checks the inline run put no body on a greenlet."""
+    workers: list[object] = []
+    original = interleaver_module._take_worker
+
+    def counting(main: Any) -> Any:
+        workers.append(main)
+        return original(main)
+
+    monkeypatch.setattr(interleaver_module, "_take_worker", counting)
+    inline = _outcome(run)
+    inline_workers = len(workers)
+    monkeypatch.setattr("interlace.tracing.tracer.inline_plan", lambda *args: None)
+    on_greenlet = _outcome(run)
+    monkeypatch.undo()
+    assert inline[0] == on_greenlet[0], (inline, on_greenlet)
+    if inline[0] == "ok":
+        assert _same(inline[1], on_greenlet[1])
+        assert inline_workers == 0  # no body went on a greenlet
+    else:
+        assert inline[1] == on_greenlet[1]
+    assert len(workers) > inline_workers  # the second run did use greenlets
+    return inline
+
+
+def test_reads_edits_and_saves_match_greenlet_bodies(gpt2: interlace.LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompt = "The Eiffel Tower is in"
+
+    def one_read() -> Any:
+        with gpt2.trace(prompt):
+            logits = gpt2.lm_head.output.save()
+        return logits
+
+    def edit_then_read() -> Any:
+        with gpt2.trace(prompt):
+            gpt2.transformer.h[1].output[0][:] = 0
+            last = (gpt2.transformer.ln_f.output[:, -1] * 2).save()
+            logits = gpt2.lm_head.output.save()
+        return logits, last
+
+    def every_block() -> Any:
+        with gpt2.trace(prompt):
+            outs = interlace.save([b.output for b in gpt2.transformer.h])
+        with gpt2.trace(prompt):
+            hidden = interlace.save([b.output[0][..., -1, :] for b in gpt2.transformer.h])
+        return outs, hidden
+
+    def same_module_twice() -> Any:
+        with gpt2.trace(prompt):
+            whole = gpt2.transformer.h[2].output.save()
+            first = gpt2.transformer.h[2].output[0].save()
+        return whole, first
+
+    def unsaved_names_stay_inside() -> Any:
+        with gpt2.trace(prompt):
+            h = gpt2.transformer.h[0].output
+            logits = gpt2.lm_head.output.save()
+        return logits, "h" in locals()
+
+    def nothing() -> Any:
+        with gpt2.trace(prompt) as tracer:
+            pass
+        return tracer.output.logits
+
+    ok, (logits, last) = _both_ways(monkeypatch, edit_then_read)
+    assert ok == "ok" and not _same(logits, _both_ways(monkeypatch, one_read)[1])  # the edit took
+    assert last.shape == (1, 128)
+    ok, (outs, hidden) = _both_ways(monkeypatch, every_block)
+    assert len(outs) == len(hidden) == 4 and torch.equal(outs[3][0][..., -1, :], hidden[3])
+    ok, (whole, first) = _both_ways(monkeypatch, same_module_twice)
+    assert torch.equal(first, whole[0])  # the same value served to both statements
+    assert _both_ways(monkeypatch, unsaved_names_stay_inside)[1][1] is False
+    assert torch.equal(_both_ways(monkeypatch, nothing)[1], _both_ways(monkeypatch, one_read)[1])
+
+
+def test_errors_are_the_same_and_point_at_the_line(mlp_model: interlace.NNsight, tiny_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_order() -> Any:
+        with mlp_model.trace(tiny_input):
+            late = mlp_model.layer2.output.save()
+            early = mlp_model.layer1.output.save()  # INLINE-ORDER
+        return late, early
+
+    def bad_attribute() -> Any:
+        with mlp_model.trace(tiny_input):
+            h = mlp_model.layer1.output.no_such_attribute  # INLINE-ATTRIBUTE
+        return h
+
+    def bad_index() -> Any:
+        with mlp_model.trace(tiny_input):
+            outs = interlace.save([m.output[0, 99] for m in mlp_model])  # INLINE-INDEX
+        return outs
+
+    for run, marker, error in [
+        (out_of_order, "# INLINE-ORDER", interlace.OutOfOrderError),
+        (bad_attribute, "# INLINE-ATTRIBUTE", AttributeError),
+        (bad_index, "# INLINE-INDEX", IndexError),
+    ]:
+        kind, (error_type, message, lines) = _both_ways(monkeypatch, run)
+        assert kind == "error" and error_type is error and _line_of(marker) in lines, (marker, message)
+    assert f"{THIS_FILE}:{_line_of('# INLINE-ORDER')}" in _outcome(out_of_order)[1][1]
+
+
+class _Stack(torch.nn.Module):
+    """Three layers run last to first (`backwards`), or the first two only (`short`)."""
+
+    def __init__(self, backwards: bool = False, short: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(3, 3) for _ in range(3)])
+        self.backwards = backwards
+        self.short = short
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self.layers)[: 2 if self.short else 3]
+        for layer in reversed(layers) if self.backwards else layers:
+            x = layer(x)
+        return x
+
+
+def test_a_module_that_never_runs_fails_at_its_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = interlace.NNsight(_Stack(short=True))
+    x = torch.randn(2, 3)
+
+    def every_layer() -> Any:
+        with model.trace(x):
+            first = model.layers[0].output.save()
+            outs = interlace.save([layer.output for layer in model.layers])  # INLINE-NEVER
+        return first, outs
+
+    kind, (error_type, message, lines) = _both_ways(monkeypatch, every_layer)
+    assert error_type is interlace.ModuleNotCalledError and "model.layers.2" in message
+    assert _line_of("# INLINE-NEVER") in lines
+
+
+def test_a_comprehension_over_modules_that_run_out_of_order_raises_at_the_access(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = interlace.NNsight(_Stack(backwards=True))
+    x = torch.randn(2, 3)
+
+    def every_layer() -> Any:
+        with model.trace(x):
+            outs = interlace.save([layer.output for layer in model.layers])  # INLINE-REVERSED
+        return outs
+
+    kind, (error_type, message, lines) = _both_ways(monkeypatch, every_layer)
+    assert error_type is interlace.OutOfOrderError and "model.layers.1" in message
+    assert _line_of("# INLINE-REVERSED") in lines
+
+
+def test_generation_reads_the_first_step_inline(gpt2: interlace.LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    def run() -> Any:
+        with gpt2.generate("Hello", max_new_tokens=3, do_sample=False) as tracer:
+            logits = gpt2.lm_head.output.save()
+        return logits, tracer.output
+
+    kind, (logits, ids) = _both_ways(monkeypatch, run)
+    with torch.no_grad():
+        expected = gpt2._module(ids[:, :-3]).logits  # the prompt's forward is step 0
+    assert torch.allclose(logits, expected[:, -logits.shape[1] :], atol=1e-5)
+
+
+def test_statements_that_could_ask_for_more_are_not_inline(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
+    from interlace.tracing.capture import SAVE_HELPER
+    from interlace.tracing.reads import body_segments
+
+    import ast
+
+    def segments(source: str) -> Any:
+        body = ast.parse(source).body
+        return body_segments(body, "<test>", set(), SAVE_HELPER)
+
+    assert segments("a = m.x.output\nb = m.y.output[0][:] \nm.z.output[:] = 0\n") is not None
+    assert segments("outs = interlace.save([b.output[0][:, -1] for b in m.layers])") is not None
+    for source in [
+        "a = f(m.x.output)",  # any call but a save can read more values
+        "a = m.x.output.sum()",
+        "a = m.x.output + m.y.output",  # two reads in one statement
+        "m.x.output = 0",  # an envoy setter
+        "d['k'] = m.x.output",  # user __setitem__
+        "a = m.x.input",  # not an output read first
+        "a = [b.output[i] for b in m.layers]",  # a non-constant index, evaluated late
+        "a = [b.output.sum() for b in m.layers]",
+        "a = 0",  # reads nothing: the body is not only inline statements
+        "for s in t.iter[:]:\n    a = m.x.output",
+        "m = other\na = m.x.output",  # the root is reassigned: resolved wrongly at the start
+    ]:
+        stored = {"m"} if source.startswith("m = ") else set()
+        body = ast.parse(source).body
+        assert body_segments(body, "<test>", stored, SAVE_HELPER) is None, source
+
+
+def test_a_read_hidden_in_a_values_own_save_is_a_clear_error() -> None:
+    """The one thing the static check cannot see: a module output whose own `.save()` reads
+    another module. On a greenlet that works; inline it cannot wait, so it says how to fix it."""
+
+    class Box:
+        def __init__(self, value: torch.Tensor) -> None:
+            self.value = value
+
+        def save(self) -> "Box":
+            self.later = model.second.output  # reads another module's value
+            return interlace.save(self)
+
+    class Boxed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Box:
+            return Box(x)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = Boxed()
+            self.second = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(self.first(x).value)
+
+    model = interlace.NNsight(Net())
+    x = torch.randn(1, 3)
+    with pytest.raises(interlace.TracingError, match=r"model\.second\.output.*`_ = 0`"):
+        with model.trace(x):
+            box = model.first.output.save()
+    with model.trace(x):
+        _ = 0
+        box = model.first.output.save()
+    assert box.later.shape == (1, 3)
