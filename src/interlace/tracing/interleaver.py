@@ -41,6 +41,10 @@ them, at roughly 50 ns per distinct bytecode instruction (measured on the tiny G
 times its hot cost. So the per-run and per-served-value paths keep few functions and lines:
 class defaults instead of per-run initialisation, the common cases written out inline.
 
+A lone body made only of statements that read module outputs and then only compute and save
+runs with no greenlet at all: each statement runs inside the wrapper that serves its last
+value (`run_inline`; the static check and its limits are in `reads.py`).
+
 Waiting mediators are kept per module; when a module starts (inputs) or ends (output) the
 mediators waiting on that call are resumed in invoke order with their rows of the value.
 A mediator that asks again for the value it is being served gets it without any switch.
@@ -392,7 +396,7 @@ class Interleaver:
     def defer_start(self, mediator: Mediator, idx: int) -> None:
         """Let `mediator`'s body start when module `idx`'s first output is served, instead of
         before the forward: the body's first act is known to be reading that value and
-        nothing before it can be observed (`capture.first_output_read`), so this saves the
+        nothing before it can be observed (`reads.first_output_read`), so this saves the
         start's greenlet round trip. If the module never runs, `finish` starts the body so
         the error surfaces at its line as usual."""
         if idx not in self.wrapped:
