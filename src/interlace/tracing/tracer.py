@@ -11,7 +11,7 @@ from __future__ import annotations
 import builtins
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import TracingError
 from .capture import SAVE_HELPER, Block, BodySkipper, SkipBody, capture_block
