@@ -26,6 +26,27 @@ def hooks(*pairs: tuple[torch.nn.Module, Callable[..., Any]], pre: bool = False,
             h.remove()
 
 
+def line_of(path: str, marker: str) -> int:
+    """Line number in the file `path` of the line containing `marker` (a test's own source;
+    lines that call this, and so name the marker too, are skipped)."""
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if marker in line and "line_of(" not in line:
+                return i
+    raise AssertionError(f"{marker!r} is not in {path}")
+
+
+class Twice(torch.nn.Module):
+    """One module called twice in a forward (a shared module: it needs full wrapping)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.lin(x))
+
+
 class CallCounter:
     """A raw forward hook that counts calls (to see which modules ran)."""
 

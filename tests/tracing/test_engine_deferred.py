@@ -7,13 +7,13 @@ edits, errors and their lines, `tracer.stop()`.
 
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
 
 import interlace
 from interlace.tracing import interleaver as interleaver_module
+from engine_helpers import line_of
 
 THIS_FILE = __file__
 
@@ -22,9 +22,6 @@ THIS_FILE = __file__
 pytestmark = pytest.mark.usefixtures("greenlet_bodies")
 
 
-def _line_of(marker: str) -> int:
-    lines = inspect.getsource(inspect.getmodule(_line_of)).splitlines()  # type: ignore[arg-type]
-    return next(i for i, text in enumerate(lines, 1) if marker in text and "_line_of" not in text)
 
 
 @pytest.fixture
@@ -73,7 +70,7 @@ def test_a_deferred_read_of_a_module_that_never_runs_fails_at_its_line(
             never = mlp_model.layer1.unused.output.save()  # DEFERRED-NEVER
     assert starts
     frames = [(f.filename, f.lineno) for f in __import__("traceback").extract_tb(info.value.__traceback__)]
-    assert (THIS_FILE, _line_of("# DEFERRED-NEVER")) in frames
+    assert (THIS_FILE, line_of(THIS_FILE, "# DEFERRED-NEVER")) in frames
 
 
 def test_errors_and_stop_after_a_deferred_read(mlp_model: interlace.NNsight, tiny_input: torch.Tensor, starts: list[int]) -> None:
@@ -81,7 +78,7 @@ def test_errors_and_stop_after_a_deferred_read(mlp_model: interlace.NNsight, tin
         with mlp_model.trace(tiny_input):
             h = mlp_model.layer1.output.no_such_attribute  # DEFERRED-ERROR
     frames = [(f.filename, f.lineno) for f in __import__("traceback").extract_tb(info.value.__traceback__)]
-    assert (THIS_FILE, _line_of("# DEFERRED-ERROR")) in frames
+    assert (THIS_FILE, line_of(THIS_FILE, "# DEFERRED-ERROR")) in frames
 
     with mlp_model.trace(tiny_input) as tracer:
         h = mlp_model.layer1.output.save()

@@ -10,17 +10,11 @@ import pytest
 import torch
 
 import interlace
+from engine_helpers import line_of
 
 THIS_FILE = __file__
 
 
-def _line_of(marker: str) -> int:
-    """Line number in this file of the line containing `marker` (the test's own source)."""
-    with open(THIS_FILE) as f:
-        for i, line in enumerate(f, 1):
-            if marker in line and "_line_of(" not in line:
-                return i
-    raise AssertionError(marker)
 
 
 def _user_frames(tb: Any) -> list[traceback.FrameSummary]:
@@ -40,7 +34,7 @@ def test_out_of_order_raises_at_the_access(gpt2: interlace.LanguageModel, counte
     assert later.calls == 0 and head.calls == 0
     message = str(info.value)
     assert "model.transformer.h.0" in message
-    line = _line_of("# ACCESS-OUT-OF-ORDER")
+    line = line_of(THIS_FILE, "# ACCESS-OUT-OF-ORDER")
     assert f"{THIS_FILE}:{line}" in message
     frames = _user_frames(info.value.__traceback__)
     assert frames[-1].lineno == line  # the last user frame is the access line
@@ -88,7 +82,7 @@ def test_module_never_called_is_reported_with_its_path(tiny_input: torch.Tensor)
             used = model.used.output.save()
             model.unused.output  # NEVER-CALLED
     assert used.shape == (1, 2)
-    assert _user_frames(info.value.__traceback__)[-1].lineno == _line_of("# NEVER-CALLED")
+    assert _user_frames(info.value.__traceback__)[-1].lineno == line_of(THIS_FILE, "# NEVER-CALLED")
 
 
 def test_module_under_a_skipped_parent_is_not_called(gpt2: interlace.LanguageModel) -> None:
@@ -108,7 +102,7 @@ def test_user_exception_keeps_its_type_and_user_lines(mlp_model: interlace.NNsig
             h = mlp_model.layer1.output
             {}["boom"]  # USER-RAISE
     frames = _user_frames(info.value.__traceback__)
-    assert frames and frames[-1].lineno == _line_of("# USER-RAISE")
+    assert frames and frames[-1].lineno == line_of(THIS_FILE, "# USER-RAISE")
     assert frames[-1].line and "boom" in frames[-1].line
 
 
@@ -121,7 +115,7 @@ def test_user_exception_in_a_called_helper_shows_both_lines(mlp_model: interlace
         with mlp_model.trace(tiny_input):
             _helper_that_fails(mlp_model.layer1.output)  # CALLS-HELPER
     lines = [f.lineno for f in _user_frames(info.value.__traceback__)]
-    assert lines[-2:] == [_line_of("# CALLS-HELPER"), _line_of("# HELPER-RAISE")]
+    assert lines[-2:] == [line_of(THIS_FILE, "# CALLS-HELPER"), line_of(THIS_FILE, "# HELPER-RAISE")]
     assert not any("greenlet" in f.filename for f in traceback.extract_tb(info.value.__traceback__))
 
 
@@ -133,7 +127,7 @@ def test_user_exception_in_an_invoke_keeps_type_and_line(gpt2: interlace.Languag
             with tracer.invoke("x y"):
                 gpt2.transformer.h[1].output
                 1 / 0  # INVOKE-RAISE
-    assert _user_frames(info.value.__traceback__)[-1].lineno == _line_of("# INVOKE-RAISE")
+    assert _user_frames(info.value.__traceback__)[-1].lineno == line_of(THIS_FILE, "# INVOKE-RAISE")
     assert ok.shape[0] == 1
 
 

@@ -7,7 +7,6 @@ both ways and compares values, edits, errors and the lines errors point at.
 
 from __future__ import annotations
 
-import inspect
 import traceback
 from typing import Any, Callable
 
@@ -16,13 +15,11 @@ import torch
 
 import interlace
 from interlace.tracing import interleaver as interleaver_module
+from engine_helpers import line_of
 
 THIS_FILE = __file__
 
 
-def _line_of(marker: str) -> int:
-    lines = inspect.getsource(inspect.getmodule(_line_of)).splitlines()  # type: ignore[arg-type]
-    return next(i for i, text in enumerate(lines, 1) if marker in text and "_line_of" not in text)
 
 
 def _outcome(run: Callable[[], Any]) -> tuple[str, Any]:
@@ -143,8 +140,8 @@ def test_errors_are_the_same_and_point_at_the_line(mlp_model: interlace.NNsight,
         (bad_index, "# INLINE-INDEX", IndexError),
     ]:
         kind, (error_type, message, lines) = _both_ways(monkeypatch, run)
-        assert kind == "error" and error_type is error and _line_of(marker) in lines, (marker, message)
-    assert f"{THIS_FILE}:{_line_of('# INLINE-ORDER')}" in _outcome(out_of_order)[1][1]
+        assert kind == "error" and error_type is error and line_of(THIS_FILE, marker) in lines, (marker, message)
+    assert f"{THIS_FILE}:{line_of(THIS_FILE, '# INLINE-ORDER')}" in _outcome(out_of_order)[1][1]
 
 
 class _Stack(torch.nn.Module):
@@ -176,7 +173,7 @@ def test_a_module_that_never_runs_fails_at_its_line(monkeypatch: pytest.MonkeyPa
 
     kind, (error_type, message, lines) = _both_ways(monkeypatch, every_layer)
     assert error_type is interlace.ModuleNotCalledError and "model.layers.2" in message
-    assert _line_of("# INLINE-NEVER") in lines
+    assert line_of(THIS_FILE, "# INLINE-NEVER") in lines
 
 
 def test_a_comprehension_over_modules_that_run_out_of_order_raises_at_the_access(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,7 +187,7 @@ def test_a_comprehension_over_modules_that_run_out_of_order_raises_at_the_access
 
     kind, (error_type, message, lines) = _both_ways(monkeypatch, every_layer)
     assert error_type is interlace.OutOfOrderError and "model.layers.1" in message
-    assert _line_of("# INLINE-REVERSED") in lines
+    assert line_of(THIS_FILE, "# INLINE-REVERSED") in lines
 
 
 def test_generation_reads_the_first_step_inline(gpt2: interlace.LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,13 +4,13 @@ OutOfOrderError at the access must not change."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import pytest
 import torch
 
 import interlace
+from engine_helpers import Twice, line_of
 
 THIS_FILE = __file__
 
@@ -58,15 +58,6 @@ class _Swappable(torch.nn.Module):
         return self.a(x) + self.b(x)
 
 
-class _Twice(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(self.lin(x))
-
-
 def _a_and_b_in_two_invokes(model: interlace.NNsight, x: torch.Tensor) -> tuple[Any, Any]:
     """One call site reading `_Swappable`'s two layers, one per invoke."""
     with model.trace() as tracer:
@@ -77,9 +68,6 @@ def _a_and_b_in_two_invokes(model: interlace.NNsight, x: torch.Tensor) -> tuple[
     return a, b
 
 
-def _line_of(marker: str) -> int:
-    lines = inspect.getsource(inspect.getmodule(_line_of)).splitlines()  # type: ignore[arg-type]
-    return next(i for i, text in enumerate(lines, 1) if marker in text and "_line_of" not in text)
 
 
 def _run_all(model: interlace.NNsight, x: torch.Tensor) -> tuple[Any, ...]:
@@ -135,7 +123,7 @@ def test_lazy_run_raises_out_of_order_at_the_access() -> None:
     assert calls == []  # the forward stopped where the error surfaced
     message = str(info.value)
     assert "model.blocks.0.inner" in message
-    assert f"{THIS_FILE}:{_line_of('# LAZY-OUT-OF-ORDER')}" in message
+    assert f"{THIS_FILE}:{line_of(THIS_FILE, '# LAZY-OUT-OF-ORDER')}" in message
     with pytest.raises(interlace.OutOfOrderError, match=r"model\.blocks\.1\.input"):
         with model.trace(x):
             model.blocks[1].output
@@ -186,7 +174,7 @@ def test_generation_steps_stay_right_in_lazy_runs(gpt2: interlace.LanguageModel)
 
 
 def test_a_module_called_twice_keeps_full_wrapping() -> None:
-    net = _Twice()
+    net = Twice(4)
     model = interlace.NNsight(net)
     x = torch.randn(1, 4)
     for _ in range(3):

@@ -8,6 +8,7 @@ import torch
 
 import interlace
 from interlace.models.demo import build_tiny_mlp
+from engine_helpers import Twice
 
 
 def test_traces_in_parallel_threads_stay_separate() -> None:
@@ -48,17 +49,8 @@ def test_traces_in_parallel_threads_stay_separate() -> None:
     assert results == {0: True, 1: True, 2: True, 3: True}
 
 
-class _Twice(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(5, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(self.lin(x))
-
-
 def test_module_called_twice_next_addresses_the_second_call(tiny_input: torch.Tensor) -> None:
-    inner = _Twice()
+    inner = Twice(5)
     model = interlace.NNsight(inner)
     with model.trace(tiny_input):
         first = model.lin.output.save()
