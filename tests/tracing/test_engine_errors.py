@@ -131,6 +131,32 @@ def test_user_exception_in_an_invoke_keeps_type_and_line(gpt2: interlace.Languag
     assert ok.shape[0] == 1
 
 
+# Torch records a C++ stack walk of at most 64 frames (after skipping one) for each of its C++
+# errors; a walk that reaches a greenlet's base reads stale memory and can crash the process.
+_TORCH_WALK = 66
+
+
+def test_torch_cpp_errors_in_a_body_never_walk_past_its_greenlet(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
+    """A C++ error in a body (a bad index: the commonest user mistake) stays a Python error."""
+    walks = []
+    for _ in range(3):  # a new worker, then reused ones
+        with mlp_model.trace(tiny_input):
+            _ = 0  # a statement that cannot run inline: the body runs on a greenlet
+            h = mlp_model.layer1.output
+            walk = interlace.save(torch._C._get_cpp_backtrace(0, _TORCH_WALK))
+        walks.append(walk)
+        with pytest.raises(IndexError):
+            with mlp_model.trace(tiny_input):
+                _ = 0
+                mlp_model.layer1.output[999]  # a C++ error, with its stack walk
+    assert all("greenlet" not in walk for walk in walks), walks[0]
+    # The check above can only fail if greenlet's frames show up by name: they do in a walk
+    # from a greenlet whose starter still waits below it (safe to walk all the way).
+    from greenlet import greenlet
+
+    assert "g_initialstub" in greenlet(lambda: torch._C._get_cpp_backtrace(0, 200)).switch()
+
+
 def test_error_in_the_model_from_a_bad_edit_propagates(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
     with pytest.raises(RuntimeError):
         with mlp_model.trace(tiny_input):

@@ -88,8 +88,22 @@ class _Descend:
         return then() if depth <= 0 else self(depth - 1, then)
 
 
+# Design note: a C-level stack walk that starts in a worker (torch captures one for every
+# C++ error, e.g. `IndexError` from `h[999]` in a body) goes up through the greenlet's base
+# into the memory above it, which holds whatever the model side has there now, not the
+# frames that started the worker: walking it can crash the process. Torch walks at most 65
+# frames, so each worker first descends `_FLOOR_DEPTH` levels (~6 C frames each) and runs
+# its bodies from there: every walk that starts in a body ends before the base.
+# `tests/tracing/test_engine_errors.py` checks the distance with torch's own stack walker.
+_FLOOR_DEPTH = 12
+
+
+def _worker_base() -> Any:
+    return _Descend()(_FLOOR_DEPTH, _worker_loop)
+
+
 def _new_worker(main: Any) -> _BodyGreenlet:
-    worker = _BodyGreenlet(_worker_loop, parent=main)
+    worker = _BodyGreenlet(_worker_base, parent=main)
     try:
         _Descend()(_PRIME_DEPTH, worker.switch)  # the worker starts there and parks at once
     except RecursionError:  # near the recursion limit: start it at its first body instead
