@@ -18,7 +18,7 @@ class LocalBackend:
         try:
             tracer.execute(ns)
         except BaseException as error:
-            # Values saved before the failure still reach the caller (see Tracer.__exit__).
+            # Values saved before the failure still reach the caller (see Tracer.__enter__).
             error._interlace_partial = tracer.results(ns)  # type: ignore[attr-defined]
             raise
         return tracer.results(ns)

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import SourceNotFoundError, TracingError
 from .backward import BACKWARD_HELPER, rewrite_backward  # `with loss.backward():` blocks
+from .frames import bind_from_trace_callback
 from .reads import Read, Segment, body_segments, first_output_read
 
 __all__ = ["Block", "BodySkipper", "capture_block", "block_from_source", "SkipBody", "SAVE_HELPER"]
@@ -347,7 +348,8 @@ _NOOP = lambda *args: None  # noqa: E731 - a trace function must be installed fo
 
 
 class BodySkipper:
-    """Makes the frame raise `SkipBody` at its next opcode (the first of the `with` body).
+    """Makes the frame raise `SkipBody` at its next opcode (the first of the `with` body),
+    binding `values` in the frame first.
 
     Opcode events are turned on so one-line bodies (`with m.trace(x): ...`) are skipped too;
     whichever of the line or opcode event comes first after `__enter__` raises. The previous
@@ -355,10 +357,11 @@ class BodySkipper:
     which clears it.
     """
 
-    __slots__ = ("frame", "previous", "previous_local", "armed")
+    __slots__ = ("frame", "previous", "previous_local", "armed", "values")
 
-    def __init__(self, frame: types.FrameType) -> None:
+    def __init__(self, frame: types.FrameType, values: dict[str, Any] | None = None) -> None:
         self.frame = frame
+        self.values = values
         self.previous = sys.gettrace()
         self.previous_local = frame.f_trace
         self.armed = True
@@ -371,8 +374,17 @@ class BodySkipper:
             # CPython unsets the thread's trace function when one raises, so the `with`
             # machinery and `__exit__` run untraced; `restore` (from `__exit__`) puts it back.
             self.armed = False
+            values, self.values = self.values, None
+            if values:
+                bind_from_trace_callback(frame, values)
             raise SkipBody()
         return self._trace
+
+    def unbound(self) -> dict[str, Any] | None:
+        """The values not bound yet (the body was never reached: the frame got an exception
+        between `__enter__` and the body)."""
+        values, self.values = self.values, None
+        return values
 
     def restore(self) -> None:
         """Put the frame's and the thread's trace functions back (once; later calls do nothing)."""

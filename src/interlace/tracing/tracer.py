@@ -111,39 +111,43 @@ class Tracer:
         frame = sys._getframe(1)
         while frame.f_code.co_name == "__enter__":  # skip wrapping context managers' __enter__
             frame = frame.f_back  # type: ignore[assignment]
-        self.block = capture_block(frame, self._describe())
+        block = self.block = capture_block(frame, self._describe())
         self._frame = frame
         self._nested = NAMESPACE_MARKER in frame.f_globals
+        # Design note: the whole run happens here, before the body, and the body is then
+        # skipped. Python never stores the `as` target (the body is skipped at its first
+        # opcode, which is that store), so it is bound with the results, by the skipper's
+        # trace callback: CPython writes a function's locals back after a trace callback,
+        # which saves the cold ctypes call `push_to_frame` needs anywhere else.
         self._registry = push_registry()
-        self._skipper = BodySkipper(frame)
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        self._skipper.restore()
         try:
-            if exc_type is not None and exc_type is not SkipBody:
-                return False
-            # Python never stored the `as` target (the body was skipped at its first opcode,
-            # which is that store), so bind it here like a normal `with` would.
-            as_name = self.block.as_name if self.block is not None else None
-            try:
-                values = self._run_backend()
-            except BaseException as error:
-                partial = getattr(error, "_interlace_partial", None) or {}
-                if as_name:
-                    partial = {as_name: self, **partial}
-                if partial:
-                    push_to_frame(self._frame, partial)  # type: ignore[arg-type]
-                error.__traceback__ = clean_traceback(error.__traceback__)
-                raise error from error.__cause__
-            if as_name:
-                values = {as_name: self, **values}
-            if values:
-                push_to_frame(self._frame, values)  # type: ignore[arg-type]
-            return True
+            values = self._run_backend()
+        except BaseException as error:
+            partial = getattr(error, "_interlace_partial", None) or {}
+            if block.as_name:
+                partial = {block.as_name: self, **partial}
+            if partial:
+                push_to_frame(frame, partial)
+            error.__traceback__ = clean_traceback(error.__traceback__)
+            raise error from error.__cause__
         finally:
             pop_registry()
             self._frame = None
+        if block.as_name:
+            values = {block.as_name: self, **values}
+        self._skipper = BodySkipper(frame, values)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        skipper = self._skipper
+        frame = skipper.frame
+        skipper.restore()
+        if exc_type is SkipBody:
+            return True
+        unbound = skipper.unbound()  # an exception came before the body (e.g. Ctrl-C)
+        if unbound and frame is not None:
+            push_to_frame(frame, unbound)
+        return False
 
     def _describe(self) -> str:
         return "model.trace(...)"
