@@ -199,10 +199,11 @@ class NNsight(Envoy):
     def _backend_for(self, remote: bool | str, backend: Any, kwargs: dict[str, Any]) -> Any:
         if backend is not None:
             return backend
-        if remote is False and _LocalBackend is not None and (not kwargs or _REMOTE_ONLY_OPTIONS.isdisjoint(kwargs)):
+        if remote is False and _LOCAL_BACKEND is not None and (not kwargs or _REMOTE_ONLY_OPTIONS.isdisjoint(kwargs)):
             # What select_backend returns for a local trace without remote options, without
-            # its per-call imports (a few us of every trace's fixed cost).
-            return _LocalBackend()
+            # its per-call imports (a few us of every trace's fixed cost). It keeps no state,
+            # so every trace shares one.
+            return _LOCAL_BACKEND
         from ..backends import select_backend
 
         return select_backend(self, remote, kwargs)
@@ -211,12 +212,11 @@ class NNsight(Envoy):
 
     def _prepare_input(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
         """Normalise one invoke's input; returns (args, kwargs, batch size)."""
-        size = 1
-        for value in list(args) + list(kwargs.values()):
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                size = value.shape[0]
-                break
-        return args, kwargs, size
+        for values in (args, kwargs.values()):
+            for value in values:
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    return args, kwargs, value.shape[0]
+        return args, kwargs, 1
 
     def _has_input(self, args: tuple, kwargs: dict[str, Any]) -> bool:
         """Whether `trace(...)` was given an input (otherwise its kwargs are options for invokes)."""
@@ -317,16 +317,16 @@ class NNsight(Envoy):
             d["_order"] = OrderTable.from_events(interleaver.modules, interleaver.n_core, events)
 
 
-def _local_backend_class() -> tuple[Any, frozenset[str]]:
+def _local_backend() -> tuple[Any, frozenset[str]]:
     try:
         from ..backends import REMOTE_ONLY_OPTIONS
         from ..backends.local import LocalBackend
     except ImportError:  # pragma: no cover - partial installs
         return None, frozenset()
-    return LocalBackend, REMOTE_ONLY_OPTIONS
+    return LocalBackend(), REMOTE_ONLY_OPTIONS
 
 
-_LocalBackend, _REMOTE_ONLY_OPTIONS = _local_backend_class()
+_LOCAL_BACKEND, _REMOTE_ONLY_OPTIONS = _local_backend()
 
 
 def _cat(values: list[Any]) -> Any:
