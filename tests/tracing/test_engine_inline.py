@@ -202,6 +202,133 @@ def test_generation_reads_the_first_step_inline(gpt2: interlace.LanguageModel, m
     assert torch.allclose(logits, expected[:, -logits.shape[1] :], atol=1e-5)
 
 
+def _values(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) -> Any:
+    kind, values = _both_ways(monkeypatch, run)
+    assert kind == "ok", values
+    return values
+
+
+def test_step_loops_during_generation_match_greenlet_bodies(gpt2: interlace.LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`for step in tracer.iter[...]:` around one statement runs inline, one step per
+    generation step, with the loop variable, saves and the tokens the same as on a greenlet."""
+    prompt = "The Eiffel Tower is in"
+
+    def logits_each_step() -> Any:
+        with gpt2.generate(prompt, max_new_tokens=4, do_sample=False) as tracer:
+            logits = list().save()
+            for step in tracer.iter[:]:
+                logits.append(gpt2.lm_head.output[:, -1])
+            ids = gpt2.generator.output.save()
+        return logits, ids
+
+    def some_steps() -> Any:
+        with gpt2.generate(prompt, max_new_tokens=4, do_sample=False) as tracer:
+            chosen = [].save()
+            for step in tracer.iter[[0, 2]]:
+                chosen.append(gpt2.transformer.h[0].output[0][:, -1] * step)
+            later = [].save()
+            for k in tracer.iter[3:]:  # (a second loop goes on from where the first one ended)
+                later.append(gpt2.transformer.h[1].output[0][:, -1])
+        return chosen, later
+
+    def edit_from_step_two() -> Any:
+        with gpt2.generate(prompt, max_new_tokens=4, do_sample=False) as tracer:
+            for step in tracer.iter[2:]:
+                gpt2.transformer.h[1].output[0][:] = 0
+            ids = gpt2.generator.output.save()
+        return ids
+
+    def every_token() -> Any:
+        with gpt2.generate(prompt, max_new_tokens=3, do_sample=False) as tracer:
+            tokens = [].save()
+            for step in tracer.all():
+                tokens.append(gpt2.generator.streamer.output)
+        return tokens
+
+    logits, ids = _values(monkeypatch, logits_each_step)
+    assert len(logits) == 4
+    assert torch.equal(torch.stack(logits, 1).argmax(-1), ids[:, -4:])  # greedy: each step's pick
+    chosen, later = _values(monkeypatch, some_steps)
+    assert len(chosen) == 2 and not chosen[0].any() and chosen[1].any() and len(later) == 1
+    edited = _values(monkeypatch, edit_from_step_two)
+    with gpt2.generate(prompt, max_new_tokens=4, do_sample=False):
+        plain = gpt2.generator.output.save()
+    assert torch.equal(edited[:, :-2], plain[:, :-2]) and not torch.equal(edited, plain)
+    tokens = _values(monkeypatch, every_token)
+    assert len(tokens) == 3
+
+
+def test_a_step_loop_that_generation_ends_early_warns_and_ends_the_body(gpt2: interlace.LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AfterThree(StoppingCriteria):
+        def __init__(self, prompt_length: int) -> None:
+            self.end = prompt_length + 3
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.end, dtype=torch.bool)
+
+    prompt = "The Eiffel Tower is in"
+    stop = StoppingCriteriaList([AfterThree(len(gpt2.tokenizer(prompt)["input_ids"]))])
+
+    def run() -> Any:
+        with gpt2.generate(prompt, max_new_tokens=6, stopping_criteria=stop, do_sample=False) as tracer:
+            seen = list().save()
+            after = list().save()
+            for step in tracer.iter[:]:
+                seen.append(gpt2.lm_head.output)
+            after.append(gpt2.generator.output)  # not reached: the loop never finished
+        return len(seen), len(after)
+
+    with pytest.warns(interlace.GenerationEndedWarning, match=r"after 3 step\(s\), before step 3") as warned:
+        assert _values(monkeypatch, run) == (3, 0)
+    assert len(warned) == 2 and str(warned[0].message) == str(warned[1].message)  # inline, then greenlet
+
+
+def test_step_loops_in_a_trace_and_their_errors(mlp_model: interlace.NNsight, tiny_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    def one_step() -> Any:
+        with mlp_model.trace(tiny_input) as tracer:
+            hs = [].save()
+            for step in tracer.iter[:]:
+                hs.append(mlp_model.layer1.output + step)
+        return hs
+
+    def out_of_order() -> Any:
+        with mlp_model.trace(tiny_input) as tracer:
+            late = mlp_model.layer2.output.save()
+            hs = [].save()
+            for step in tracer.iter[0]:
+                hs.append(mlp_model.layer1.output)  # INLINE-LOOP-ORDER
+        return hs
+
+    def past_the_end() -> Any:
+        with mlp_model.trace(tiny_input) as tracer:
+            hs = [].save()
+            for step in tracer.iter[[0, 3]]:
+                hs.append(mlp_model.layer1.output)  # INLINE-LOOP-END
+        return hs
+
+    def user_error() -> Any:
+        with mlp_model.trace(tiny_input) as tracer:
+            hs = [].save()
+            for step in tracer.all():
+                hs.append(mlp_model.layer1.output[0, 99])  # INLINE-LOOP-RAISE
+        return hs
+
+    hs = _values(monkeypatch, one_step)
+    assert len(hs) == 1
+    for run, marker, error in [
+        (out_of_order, "# INLINE-LOOP-ORDER", interlace.OutOfOrderError),
+        (user_error, "# INLINE-LOOP-RAISE", IndexError),
+    ]:
+        kind, (error_type, message, lines) = _both_ways(monkeypatch, run)
+        assert kind == "error" and error_type is error and line_of(THIS_FILE, marker) in lines, (marker, message)
+    # A step past a trace's end: left to a greenlet, which says the module was not called again.
+    with pytest.raises(interlace.ModuleNotCalledError) as info:
+        past_the_end()
+    assert any(f.lineno == line_of(THIS_FILE, "# INLINE-LOOP-END") for f in traceback.extract_tb(info.value.__traceback__))
+
+
 def test_statements_that_could_ask_for_more_are_not_inline(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
     from interlace.tracing.capture import SAVE_HELPER
     from interlace.tracing.reads import body_segments
@@ -210,10 +337,28 @@ def test_statements_that_could_ask_for_more_are_not_inline(mlp_model: interlace.
 
     def segments(source: str) -> Any:
         body = ast.parse(source).body
-        return body_segments(body, "<test>", set(), SAVE_HELPER)
+        stored = {n.id for n in ast.walk(ast.Module(body=body, type_ignores=[])) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+        return body_segments(body, "<test>", stored, SAVE_HELPER)
 
     assert segments("a = m.x.output\nb = m.y.output[0][:] \nm.z.output[:] = 0\n") is not None
     assert segments("outs = interlace.save([b.output[0][:, -1] for b in m.layers])") is not None
+    assert segments("hs = []\nfor s in t.iter[:]:\n    hs.append(m.x.output[0] * s)\nb = m.y.output") is not None
+    assert segments("for s in t.all():\n    m.x.output[:] = 0") is not None
+    for source in [
+        "a = 0",  # reads nothing and is not an empty list or dict: the body is not inline
+        "for s in t.iter[:]:\n    a = m.x.output\n    b = m.y.output",  # one statement per loop
+        "for s in t.iter[:]:\n    a = m.x.output\nelse:\n    pass",
+        "for s in t.iter[k]:\n    a = m.x.output",  # a key that is not a constant
+        "for s in range(3):\n    a = m.x.output",
+        "for s in t.iter[:]:\n    a = [b.output for b in m.layers]",  # one value per step
+        "for t in t.iter[:]:\n    a = m.x.output",  # the loop rebinds the tracer's name
+        "hs.append(m.x.output)",  # not a list this body made: user code
+        "hs = []\nhs = []\nhs.append(m.x.output)",  # made twice
+        "hs.append(m.x.output)\nhs = []",  # used before it is made
+        "hs = {}\nhs.append(m.x.output)",
+        "hs = [0]\nhs.append(m.x.output)",  # not empty: `a = 0` above
+    ]:
+        assert segments(source) is None, source
     for source in [
         "a = f(m.x.output)",  # any call but a save can read more values
         "a = m.x.output.sum()",
@@ -223,8 +368,6 @@ def test_statements_that_could_ask_for_more_are_not_inline(mlp_model: interlace.
         "a = m.x.input",  # not an output read first
         "a = [b.output[i] for b in m.layers]",  # a non-constant index, evaluated late
         "a = [b.output.sum() for b in m.layers]",
-        "a = 0",  # reads nothing: the body is not only inline statements
-        "for s in t.iter[:]:\n    a = m.x.output",
         "m = other\na = m.x.output",  # the root is reassigned: resolved wrongly at the start
     ]:
         stored = {"m"} if source.startswith("m = ") else set()

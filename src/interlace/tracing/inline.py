@@ -26,28 +26,33 @@ class InlineBodies:
 
         def _start_body(self, mediator: Mediator, value: Any = None) -> Any: ...
 
-    def run_inline(self, mediator: Mediator, plan: list[tuple[Any, tuple[int, ...]]], block: Any) -> None:
+    def run_inline(self, mediator: Mediator, plan: list[tuple[Any, tuple[int, ...], list[int] | None]], block: Any) -> None:
         """Run `mediator`'s body as inline statements (`reads.body_segments`; `plan` from
         `reads.inline_plan`): each statement runs on the model's side, in the wrapper that
         serves the last value it reads, with no greenlet; values it reads before that (a
-        comprehension over layers) are kept by observers as they are served, in order. If a
-        value cannot come in order, the rest of the body goes on a greenlet as usual
-        (`_start_body`), so errors are raised by the same code at the same line.
+        comprehension over layers) are kept by observers as they are served, in order, and a
+        step loop runs its statement once per step, each in the wrapper serving that step's
+        value. If a value cannot come in order, the rest of the body goes on a greenlet as
+        usual (`_start_body`), so errors are raised by the same code at the same line.
 
         Called before `NNsight._begin_run`, which then wraps only the modules the statements
-        read (`needed`): their counters are exact, so no call-order table is involved."""
+        read (`needed`): their counters are exact, so no call-order table is involved.
+        Statements that read nothing before the first read (`logits = list().save()`) run in
+        `Interleaver.start`, where a greenlet body would start."""
         mediator.plan = plan
         mediator.block = block
         mediator.deferred = True
-        self.needed = tuple({i for _, reads in plan for i in reads})
-        if not plan:  # nothing but `pass`
-            mediator.done = True
-            return
-        self._await_inline(mediator, plan[0][1])
+        needed = {i for _, reads, _ in plan for i in reads}
+        if any(steps for _, _, steps in plan):
+            needed.add(0)  # the root too: its calls count the steps a loop's warning reports
+        self.needed = tuple(needed)
+        if plan and plan[0][1] and plan[0][2] != []:
+            self._go_on_inline(mediator, None)  # only registers the first wait: nothing runs
 
-    def _await_inline(self, mediator: Mediator, reads: tuple[int, ...]) -> None:
-        """Wait for a statement's last read; keep the values of the reads before it if they
-        are served in order (a `kept` list that `_go_on_inline` checks)."""
+    def _await_inline(self, mediator: Mediator, reads: tuple[int, ...], call: int = 0) -> None:
+        """Wait for a statement's last read (at `call`: a loop's step); keep the values of the
+        reads before it if they are served in order (a `kept` list that `_go_on_inline`
+        checks; only statements outside loops read more than one value)."""
         last = len(reads) - 1
         if last:
             kept: list[Any] = []
@@ -62,50 +67,89 @@ class InlineBodies:
 
                 observers.setdefault(idx, []).append(keep)
         idx = reads[last]
-        mediator.want = (OUTPUT, idx, 0)
+        mediator.want = (OUTPUT, idx, call)
         queue = self.output_waiters.get(idx)
         if queue is None:
             self.output_waiters[idx] = [mediator]
         else:
             queue.append(mediator)
 
-    def _go_on_inline(self, mediator: Mediator, slot: _Slot) -> Any:
-        """Run the statements of an inline body that the value in `slot` completes, then wait
-        for the next one's reads; returns the signal, as a greenlet would."""
-        plan: list[tuple[Any, tuple[int, ...]]] = mediator.plan  # type: ignore[assignment]
+    def _go_on_inline(self, mediator: Mediator, slot: _Slot | None) -> Any:
+        """Run the statement of an inline body that the value in `slot` completes (none when
+        `slot` is None), the statements after it that read nothing, then wait for the next
+        read; returns the signal, as a greenlet would."""
+        plan: list[tuple[Any, tuple[int, ...], list[int] | None]] = mediator.plan  # type: ignore[assignment]
         ns = mediator.namespace
         while True:
-            segment, reads = plan[mediator.seg]
-            if len(reads) == 1:
-                ns[READ_NAME] = slot.view
-            else:
-                kept = mediator.kept
-                if len(kept) != len(reads) - 1:  # a value came out of order (or not at all)
-                    mediator.prefetched = dict(zip(reads, kept))
-                    return self._start_body(mediator)
-                ns[READ_NAME] = [*kept, slot.view]
-                mediator.kept = None
-            main = self.main
-            outer = getattr(main, "mediator", None)  # (a trace run from a body's greenlet)
-            main.mediator = mediator  # what a value's own `.save()` would find
-            mediator.inline = True
-            try:
-                exec(segment.code, ns)
-            finally:
-                mediator.inline = False
-                main.mediator = outer
-                del ns[READ_NAME]
-            seg = mediator.seg = mediator.seg + 1
+            if slot is not None:
+                segment, reads, steps = plan[mediator.seg]
+                if len(reads) == 1:
+                    value = slot.view
+                else:
+                    kept = mediator.kept
+                    if len(kept) != len(reads) - 1:  # a value came out of order (or not at all)
+                        mediator.prefetched = dict(zip(reads, kept))
+                        return self._start_body(mediator)
+                    value = [*kept, slot.view]
+                    mediator.kept = None
+                self._exec_inline(mediator, segment.code, value)
+                if steps is not None:
+                    position = mediator.loop_pos + 1
+                    if position < len(steps):  # the loop's next step
+                        mediator.loop_pos = position
+                        ns[segment.loop[2]] = steps[position]
+                        self._await_inline(mediator, reads, steps[position])
+                        return _WAIT
+                    mediator.iter_depth = 0
+                mediator.seg += 1
+            seg = mediator.seg
             if seg == len(plan):
                 mediator.done = True
                 mediator.plan = None
                 return _DONE
-            reads = plan[seg][1]
-            if len(reads) == 1 and reads[0] == slot.idx and slot.kind == OUTPUT and slot.n == 0:
+            segment, reads, steps = plan[seg]
+            if not reads:  # reads nothing (an empty accumulator): runs now
+                self._exec_inline(mediator, segment.code, _NO_VALUE)
+                mediator.seg = seg + 1
+                slot = None
+                continue
+            call = 0
+            if steps is not None:
+                if not steps:  # a loop over no steps: its statement never runs
+                    mediator.seg = seg + 1
+                    slot = None
+                    continue
+                call = steps[0]
+                mediator.loop_pos = 0
+            if slot is not None and len(reads) == 1 and reads[0] == slot.idx and slot.kind == OUTPUT and slot.n == call:
+                if steps is not None:
+                    ns[segment.loop[2]] = call
                 continue  # the value being served, read again
             finished = self.finished
             for idx in reads:
-                if finished[idx]:  # already gone: the greenlet body raises at its line
+                if finished[idx] > call:  # already gone: the greenlet body raises at its line
                     return self._start_body(mediator)
-            self._await_inline(mediator, reads)
+            if steps is not None:
+                ns[segment.loop[2]] = call
+                mediator.iter_depth = 1  # (so `finish` treats a step that never comes as a loop's)
+            self._await_inline(mediator, reads, call)
             return _WAIT
+
+    def _exec_inline(self, mediator: Mediator, code: Any, value: Any) -> None:
+        """Run one statement of `mediator`'s body with `value` as what it reads."""
+        ns = mediator.namespace
+        main = self.main
+        outer = getattr(main, "mediator", None)  # (a trace run from a body's greenlet)
+        main.mediator = mediator  # what a value's own `.save()` would find
+        mediator.inline = True
+        if value is not _NO_VALUE:
+            ns[READ_NAME] = value
+        try:
+            exec(code, ns)
+        finally:
+            mediator.inline = False
+            main.mediator = outer
+            ns.pop(READ_NAME, None)
+
+
+_NO_VALUE = object()

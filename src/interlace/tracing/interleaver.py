@@ -411,6 +411,7 @@ class Interleaver(InlineBodies):
         if mediator.plan is not None:
             mediator.code = mediator.block.rest_code(mediator.plan[mediator.seg][0].position)
             mediator.plan = None
+            mediator.iter_depth = 0  # (a step loop starts over on the greenlet)
         worker = mediator.greenlet = _take_worker(self.main)
         worker.mediator = mediator
         return worker.switch(value)
@@ -424,8 +425,11 @@ class Interleaver(InlineBodies):
         try:
             for mediator in mediators:
                 if mediator.deferred:
-                    continue
-                signal = self._start_body(mediator)
+                    if mediator.plan is None or mediator.want is not None or mediator.done:
+                        continue
+                    signal = self._go_on_inline(mediator, None)  # statements that read nothing
+                else:
+                    signal = self._start_body(mediator)
                 if signal is not _WAIT and signal is not _DONE:
                     self._handle_signal(mediator, signal, None)
         except _StopForward:
@@ -479,6 +483,13 @@ class Interleaver(InlineBodies):
                 )
 
     def _throw(self, mediator: Mediator, exc: BaseException) -> None:
+        if mediator.plan is not None and mediator.greenlet is None and isinstance(exc, _GenerationEnded):
+            # An inline step loop waits for a step generation never made: the body ends
+            # there, as a greenlet body does (`_worker_loop`), after the same warning.
+            mediator.want = None
+            mediator.plan = None
+            mediator.done = True
+            return
         if mediator.greenlet is None and mediator.deferred and not mediator.done:
             # Its value never came: run the body up to that read, so the error is raised there.
             mediator.want = None

@@ -194,9 +194,10 @@ class Mediator:
     # A body run as inline statements (Interleaver.run_inline): its plan, the statement that
     # comes next, the values of that statement's reads before its last (kept in order), and
     # whether a statement is running right now.
-    plan: "list[tuple[Any, tuple[int, ...]]] | None" = None
+    plan: "list[tuple[Any, tuple[int, ...], list[int] | None]] | None" = None
     block: Any = None
     seg = 0
+    loop_pos = 0  # in a step loop: the position of the step it waits for among the loop's steps
     kept: list[Any] | None = None
     inline = False
     # Values served before a greenlet took over from inline statements (module -> its rows).

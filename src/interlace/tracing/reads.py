@@ -34,7 +34,7 @@ from typing import Any
 from .envoy import Envoy
 from .saving import save
 
-__all__ = ["READ_NAME", "Read", "Segment", "body_segments", "first_output_read", "first_read_index", "inline_plan"]
+__all__ = ["ALL_STEPS", "READ_NAME", "Read", "Segment", "body_segments", "first_output_read", "first_read_index", "inline_plan"]
 
 #: (root name, steps, (module, attribute) pairs called on the way): `interlace.save(m.h[0].output)`
 #: is `("m", (("a", "h"), ("i", 0)), (("interlace", "save"),))`. A last step `("*", 0)` stands
@@ -140,11 +140,27 @@ def _plain_path(node: ast.AST) -> tuple[str, tuple[tuple[str, Any], ...]] | None
 class Segment:
     """One statement of a body that runs inline (see the design note): `code` is the statement
     alone, `read` what it reads first, `position` its index among the body's statements
-    (where a greenlet takes over if the run cannot go on inline)."""
+    (where a greenlet takes over if the run cannot go on inline).
+
+    `read` is None for an empty accumulator (`logits = list().save()`), which reads nothing
+    and runs at once; `constructors` are the builtins it calls, checked when the run starts.
+    `loop` is set for a step loop around one inline statement (`for step in tracer.iter[:]:
+    logits.append(m.lm_head.output)`): (the tracer's name, the loop's key or `ALL_STEPS` for
+    `tracer.all()`, the loop variable); `code` is then the statement inside the loop.
+    """
 
     code: types.CodeType
-    read: Read
+    read: Read | None
     position: int
+    loop: tuple[str, Any, str] | None = None
+    constructors: tuple[str, ...] = ()
+
+
+#: The key of a `tracer.all()` loop.
+ALL_STEPS = "all"
+
+#: Builtins an accumulator may be made with (`x = list()`); they run no user code.
+_CONSTRUCTORS: dict[str, type] = {"list": list, "dict": dict}
 
 
 # Nodes whose evaluation runs no user Python beyond operators on the values read (tensors,
@@ -160,17 +176,112 @@ _ENVOY_VALUES = ("output", "input", "inputs")
 def body_segments(statements: list[ast.stmt], filename: str, stored: set[str] | frozenset[str], save_helper: str) -> tuple[Segment, ...] | None:
     """The body as inline statements, or None if any statement is not one (`pass` and bare
     constants are dropped: they do nothing)."""
+    accumulators = _accumulators(statements, save_helper)
+    lists = {name for name, (_, _, kind) in accumulators.items() if kind == "list"}
     segments = []
     for position, stmt in enumerate(statements):
         if isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)):
             continue
-        read = _inline_read(stmt, save_helper)
+        made = _accumulator(stmt, save_helper)
+        if made is not None and accumulators.get(made[0], (None,))[0] is stmt:
+            code = compile(ast.Module(body=[stmt], type_ignores=[]), filename, "exec", dont_inherit=True)
+            segments.append(Segment(code, None, position, constructors=made[2]))
+            continue
+        loop = _step_loop(stmt)
+        inner = stmt.body[0] if loop is not None else stmt  # type: ignore[attr-defined]
+        if loop is not None and (loop[0] in stored or loop[2] == loop[0]):
+            return None
+        # (a list may only be appended to once it exists: after the statement that makes it)
+        known = {n for n in lists if accumulators[n][1] < position}
+        read = _inline_read(inner, save_helper, known)
         if read is None or read[0] in stored or any(name in stored for name, _ in read[2]):
             return None  # (a root reassigned by the body would be resolved wrongly at the start)
-        inline = _with_values(stmt, each=read[1][-1:] == (_EACH,))
-        code = compile(ast.Module(body=[inline], type_ignores=[]), filename, "exec", dont_inherit=True)
-        segments.append(Segment(code, read, position))
+        each = read[1][-1:] == (_EACH,)
+        if loop is not None and each:
+            return None  # (one value per step)
+        code = compile(ast.Module(body=[_with_values(inner, each=each)], type_ignores=[]), filename, "exec", dont_inherit=True)
+        segments.append(Segment(code, read, position, loop=loop))
     return tuple(segments)
+
+
+def _accumulators(statements: list[ast.stmt], save_helper: str) -> dict[str, tuple[ast.stmt, int, str]]:
+    """Names made empty (`x = []`, `x = list().save()`) by a statement of the body and bound
+    nowhere else in it: (that statement, its position, "list" or "dict")."""
+    bound: dict[str, int] = {}
+    for stmt in statements:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+                bound[node.id] = bound.get(node.id, 0) + 1
+    found = {}
+    for position, stmt in enumerate(statements):
+        made = _accumulator(stmt, save_helper)
+        if made is not None and bound.get(made[0]) == 1:
+            found[made[0]] = (stmt, position, made[1])
+    return found
+
+
+def _accumulator(stmt: ast.stmt, save_helper: str) -> tuple[str, str, tuple[str, ...]] | None:
+    """(name, "list"/"dict", builtins called) for `name = []`, `name = {}`, `name = list()` or
+    `name = dict()`, saved (`.save()`) or not."""
+    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+        return None
+    value = stmt.value
+    if (
+        isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == save_helper
+        and len(value.args) == 1 and not value.keywords
+    ):  # fmt: skip
+        value = value.args[0]
+    name = stmt.targets[0].id
+    if isinstance(value, ast.List) and not value.elts:
+        return name, "list", ()
+    if isinstance(value, ast.Dict) and not value.keys:
+        return name, "dict", ()
+    if (
+        isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in _CONSTRUCTORS
+        and not value.args and not value.keywords
+    ):  # fmt: skip
+        return name, value.func.id, (value.func.id,)
+    return None
+
+
+def _step_loop(stmt: ast.stmt) -> tuple[str, Any, str] | None:
+    """(tracer name, key, loop variable) of `for v in t.iter[<constant>]:` or
+    `for v in t.all():` around exactly one statement, with no `else`."""
+    if not isinstance(stmt, ast.For) or stmt.orelse or len(stmt.body) != 1 or not isinstance(stmt.target, ast.Name):
+        return None
+    it = stmt.iter
+    if (
+        isinstance(it, ast.Call) and not it.args and not it.keywords and isinstance(it.func, ast.Attribute)
+        and it.func.attr == "all" and isinstance(it.func.value, ast.Name)
+    ):  # fmt: skip
+        return it.func.value.id, ALL_STEPS, stmt.target.id
+    if isinstance(it, ast.Subscript) and isinstance(it.value, ast.Attribute) and it.value.attr == "iter" and isinstance(it.value.value, ast.Name):
+        key = _constant_key(it.slice)
+        if key is not None:
+            return it.value.value.id, key, stmt.target.id
+    return None
+
+
+def _constant_key(node: ast.AST) -> Any:
+    """The value of a constant step key (`3`, `0:3`, `:`, `[0, 2]`), or None."""
+    if isinstance(node, ast.Slice):
+        parts = []
+        for part in (node.lower, node.upper, node.step):
+            if part is None:
+                parts.append(None)
+            elif isinstance(part, ast.Constant) and type(part.value) is int:
+                parts.append(part.value)
+            else:
+                return None
+        return slice(*parts)
+    if isinstance(node, (ast.Constant, ast.List, ast.Tuple)):
+        try:
+            value = ast.literal_eval(node)
+        except ValueError:
+            return None
+        if type(value) is int or (isinstance(value, (list, tuple)) and all(type(v) is int for v in value)):
+            return value
+    return None
 
 
 def _with_values(stmt: ast.stmt, each: bool) -> ast.stmt:
@@ -205,13 +316,17 @@ def _replace_read(tree: ast.AST, value: ast.expr) -> None:
     raise AssertionError("no read to replace")  # _inline_read found exactly one
 
 
-def _inline_read(stmt: ast.stmt, save_helper: str) -> Read | None:
+def _inline_read(stmt: ast.stmt, save_helper: str, lists: set[str] | frozenset[str] = frozenset()) -> Read | None:
     """What `stmt` reads, if it begins with that read (`first_output_read`) and then only
-    evaluates plain nodes, assigns plain names (or into the value read: `m.h.output[:] = 0`)
-    and saves: it cannot ask for another value, so it never has to wait."""
+    evaluates plain nodes, assigns plain names (or into the value read: `m.h.output[:] = 0`),
+    saves and appends to `lists` (names the body made empty lists): it cannot ask for another
+    value, so it never has to wait."""
     read = first_output_read(stmt)
     if read is None:
         return None
+    appends = tuple(pair for pair in read[2] if pair[1] == "append" and pair[0] in lists)
+    if appends:  # `logits.append(m.lm_head.output)`: a builtin list's method, not a module's
+        read = (read[0], read[1], tuple(pair for pair in read[2] if pair not in appends))
     if isinstance(stmt, ast.Assign):
         for target in stmt.targets:
             names = target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
@@ -230,6 +345,8 @@ def _inline_read(stmt: ast.stmt, save_helper: str) -> Read | None:
             if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
                 return None
             if isinstance(func, ast.Name) and func.id == save_helper:  # `x.save()`, rewritten
+                continue
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and (func.value.id, func.attr) in appends:
                 continue
             if not (isinstance(func, ast.Attribute) and func.attr == "save" and isinstance(func.value, ast.Name)):
                 return None
@@ -295,13 +412,18 @@ def _module_at(read: Read, ns: dict[str, Any], model: Any, check: Any = None) ->
     envoy = ns.get(name)
     if not isinstance(envoy, Envoy) or envoy._root is not model:
         return None
-    shadow = model.__dict__["_shadow"]  # aliases and extra modules: left to the envoys
+    d = model.__dict__
+    shadow = d["_shadow"]  # aliases and extra modules: resolved as `NNsight._alias_target` does
     module = envoy._module
+    root = model._module
     for kind, key in steps:
         children = module._modules
         if kind == "a":
             if key in shadow:
-                return None
+                if module is not root or key in d["_root_aliases"] or key not in d["_extra_modules"]:
+                    return None
+                module = d["_extra_modules"][key]  # `model.generator`
+                continue
             module = children.get(key)
             if module is None:
                 return None
@@ -336,12 +458,23 @@ def first_read_index(read: Read, ns: dict[str, Any], model: Any) -> int | None:
     return None if module is None else _index(model, module)
 
 
-def inline_plan(segments: tuple[Segment, ...], ns: dict[str, Any], model: Any) -> list[tuple[Segment, tuple[int, ...]]] | None:
-    """Each inline statement with the module indices it reads, in order; None if a read does
-    not resolve (the body then runs on a greenlet)."""
-    plan = []
+def inline_plan(
+    segments: tuple[Segment, ...], ns: dict[str, Any], model: Any, tracer: Any = None
+) -> list[tuple[Segment, tuple[int, ...], list[int] | None]] | None:
+    """Each inline statement with the module indices it reads, in order, and for a step loop
+    its steps; None if a read does not resolve (the body then runs on a greenlet)."""
+    plan: list[tuple[Segment, tuple[int, ...], list[int] | None]] = []
     for segment in segments:
-        module = _module_at(segment.read, ns, model, save)
+        read = segment.read
+        if read is None:  # an empty accumulator: its constructor must be the builtin
+            builtins = ns.get("__builtins__")
+            for name in segment.constructors:
+                found = ns[name] if name in ns else builtins.get(name) if isinstance(builtins, dict) else None
+                if found is not _CONSTRUCTORS[name]:
+                    return None
+            plan.append((segment, (), None))
+            continue
+        module = _module_at(read, ns, model, save)
         if module is None:
             return None
         if type(module) is list:
@@ -353,5 +486,19 @@ def inline_plan(segments: tuple[Segment, ...], ns: dict[str, Any], model: Any) -
             if idx is None:
                 return None
             indices = (idx,)
-        plan.append((segment, indices))
+        steps = None
+        if segment.loop is not None:
+            name, key, _ = segment.loop
+            if tracer is None or ns.get(name) is not tracer or indices[0] in model.__dict__.get("_unstepped", ()):
+                return None  # (an unstepped module, `model.generator`, has one value per run)
+            try:
+                loop = tracer.all() if key == ALL_STEPS else tracer.iter[key]
+            except Exception:  # a bad key: the loop raises its error on a greenlet
+                return None
+            steps = list(loop.steps)
+            if steps and steps[-1] >= loop.limit and tracer.kind != "generate":
+                # A step past the run's end never comes; only generation's "ended early"
+                # can end an inline loop midway (`Interleaver._throw`), so leave it to a greenlet.
+                return None
+        plan.append((segment, indices, steps))
     return plan

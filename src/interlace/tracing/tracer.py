@@ -199,7 +199,7 @@ class InterleavingTracer(Tracer):
     _collecting = False  # while the body runs to collect invokes
     _interleaver: Interleaver | None = None  # while the model runs
     _first_read: int | None = None  # module whose output a lone body reads first (see _run)
-    _plan: list[tuple[Any, tuple[int, ...]]] | None = None  # a lone body's inline statements
+    _plan: list[tuple[Any, tuple[int, ...], list[int] | None]] | None = None  # a lone body's inline statements
     output: Any = None  # the traced call's return value
 
     def __init__(self, model: "NNsight", *args: Any, backend: Any = None, **kwargs: Any) -> None:
@@ -313,7 +313,7 @@ class InterleavingTracer(Tracer):
         elif has_input:
             block: Block = self.block  # type: ignore[assignment]
             if block.segments is not None:
-                self._plan = inline_plan(block.segments, ns, model)
+                self._plan = inline_plan(block.segments, ns, model, self)
             if self._plan is None and block.first_read is not None:
                 self._first_read = first_read_index(block.first_read, ns, model)
         args, kwargs, batch_size = model._batch(prepared)
