@@ -42,12 +42,21 @@ class InlineBodies:
         mediator.plan = plan
         mediator.block = block
         mediator.deferred = True
+        if not plan:  # nothing but `pass`
+            mediator.done = True
+            self.needed = ()
+            return
         needed = {i for _, reads, _ in plan for i in reads}
-        if any(steps for _, _, steps in plan):
-            needed.add(0)  # the root too: its calls count the steps a loop's warning reports
+        for _, _, steps in plan:
+            if steps:
+                needed.add(0)  # the root too: its calls count the steps a loop's warning reports
+                break
         self.needed = tuple(needed)
-        if plan and plan[0][1] and plan[0][2] != []:
-            self._go_on_inline(mediator, None)  # only registers the first wait: nothing runs
+        if plan[0][1]:
+            if plan[0][2] is None:
+                self._await_inline(mediator, plan[0][1])
+            elif plan[0][2]:
+                self._go_on_inline(mediator, None)  # a loop: registers its first step's wait
 
     def _await_inline(self, mediator: Mediator, reads: tuple[int, ...], call: int = 0) -> None:
         """Wait for a statement's last read (at `call`: a loop's step); keep the values of the
@@ -95,10 +104,17 @@ class InlineBodies:
                 self._exec_inline(mediator, segment.code, value)
                 if steps is not None:
                     position = mediator.loop_pos + 1
-                    if position < len(steps):  # the loop's next step
+                    if position < len(steps):  # the loop's next step (`_await_inline`, one read)
+                        call = steps[position]
                         mediator.loop_pos = position
-                        ns[segment.loop[2]] = steps[position]
-                        self._await_inline(mediator, reads, steps[position])
+                        ns[segment.loop[2]] = call
+                        idx = reads[0]
+                        mediator.want = (OUTPUT, idx, call)
+                        queue = self.output_waiters.get(idx)
+                        if queue is None:
+                            self.output_waiters[idx] = [mediator]
+                        else:
+                            queue.append(mediator)
                         return _WAIT
                     mediator.iter_depth = 0
                 mediator.seg += 1
@@ -109,7 +125,7 @@ class InlineBodies:
                 return _DONE
             segment, reads, steps = plan[seg]
             if not reads:  # reads nothing (an empty accumulator): runs now
-                self._exec_inline(mediator, segment.code, _NO_VALUE)
+                self._exec_inline(mediator, segment.code, None)
                 mediator.seg = seg + 1
                 slot = None
                 continue
@@ -142,14 +158,10 @@ class InlineBodies:
         outer = getattr(main, "mediator", None)  # (a trace run from a body's greenlet)
         main.mediator = mediator  # what a value's own `.save()` would find
         mediator.inline = True
-        if value is not _NO_VALUE:
-            ns[READ_NAME] = value
+        ns[READ_NAME] = value
         try:
             exec(code, ns)
         finally:
             mediator.inline = False
             main.mediator = outer
-            ns.pop(READ_NAME, None)
-
-
-_NO_VALUE = object()
+            del ns[READ_NAME]

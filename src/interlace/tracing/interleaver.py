@@ -256,7 +256,15 @@ class Interleaver(InlineBodies):
                 del self.output_waiters[idx]
                 mediator.want = None
                 slot = _Slot(OUTPUT, idx, n, out)
-                self._serve_one(mediator, slot)
+                if mediator.plan is not None and mediator.group is None:  # `_serve_one`, inline
+                    slot.view = out
+                    mediator.current = slot  # (for a greenlet that takes over: `request`)
+                    signal = self._go_on_inline(mediator, slot)
+                    mediator.current = None
+                    if signal is not _WAIT and signal is not _DONE:
+                        self._handle_signal(mediator, signal, slot)
+                else:
+                    self._serve_one(mediator, slot)
                 out = slot.value
             else:
                 out = self._serve(self.output_waiters, OUTPUT, idx, n, out)

@@ -415,12 +415,11 @@ def _module_at(read: Read, ns: dict[str, Any], model: Any, check: Any = None) ->
     d = model.__dict__
     shadow = d["_shadow"]  # aliases and extra modules: resolved as `NNsight._alias_target` does
     module = envoy._module
-    root = model._module
     for kind, key in steps:
         children = module._modules
         if kind == "a":
             if key in shadow:
-                if module is not root or key in d["_root_aliases"] or key not in d["_extra_modules"]:
+                if module is not model._module or key in d["_root_aliases"] or key not in d["_extra_modules"]:
                     return None
                 module = d["_extra_modules"][key]  # `model.generator`
                 continue
