@@ -14,7 +14,9 @@ before and after its reads:
   reading module outputs through plain paths and then only compute on those values, assign
   names and save, needs no greenlet at all. Each statement runs on the model's side, inside
   the wrapper that serves its last value (`Interleaver.run_inline`): nothing it does can ask
-  for another value, so it never has to wait.
+  for another value, so it never has to wait. Empty accumulators (`logits = list().save()`)
+  read nothing and run at once; a step loop around one such statement (`for s in
+  tracer.iter[:]: logits.append(m.lm_head.output)`) runs it once per step.
 
 Both are checked again when the run starts (`first_read_index`, `inline_plan`): the path's
 root must be an envoy of the traced model, every step a child module (walked on the modules,
