@@ -280,9 +280,18 @@ def test_a_step_loop_that_generation_ends_early_warns_and_ends_the_body(gpt2: in
             after.append(gpt2.generator.output)  # not reached: the loop never finished
         return len(seen), len(after)
 
-    with pytest.warns(interlace.GenerationEndedWarning, match=r"after 3 step\(s\), before step 3") as warned:
-        assert _values(monkeypatch, run) == (3, 0)
-    assert len(warned) == 2 and str(warned[0].message) == str(warned[1].message)  # inline, then greenlet
+    def after_a_read_of_the_same_value() -> Any:
+        with gpt2.generate(prompt, max_new_tokens=6, stopping_criteria=stop, do_sample=False) as tracer:
+            first = gpt2.lm_head.output.save()
+            seen = list().save()
+            for step in tracer.iter[:]:  # step 0 is the value just read
+                seen.append(gpt2.lm_head.output)
+        return len(seen), torch.equal(first, seen[0])
+
+    for body, expected in [(run, (3, 0)), (after_a_read_of_the_same_value, (3, True))]:
+        with pytest.warns(interlace.GenerationEndedWarning, match=r"after 3 step\(s\), before step 3") as warned:
+            assert _values(monkeypatch, body) == expected
+        assert len(warned) == 2 and str(warned[0].message) == str(warned[1].message)  # inline, then greenlet
 
 
 def test_step_loops_in_a_trace_and_their_errors(mlp_model: interlace.NNsight, tiny_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -89,8 +89,10 @@ class InlineBodies:
         read; returns the signal, as a greenlet would."""
         plan: list[tuple[Any, tuple[int, ...], list[int] | None]] = mediator.plan  # type: ignore[assignment]
         ns = mediator.namespace
+        ready = slot is not None  # `slot` holds the value the current statement waits for
         while True:
-            if slot is not None:
+            if ready:
+                ready = False
                 segment, reads, steps = plan[mediator.seg]
                 if len(reads) == 1:
                     value = slot.view
@@ -127,27 +129,26 @@ class InlineBodies:
             if not reads:  # reads nothing (an empty accumulator): runs now
                 self._exec_inline(mediator, segment.code, None)
                 mediator.seg = seg + 1
-                slot = None
                 continue
             call = 0
             if steps is not None:
                 if not steps:  # a loop over no steps: its statement never runs
                     mediator.seg = seg + 1
-                    slot = None
                     continue
                 call = steps[0]
                 mediator.loop_pos = 0
+                mediator.iter_depth = 1  # (so `finish` treats a step that never comes as a loop's)
             if slot is not None and len(reads) == 1 and reads[0] == slot.idx and slot.kind == OUTPUT and slot.n == call:
                 if steps is not None:
                     ns[segment.loop[2]] = call
-                continue  # the value being served, read again
+                ready = True  # the value being served, read again
+                continue
             finished = self.finished
             for idx in reads:
                 if finished[idx] > call:  # already gone: the greenlet body raises at its line
                     return self._start_body(mediator)
             if steps is not None:
                 ns[segment.loop[2]] = call
-                mediator.iter_depth = 1  # (so `finish` treats a step that never comes as a loop's)
             self._await_inline(mediator, reads, call)
             return _WAIT
 
