@@ -156,6 +156,31 @@ def test_streamer_fires_once_per_new_token(feat_gpt2, et_prompt):
     assert torch.equal(torch.cat(tokens, dim=1), out[:, -4:])
 
 
+def test_a_users_streamer_gets_every_token_when_the_body_runs_inline(feat_gpt2, et_prompt):
+    """An inline body that does not read the streamer module leaves it out of `generate`;
+    the user's own streamer is still called as Hugging Face calls it."""
+
+    class Collect:
+        def __init__(self):
+            self.puts = []
+            self.ended = False
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    mine = Collect()
+    with feat_gpt2.generate(et_prompt, max_new_tokens=3, streamer=mine) as tracer:
+        logits = list().save()
+        for step in tracer.iter[:]:
+            logits.append(feat_gpt2.lm_head.output)
+        out = feat_gpt2.generator.output.save()
+    assert mine.ended and len(mine.puts) == 4 and len(logits) == 3  # the prompt, then each token
+    assert torch.equal(torch.cat([p.reshape(1, -1) for p in mine.puts[1:]], 1), out[:, -3:])
+
+
 def test_streamer_read_only_at_a_later_step_is_that_steps_token(feat_gpt2, et_prompt):
     # Until a body waits on the streamer, tokens only advance its call counters.
     with feat_gpt2.generate(et_prompt, max_new_tokens=4) as tracer:

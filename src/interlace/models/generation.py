@@ -87,7 +87,11 @@ def run_generate(model: "LanguageModel", kwargs: dict[str, Any], interleaver: In
     kwargs.pop("position_ids", None)  # generate derives positions from the attention mask
     generator: Generator = model.__dict__["_generator"]
     streamer = generator.streamer
-    kwargs["streamer"] = _StreamerAdapter(streamer, kwargs.get("streamer"), interleaver, model._module_index(streamer))
+    idx = model._module_index(streamer)
+    needed = interleaver.needed  # an inline body: every module it can read, known already
+    if needed is None or idx in needed or streamer._forward_hooks or streamer._forward_pre_hooks:
+        kwargs["streamer"] = _StreamerAdapter(streamer, kwargs.get("streamer"), interleaver, idx)
+    # (else nothing can see the streamer module: `generate` gets the user's streamer, if any)
     if "pad_token_id" not in kwargs:
         tok = model.__dict__["tokenizer"]
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
