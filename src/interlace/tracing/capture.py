@@ -83,21 +83,25 @@ class SkipBody(Exception):
     """Raised by the trace function to stop Python from running a captured body."""
 
 
-_block_cache: dict[tuple[str, int, str, int], tuple[list[str], Block]] = {}
+_block_cache: dict[tuple[int, int], tuple[types.CodeType, list[str], Block]] = {}
+_BLOCK_CACHE_LIMIT = 4096  # call sites; a full cache starts over
 _tree_cache: dict[str, tuple[list[str], ast.Module | None]] = {}
 
 
 def capture_block(frame: types.FrameType, what: str = "model.trace(...)") -> Block:
     """Find and compile the `with` block that `frame` is entering."""
-    filename = frame.f_code.co_filename
-    lineno = frame.f_lineno
+    code = frame.f_code
+    filename = code.co_filename
     entry = linecache.cache.get(filename)  # linecache.getlines's cached case, without the call
     lines = entry[2] if entry is not None and len(entry) != 1 else linecache.getlines(filename, frame.f_globals)
-    # f_lasti tells apart the items of one `with a() as x, b() as y:` statement.
-    key = (filename, lineno, frame.f_code.co_name, frame.f_lasti)
+    # A call site is its code object and f_lasti (which tells apart the items of one
+    # `with a() as x, b() as y:`), so a hit needs no line number (`f_lineno` scans the line
+    # table); the same `lines` list means linecache has not re-read the file since.
+    key = (id(code), frame.f_lasti)
     hit = _block_cache.get(key)
-    if hit is not None and hit[0] is lines:
-        return hit[1]
+    if hit is not None and hit[0] is code and hit[1] is lines:
+        return hit[2]
+    lineno = frame.f_lineno
     if not lines:
         raise SourceNotFoundError(_no_source_message(filename, lineno, what))
     tree = _parse_file(filename, lines)
@@ -118,7 +122,9 @@ def capture_block(frame: types.FrameType, what: str = "model.trace(...)") -> Blo
     as_name = _as_target(frame)
     if as_name is not _UNKNOWN and as_name != block.as_name:
         block = dataclasses.replace(block, as_name=as_name)
-    _block_cache[key] = (lines, block)
+    if len(_block_cache) >= _BLOCK_CACHE_LIMIT:
+        _block_cache.clear()
+    _block_cache[key] = (code, lines, block)
     return block
 
 
