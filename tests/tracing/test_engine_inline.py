@@ -324,8 +324,24 @@ def test_step_loops_in_a_trace_and_their_errors(mlp_model: interlace.NNsight, ti
                 hs.append(mlp_model.layer1.output[0, 99])  # INLINE-LOOP-RAISE
         return hs
 
+    def only_an_accumulator() -> Any:
+        with mlp_model.trace(tiny_input):
+            hs = [].save()
+        return hs
+
+    def an_empty_loop() -> Any:
+        with mlp_model.trace(tiny_input) as tracer:
+            hs = [].save()
+            for step in tracer.iter[0:0]:
+                hs.append(mlp_model.layer1.output)
+            out = mlp_model.layer2.output.save()
+        return hs, out
+
     hs = _values(monkeypatch, one_step)
     assert len(hs) == 1
+    assert _values(monkeypatch, only_an_accumulator) == []
+    hs, out = _values(monkeypatch, an_empty_loop)
+    assert hs == [] and out.shape == (1, 2)
     for run, marker, error in [
         (out_of_order, "# INLINE-LOOP-ORDER", interlace.OutOfOrderError),
         (user_error, "# INLINE-LOOP-RAISE", IndexError),

@@ -46,6 +46,10 @@ class InlineBodies:
             mediator.done = True
             self.needed = ()
             return
+        if len(plan) == 1 and plan[0][2] is None and plan[0][1]:  # one read statement (written out)
+            self.needed = plan[0][1]
+            self._await_inline(mediator, plan[0][1])
+            return
         needed = {i for _, reads, _ in plan for i in reads}
         for _, _, steps in plan:
             if steps:

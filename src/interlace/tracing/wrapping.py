@@ -161,9 +161,10 @@ class ModuleHooks:
             for idx in self._installed:
                 dicts[idx].pop("forward", None)
             self._installed = None
-        for d, previous in self._restore:
-            d["forward"] = previous
-        self._restore.clear()
+        if self._restore:  # instance forwards that were there before the run
+            for d, previous in self._restore:
+                d["forward"] = previous
+            self._restore.clear()
 
 
 _AHEAD_LIMIT = 256  # call sites remembered per table; a full memo starts over
