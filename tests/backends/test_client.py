@@ -42,6 +42,21 @@ def test_submit_and_wait_shows_statuses(client):
     assert "printed on the server" in lines[3]
 
 
+def test_a_client_dropped_without_close_releases_its_connections(server):
+    """`RemoteClient(...).info()` and `RemoteClient().job(id).result()` are documented uses;
+    the client's keep-alive socket goes with it instead of being reported unclosed."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        remote = RemoteClient(server.url, server.key)
+        assert remote.info()  # opens a keep-alive connection
+        del remote
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
 def test_host_and_key_from_environment(server, monkeypatch):
     monkeypatch.setenv("INTERLACE_HOST", server.url)
     monkeypatch.setenv("INTERLACE_API_KEY", server.key)

@@ -14,6 +14,7 @@ WebSockets keep failing. Payloads and results are opaque bytes here; encoding is
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import ssl
@@ -187,6 +188,14 @@ class RemoteClient:
             await self._ahttp.aclose()
             self._ahttp = None
 
+    def __del__(self) -> None:
+        # A client dropped without close() (`RemoteClient().job(id).result()`) lets its
+        # keep-alive connections go now, not at exit with a ResourceWarning per socket.
+        try:
+            self.close()
+        except Exception:  # (at interpreter exit httpx may be half torn down)
+            pass
+
     def __enter__(self) -> "RemoteClient":
         return self
 
@@ -245,6 +254,17 @@ class RemoteClient:
 
 _shared: dict[tuple[str, str | None], RemoteClient] = {}
 _shared_lock = threading.Lock()
+
+
+@atexit.register
+def _close_shared() -> None:
+    """Close the process's shared clients' keep-alive connections before the interpreter
+    tears down (otherwise each open socket is reported unclosed at exit)."""
+    with _shared_lock:
+        clients = list(_shared.values())
+        _shared.clear()
+    for client in clients:
+        client.close()
 
 
 def shared_client(host: str | None = None, api_key: str | None = None) -> RemoteClient:
