@@ -259,8 +259,10 @@ class Interleaver(InlineBodies):
                 if mediator.plan is not None and mediator.group is None:  # `_serve_one`, inline
                     slot.view = out
                     mediator.current = slot  # (for a greenlet that takes over: `request`)
-                    signal = self._go_on_inline(mediator, slot)
-                    mediator.current = None
+                    try:
+                        signal = self._go_on_inline(mediator, slot)
+                    finally:
+                        mediator.current = None
                     if signal is not _WAIT and signal is not _DONE:
                         self._handle_signal(mediator, signal, slot)
                 else:
