@@ -43,7 +43,7 @@ import torch
 import interlace
 from interlace.models import demo
 
-__all__ = ["main"]
+__all__ = ["main", "report"]
 
 
 def _variants(model: interlace.LanguageModel, ids: torch.Tensor, tokens: int) -> dict[str, Callable[[], Any]]:
@@ -146,6 +146,20 @@ def table(medians: dict[str, float], runs: int, tokens: int) -> str:
     return "\n".join(lines)
 
 
+def report(runs: int, tokens: int, clock: Any = time.perf_counter) -> tuple[str, str]:
+    """The table and a one-line summary of the ratios (also printed by `overhead.py`)."""
+    with torch.no_grad():
+        medians, paired = measure(runs, tokens, clock=clock)
+    ratio = medians["interlace generate"] / medians["hf generate"]
+    like = medians["interlace generate"] / medians["hf generate, signature cached"]
+    summary = (
+        f"interlace generate / hf generate: {ratio:.3f}x (ratio of medians), "
+        f"{paired['hf generate']:.3f}x (median of per-round ratios); like for like (vs signature "
+        f"cached): {like:.3f}x and {paired['hf generate, signature cached']:.3f}x; target <= 1.03x"
+    )
+    return table(medians, runs, tokens), summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=60)
@@ -154,16 +168,7 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with torch.no_grad():
-        medians, paired = measure(args.runs, args.tokens, clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
-    text = table(medians, args.runs, args.tokens)
-    ratio = medians["interlace generate"] / medians["hf generate"]
-    like = medians["interlace generate"] / medians["hf generate, signature cached"]
-    summary = (
-        f"interlace generate / hf generate: {ratio:.3f}x (ratio of medians), "
-        f"{paired['hf generate']:.3f}x (median of per-round ratios); like for like (vs signature "
-        f"cached): {like:.3f}x and {paired['hf generate, signature cached']:.3f}x; target <= 1.03x"
-    )
+    text, summary = report(args.runs, args.tokens, time.thread_time if args.clock == "cpu" else time.perf_counter)
     print(text)
     print("\n" + summary)
     if args.append:

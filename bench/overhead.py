@@ -1,7 +1,7 @@
 """What tracing costs on top of a plain forward, on CPU.
 
 Run by hand: ``.venv/bin/python bench/overhead.py [--threads 1] [--runs 200] [--big-runs 7]
-[--clock wall|cpu] [--only tiny|small]``.
+[--gen-runs 60] [--clock wall|cpu] [--only tiny|small|structure|generation]``.
 
 Models: the tiny GPT-2 (4 layers x 128, ``demo.build_tiny_gpt2``) and a GPT-2-small-shaped
 model (12 x 768, random weights, ``demo.build_gpt2_small_shape``), each wrapped with
@@ -21,6 +21,10 @@ Variants (each one call, timed with ``perf_counter``):
   module in every run (``_no_lazy``), as all runs did before call-order tables.
 - ``hooks: zero + logits`` / ``interlace: zero + logits``: zero block 1's output in place and
   keep the logits.
+
+Last, generation (``bench/generation.py``'s comparison, printed here too): the tiny GPT-2
+generating 16 new tokens with a body that saves the logits of each step, against plain
+Hugging Face ``generate`` (target: within 1.03x).
 
 All variants of one model and shape run round-robin (one call of each, repeated), so machine
 noise hits all of them alike; the table shows medians and ratios to the plain forward and to
@@ -219,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small-runs", type=int, default=30, help="rounds for GPT-2-small at 1 x 32")
     parser.add_argument("--big-runs", type=int, default=5, help="rounds for GPT-2-small at 8 x 128")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", choices=["tiny", "small", "structure"], default=None)
+    parser.add_argument("--gen-runs", type=int, default=60, help="rounds of the generation comparison (`generation.py`)")
+    parser.add_argument("--only", choices=["tiny", "small", "structure", "generation"], default=None)
     parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -257,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
             warmup = 1 if runs < 10 else args.warmup
             times = measure(module, batch, tokens, runs, warmup, clock)
             print(_table(f"{name}, batch {batch} x {tokens} tokens, {runs} rounds", times), flush=True)
+    if args.only in (None, "generation"):
+        import generation  # the sibling benchmark (bench/ is on sys.path when run as a script)
+
+        text, summary = generation.report(args.gen_runs, 16, clock)
+        print(f"### generation: 16 new tokens saving logits each step, against plain Hugging Face generate\n\n{text}\n\n{summary}\n")
 
 
 if __name__ == "__main__":
