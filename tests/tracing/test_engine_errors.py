@@ -157,6 +157,19 @@ def test_torch_cpp_errors_in_a_body_never_walk_past_its_greenlet(mlp_model: inte
     assert "g_initialstub" in greenlet(lambda: torch._C._get_cpp_backtrace(0, 200)).switch()
 
 
+def test_a_worker_too_near_the_recursion_limit_to_descend_still_runs_bodies(
+    mlp_model: interlace.NNsight, tiny_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from interlace.tracing import mediator
+
+    monkeypatch.setattr(mediator, "_FLOOR_DEPTH", 10**6)  # every descent hits the limit
+    monkeypatch.setattr(mediator._pool, "idle", [])  # so a new worker is made
+    with mlp_model.trace(tiny_input):
+        _ = 0
+        h = mlp_model.layer1.output.save()
+    assert h.shape[0] == 1
+
+
 def test_error_in_the_model_from_a_bad_edit_propagates(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
     with pytest.raises(RuntimeError):
         with mlp_model.trace(tiny_input):

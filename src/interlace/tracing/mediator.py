@@ -99,7 +99,19 @@ _FLOOR_DEPTH = 12
 
 
 def _worker_base() -> Any:
-    return _Descend()(_FLOOR_DEPTH, _worker_loop)
+    started = False
+
+    def loop() -> Any:
+        nonlocal started
+        started = True
+        return _worker_loop()
+
+    try:
+        return _Descend()(_FLOOR_DEPTH, loop)
+    except RecursionError:
+        if started:
+            raise
+        return _worker_loop()  # too near the recursion limit to descend: run bodies from here
 
 
 def _new_worker(main: Any) -> _BodyGreenlet:
