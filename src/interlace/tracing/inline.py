@@ -110,17 +110,11 @@ class InlineBodies:
                 self._exec_inline(mediator, segment.code, value)
                 if steps is not None:
                     position = mediator.loop_pos + 1
-                    if position < len(steps):  # the loop's next step (`_await_inline`, one read)
+                    if position < len(steps):  # the loop's next step
                         call = steps[position]
                         mediator.loop_pos = position
                         ns[segment.loop[2]] = call
-                        idx = reads[0]
-                        mediator.want = (OUTPUT, idx, call)
-                        queue = self.output_waiters.get(idx)
-                        if queue is None:
-                            self.output_waiters[idx] = [mediator]
-                        else:
-                            queue.append(mediator)
+                        self._await_inline(mediator, reads, call)
                         return _WAIT
                     mediator.iter_depth = 0
                 mediator.seg += 1

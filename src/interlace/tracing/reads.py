@@ -179,22 +179,21 @@ def body_segments(statements: list[ast.stmt], filename: str, stored: set[str] | 
     """The body as inline statements, or None if any statement is not one (`pass` and bare
     constants are dropped: they do nothing)."""
     accumulators = _accumulators(statements, save_helper)
-    lists = {name for name, (_, _, kind) in accumulators.items() if kind == "list"}
+    made_at = {position: constructors for position, _, constructors in accumulators.values()}
     segments = []
     for position, stmt in enumerate(statements):
         if isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)):
             continue
-        made = _accumulator(stmt, save_helper)
-        if made is not None and accumulators.get(made[0], (None,))[0] is stmt:
+        if position in made_at:
             code = compile(ast.Module(body=[stmt], type_ignores=[]), filename, "exec", dont_inherit=True)
-            segments.append(Segment(code, None, position, constructors=made[2]))
+            segments.append(Segment(code, None, position, constructors=made_at[position]))
             continue
         loop = _step_loop(stmt)
         inner = stmt.body[0] if loop is not None else stmt  # type: ignore[attr-defined]
         if loop is not None and (loop[0] in stored or loop[2] == loop[0]):
             return None
         # (a list may only be appended to once it exists: after the statement that makes it)
-        known = {n for n in lists if accumulators[n][1] < position}
+        known = {name for name, (made, kind, _) in accumulators.items() if kind == "list" and made < position}
         read = _inline_read(inner, save_helper, known)
         if read is None or read[0] in stored or any(name in stored for name, _ in read[2]):
             return None  # (a root reassigned by the body would be resolved wrongly at the start)
@@ -206,9 +205,9 @@ def body_segments(statements: list[ast.stmt], filename: str, stored: set[str] | 
     return tuple(segments)
 
 
-def _accumulators(statements: list[ast.stmt], save_helper: str) -> dict[str, tuple[ast.stmt, int, str]]:
+def _accumulators(statements: list[ast.stmt], save_helper: str) -> dict[str, tuple[int, str, tuple[str, ...]]]:
     """Names made empty (`x = []`, `x = list().save()`) by a statement of the body and bound
-    nowhere else in it: (that statement, its position, "list" or "dict")."""
+    nowhere else in it: (that statement's position, "list" or "dict", the builtins it calls)."""
     bound: dict[str, int] = {}
     for stmt in statements:
         for node in ast.walk(stmt):
@@ -218,7 +217,7 @@ def _accumulators(statements: list[ast.stmt], save_helper: str) -> dict[str, tup
     for position, stmt in enumerate(statements):
         made = _accumulator(stmt, save_helper)
         if made is not None and bound.get(made[0]) == 1:
-            found[made[0]] = (stmt, position, made[1])
+            found[made[0]] = (position, made[1], made[2])
     return found
 
 
