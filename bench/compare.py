@@ -72,7 +72,7 @@ def main() -> None:
         old = importlib.import_module("interlace_old")
         new = importlib.import_module("interlace_new")
         demo = importlib.import_module("interlace_new.models.demo")
-        path = demo.build_tiny_gpt2(Path(tempfile.gettempdir()) / "interlace-bench-tiny-gpt2")
+        path = demo.build_tiny_gpt2(Path(tempfile.gettempdir()) / "interlace-bench" / "tiny-gpt2")
         module = AutoModelForCausalLM.from_pretrained(str(path)).eval()
         ids = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(0))
 

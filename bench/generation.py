@@ -105,7 +105,7 @@ def _variants(model: interlace.LanguageModel, ids: torch.Tensor, tokens: int) ->
 def measure(runs: int, tokens: int, warmup: int = 5, clock: Any = time.perf_counter) -> tuple[dict[str, float], dict[str, float]]:
     """Medians per variant, and the median of per-round ratios interlace / hf (less sensitive
     to slow drifts in machine load than the ratio of medians)."""
-    models_dir = os.environ.get("INTERLACE_TEST_MODELS_DIR") or tempfile.mkdtemp(prefix="interlace-bench-")
+    models_dir = os.environ.get("INTERLACE_TEST_MODELS_DIR") or Path(tempfile.gettempdir()) / "interlace-bench"
     path = demo.build_tiny_gpt2(Path(models_dir) / "tiny-gpt2")
     model = interlace.LanguageModel(str(path), dispatch=True)
     torch.manual_seed(0)

@@ -92,7 +92,7 @@ def _report(title: str, variants: dict[str, Callable[[], Any]], base: str) -> No
 
 def main() -> None:
     torch.set_num_threads(1)
-    models_dir = Path(os.environ.get("INTERLACE_TEST_MODELS_DIR") or tempfile.mkdtemp(prefix="interlace-bench-"))
+    models_dir = Path(os.environ.get("INTERLACE_TEST_MODELS_DIR") or Path(tempfile.gettempdir()) / "interlace-bench")
     with torch.no_grad():
         _report("tiny GPT-2, 1 x 32 token ids", _trace_variants(models_dir), "plain")
         _report("tiny GPT-2 generation, 16 new tokens", _generation_variants(models_dir), "hf generate")

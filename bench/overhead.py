@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         def tiny() -> Any:
             from transformers import AutoModelForCausalLM
 
-            path = demo.build_tiny_gpt2(Path(tempfile.gettempdir()) / "interlace-bench-tiny-gpt2")
+            path = demo.build_tiny_gpt2(Path(tempfile.gettempdir()) / "interlace-bench" / "tiny-gpt2")
             return AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
         plan.append(("tiny GPT-2 (4 x 128)", tiny, [(1, 32, args.runs), (8, 128, max(1, args.runs // 3))]))

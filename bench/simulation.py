@@ -10,6 +10,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = build_tiny_gpt2(tempfile.mkdtemp() + "/gpt2")
+    path = build_tiny_gpt2(Path(tempfile.gettempdir()) / "interlace-bench" / "tiny-gpt2")
     model = interlace.LanguageModel(str(path), dispatch=True)
     ids = torch.randint(0, 512, (1, 32))
     scale = 2.0
