@@ -15,6 +15,7 @@ import torch
 
 import interlace
 from interlace.tracing import interleaver as interleaver_module
+from interlace.tracing import tracer as tracer_module
 from engine_helpers import line_of
 
 THIS_FILE = __file__
@@ -43,7 +44,9 @@ def _same(a: Any, b: Any) -> bool:
 
 def _both_ways(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) -> tuple[str, Any]:
     """The outcome of `run` with inline bodies, checked equal to the same on greenlets;
-    also checks the inline run put no body on a greenlet."""
+    also checks the inline run put no body on a greenlet. A body that reads one value runs
+    with no interleaver (`inline.run_one_read`); it is also run through the interleaver's
+    inline path, which must agree too."""
     workers: list[object] = []
     original = interleaver_module._take_worker
 
@@ -54,17 +57,35 @@ def _both_ways(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) -> tuple
     monkeypatch.setattr(interleaver_module, "_take_worker", counting)
     inline = _outcome(run)
     inline_workers = len(workers)
-    monkeypatch.setattr("interlace.tracing.tracer.inline_plan", lambda *args: None)
+    monkeypatch.setattr(tracer_module, "run_one_read", lambda *args: None)  # "not applicable"
+    through_interleaver = _outcome(run)
+    assert len(workers) == inline_workers or inline[0] == "error"
+    monkeypatch.setattr(tracer_module, "inline_plan", lambda *args: None)
     on_greenlet = _outcome(run)
     monkeypatch.undo()
-    assert inline[0] == on_greenlet[0], (inline, on_greenlet)
+    for other in (through_interleaver, on_greenlet):
+        assert inline[0] == other[0], (inline, other)
+        if inline[0] == "ok":
+            assert _same(inline[1], other[1])
+        else:
+            assert inline[1] == other[1]
     if inline[0] == "ok":
-        assert _same(inline[1], on_greenlet[1])
         assert inline_workers == 0  # no body went on a greenlet
-    else:
-        assert inline[1] == on_greenlet[1]
-    assert len(workers) > inline_workers  # the second run did use greenlets
+    assert len(workers) > inline_workers  # the last run did use greenlets
     return inline
+
+
+def _interleavers_made(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """A list that grows by one for every interleaver made from now on."""
+    made: list[object] = []
+    original = interleaver_module.Interleaver.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interleaver_module.Interleaver, "__init__", init)
+    return made
 
 
 def test_reads_edits_and_saves_match_greenlet_bodies(gpt2: interlace.LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,7 +312,8 @@ def test_a_step_loop_that_generation_ends_early_warns_and_ends_the_body(gpt2: in
     for body, expected in [(run, (3, 0)), (after_a_read_of_the_same_value, (3, True))]:
         with pytest.warns(interlace.GenerationEndedWarning, match=r"after 3 step\(s\), before step 3") as warned:
             assert _values(monkeypatch, body) == expected
-        assert len(warned) == 2 and str(warned[0].message) == str(warned[1].message)  # inline, then greenlet
+        # inline, through the interleaver's inline path, then on a greenlet
+        assert len(warned) == 3 and len({str(w.message) for w in warned}) == 1
 
 
 def test_step_loops_in_a_trace_and_their_errors(mlp_model: interlace.NNsight, tiny_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -434,3 +456,100 @@ def test_a_read_hidden_in_a_values_own_save_is_a_clear_error() -> None:
         _ = 0
         box = model.first.output.save()
     assert box.later.shape == (1, 3)
+
+
+# -- one read, no interleaver (`inline.run_one_read`) ------------------------------------------
+
+
+def test_a_body_that_reads_one_value_runs_with_no_interleaver(
+    gpt2: interlace.LanguageModel, mlp_model: interlace.NNsight, tiny_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = "The Eiffel Tower is in"
+    module = gpt2._module
+    hooked: list[torch.Tensor] = []
+    handle = module.transformer.h[2].register_forward_hook(lambda m, a, o: hooked.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        expected_logits = module(**gpt2.tokenizer(prompt, return_tensors="pt")).logits
+    finally:
+        handle.remove()
+    made = _interleavers_made(monkeypatch)
+    with gpt2.trace(prompt) as tracer:
+        block = gpt2.transformer.h[2].output.save()
+    with gpt2.trace(prompt):
+        logits = gpt2.lm_head.output.save()
+    with mlp_model.trace(tiny_input):
+        h = (mlp_model.layer1.output * 2).save()
+    assert made == []  # none of these made an interleaver
+    assert torch.equal(block if torch.is_tensor(block) else block[0], hooked[0])
+    assert torch.equal(logits, expected_logits)
+    assert torch.equal(tracer.output.logits, expected_logits)  # the traced call's return value
+    assert torch.equal(h, mlp_model._module.layer1(tiny_input) * 2)
+    assert "forward" not in gpt2._module.transformer.h[2].__dict__  # the model is left untouched
+
+
+def test_one_read_is_served_from_the_first_call_of_a_shared_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(self.layer(x))
+
+    model = interlace.NNsight(Twice())
+    x = torch.randn(2, 3)
+
+    def first_call() -> Any:
+        with model.trace(x):
+            h = model.layer.output.save()
+        return h
+
+    made = _interleavers_made(monkeypatch)
+    assert torch.equal(first_call(), model._module.layer(x))
+    assert made == []
+    monkeypatch.undo()
+    _both_ways(monkeypatch, first_call)
+
+
+def test_one_read_falls_back_to_the_interleaver_where_it_cannot_apply(
+    mlp_model: interlace.NNsight, tiny_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module's own instance `forward`, and a subclass whose `_call_model` may use the
+    interleaver, take the general path (and still give the right values)."""
+    expected = mlp_model._module.layer1(tiny_input)
+    made = _interleavers_made(monkeypatch)
+    layer = mlp_model._module.layer1
+    layer.forward = lambda x, _own=type(layer).forward.__get__(layer): _own(x)  # a user patch
+    try:
+        with mlp_model.trace(tiny_input):
+            h = mlp_model.layer1.output.save()
+    finally:
+        del layer.forward
+    assert torch.equal(h, expected) and len(made) == 1
+
+    seen: list[object] = []
+
+    class OwnCall(interlace.NNsight):
+        def _call_model(self, kind: str, args: tuple, kwargs: dict, interleaver: Any) -> Any:
+            seen.append(interleaver)
+            return super()._call_model(kind, args, kwargs, interleaver)
+
+    own = OwnCall(mlp_model._module)
+    with own.trace(tiny_input):
+        h = own.layer1.output.save()
+    assert torch.equal(h, expected) and len(made) == 2 and seen == [made[1]]
+
+
+def test_a_module_that_never_runs_fails_at_the_read_without_an_interleaver_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = interlace.NNsight(_Stack(short=True))
+    x = torch.randn(2, 3)
+
+    def last_layer() -> Any:
+        with model.trace(x):
+            h = model.layers[2].output.save()  # ONE-READ-NEVER
+        return h
+
+    kind, (error_type, message, lines) = _both_ways(monkeypatch, last_layer)
+    assert error_type is interlace.ModuleNotCalledError and "model.layers.2" in message
+    assert line_of(THIS_FILE, "# ONE-READ-NEVER") in lines

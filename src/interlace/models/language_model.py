@@ -13,7 +13,7 @@ from ..errors import TracingError
 from ..tracing.interleaver import Interleaver
 from .generation import GenerateTracer, Generator
 from ..tracing.envoy import Envoy
-from .nnsight import NNsight
+from .nnsight import CALLS_WITHOUT_INTERLEAVER, NNsight
 
 __all__ = ["LanguageModel"]
 
@@ -286,7 +286,7 @@ class LanguageModel(NNsight):
             return p.device
         return torch.device("cpu")
 
-    def _call_model(self, kind: str, args: tuple, kwargs: dict, interleaver: Interleaver) -> Any:
+    def _call_model(self, kind: str, args: tuple, kwargs: dict, interleaver: Interleaver | None) -> Any:
         if kind == "generate":
             return self._generate(kwargs, interleaver)
         kwargs = {k: v for k, v in kwargs.items() if k != "generation_kwargs"}
@@ -356,3 +356,7 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:
         return a is b
+
+
+# Its traces call the module as `NNsight` does; only generation uses the interleaver.
+CALLS_WITHOUT_INTERLEAVER.add(LanguageModel._call_model)

@@ -245,8 +245,21 @@ class NNsight(Envoy):
             ) from None
         return args, kwargs, total
 
-    def _call_model(self, kind: str, args: tuple, kwargs: dict, interleaver: Interleaver) -> Any:
+    def _call_model(self, kind: str, args: tuple, kwargs: dict, interleaver: Interleaver | None) -> Any:
         return self._module(*args, **kwargs)
+
+    def _runs_without_interleaver(self) -> bool:
+        """Whether a trace whose body reads one value can run with no interleaver
+        (`inline.run_one_read`): this class's `_call_model` must ignore its interleaver for
+        traces (a subclass's own may not), and the run hooks must be the class's (a
+        `model.edit()` copy sets its own on the instance; `.source` wraps every module)."""
+        d = self.__dict__
+        return (
+            type(self)._call_model in CALLS_WITHOUT_INTERLEAVER
+            and "_begin_run" not in d
+            and "_end_run" not in d
+            and not d.get("_no_lazy")
+        )
 
     def _before_run(self) -> None:
         """Called before each local run (LanguageModel loads its weights here)."""
@@ -315,6 +328,10 @@ class NNsight(Envoy):
                 table.remember(interleaver.site, interleaver.wrapped, interleaver.n_core)  # type: ignore[arg-type]
         elif interleaver.recording and interleaver.completed and d.get("_modules_list") is interleaver.modules:
             d["_order"] = OrderTable.from_events(interleaver.modules, interleaver.n_core, events)
+
+
+#: `_call_model` functions that ignore the interleaver for traces (`_runs_without_interleaver`).
+CALLS_WITHOUT_INTERLEAVER = {NNsight._call_model}
 
 
 def _local_backend() -> tuple[Any, frozenset[str]]:

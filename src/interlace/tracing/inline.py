@@ -5,11 +5,66 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from greenlet import getcurrent
+
 from .batching import narrow
 from .mediator import _DONE, _WAIT, OUTPUT, Mediator, _Slot
 from .reads import READ_NAME
 
-__all__ = ["InlineBodies"]
+__all__ = ["InlineBodies", "run_one_read"]
+
+
+def run_one_read(
+    mediator: Mediator, code: Any, module: Any, paths: Any, call: Callable[[], Any]
+) -> tuple[bool, Any] | None:
+    """Run the model (`call`) with `mediator`'s body, one inline statement that reads one
+    module's output (`code`), run in a wrapper on that module right after its first call:
+    what `Interleaver.run_inline` does for such a body, without the interleaver.
+
+    Design note: an interleaver, its mediator bookkeeping and its serving path cost about
+    40 % of a one-read trace's fixed cost, almost all of it cache misses after the forward
+    (`bench/RESULTS.md`, "Fifth pass"); with one value to serve, one closure does the same.
+    Calls from another greenlet go straight through and are not counted, as in the general
+    wrapper (`wrapping._wrapper`). Returns (whether the module ran, the model's output), or
+    None without running anything if the module has its own instance `forward` (the general
+    path wraps that one).
+    """
+    d = module.__dict__
+    if "forward" in d:
+        return None
+    inner = type(module).forward.__get__(module)
+    mediator.paths = paths  # (for `Mediator.request`'s error if code the statement calls reads)
+    ns = mediator.namespace
+    main = getcurrent()
+    calls = 0
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        if getcurrent() is not main:
+            return inner(*args, **kwargs)
+        n = calls
+        calls = n + 1
+        out = inner(*args, **kwargs)
+        if n == 0:
+            outer = getattr(main, "mediator", None)
+            main.mediator = mediator  # what a value's own `.save()` would find (`Mediator.request`)
+            mediator.inline = True
+            ns[READ_NAME] = out
+            try:
+                exec(code, ns)
+            finally:
+                mediator.inline = False
+                main.mediator = outer
+                del ns[READ_NAME]
+        return out
+
+    forward.__wrapped__ = inner  # type: ignore[attr-defined]  # (`inspect.signature`, as for every wrapper)
+    d["forward"] = forward
+    try:
+        output = call()
+    finally:
+        del d["forward"]
+    return calls > 0, output
 
 
 class InlineBodies:

@@ -214,6 +214,7 @@ class Mediator:
     inline = False
     # Values served before a greenlet took over from inline statements (module -> its rows).
     prefetched: dict[int, Any] | None = None
+    paths: "list[str] | None" = None  # module paths, for a body run with no interleaver
 
     def __init__(
         self,
@@ -249,9 +250,11 @@ class Mediator:
             return value
         if self.inline:
             # A statement run inline (Interleaver.run_inline) cannot wait; only code it calls
-            # that the static check cannot see (a value's own `.save()`) gets here.
+            # that the static check cannot see (a value's own `.save()`) gets here. (With no
+            # interleaver, `inline.run_one_read`, the model's module paths are at hand.)
+            path = il.path(idx) if il is not None else self.paths[idx]  # type: ignore[index]
             raise TracingError(
-                f"`{il.path(idx)}.{_KIND_NAME[kind]}` was asked for by code that a traced "
+                f"`{path}.{_KIND_NAME[kind]}` was asked for by code that a traced "
                 "statement called (a value's own `.save()` method?) while Interlace ran that "
                 "statement on the model's side, where it cannot wait for another value. Start "
                 "the block with a statement that reads no module (`_ = 0`) so the body runs on "

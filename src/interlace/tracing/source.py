@@ -221,7 +221,8 @@ class _Accessor:
     def running(self) -> Interleaver | None:
         for root in self.roots:
             il = root.__dict__.get("_active")
-            if il is not None and getcurrent() is il.main:
+            # (a one-read trace marks its model active with its tracer: no interleaver, no `.source`)
+            if isinstance(il, Interleaver) and getcurrent() is il.main:
                 return il
         return None
 

@@ -17,6 +17,7 @@ from ..errors import TracingError
 from .capture import SAVE_HELPER, Block, BodySkipper, SkipBody, capture_block
 from .frames import NAMESPACE_MARKER, clean_traceback, is_namespace, push_to_frame
 from .interleaver import Interleaver, Mediator, _StopForward, current_mediator
+from .inline import run_one_read
 from .reads import first_read_index, inline_plan
 from .saving import SaveRegistry, pop_registry, push_registry, save_in_body
 from .backward import BACKWARD_HELPER, backward_helper
@@ -323,17 +324,38 @@ class InterleavingTracer(Tracer):
 
     def _run(self, mediators: list[Mediator], args: tuple, kwargs: dict, batch_size: int) -> None:
         model: NNsight = self.model  # type: ignore[assignment]
+        forward = True
+        plan = self._plan
+        if plan is not None and len(plan) == 1 and self.kind == "trace":
+            segment, reads, steps = plan[0]
+            d = model.__dict__
+            if steps is None and len(reads) == 1 and d["_active"] is None and model._runs_without_interleaver():
+                d["_active"] = self  # (a trace started meanwhile is refused, as in `_begin_run`)
+                try:
+                    ran = run_one_read(
+                        mediators[0], segment.code, d["_modules_list"][reads[0]], d["_paths_list"],
+                        lambda: model._call_model(self.kind, args, kwargs, None),
+                    )
+                finally:
+                    d["_active"] = None
+                if ran is not None:
+                    forward, self.output = False, ran[1]
+                    if ran[0]:
+                        return
+                    # The module never ran: the general run's bookkeeping, without its
+                    # forward, raises the same error at the same line.
         il = model._new_interleaver(mediators, batch_size, self._steps())
         self._interleaver = il
-        if self._plan is not None:
-            il.run_inline(mediators[0], self._plan, self.block)
+        if plan is not None:
+            il.run_inline(mediators[0], plan, self.block)
         model._begin_run(il)
         try:
             if self._first_read is not None:
                 il.defer_start(mediators[0], self._first_read)
             if il.start():
                 try:
-                    self.output = model._call_model(self.kind, args, kwargs, il)
+                    if forward:
+                        self.output = model._call_model(self.kind, args, kwargs, il)
                 except _StopForward:
                     pass
                 else:
