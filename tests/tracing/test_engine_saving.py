@@ -183,3 +183,52 @@ def test_unsaved_names_sharing_an_interned_value_do_not_leak(mode, tiny_mlp, tin
         return {name for name in ("n", "k", "none_saved", "flag", "h") if name in bound}
 
     assert run() == {"n", "none_saved", "h"}
+
+
+def _set_on_object(name: str, value: Any) -> None:
+    """Put (or, with None, remove) an attribute on `object` itself, as nnsight's C extension
+    mounts `save` on every object; CPython's type cache is told the type changed."""
+    import ctypes
+    import gc
+
+    attrs = gc.get_referents(object.__dict__)[0]
+    if value is None:
+        attrs.pop(name, None)
+    else:
+        attrs[name] = value
+    ctypes.pythonapi.PyType_Modified(ctypes.py_object(object))
+
+
+def test_save_works_beside_a_library_that_mounts_save_on_every_object(
+    mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nnsight puts `save` on `object`. Imported before Interlace, it used to hide tensors'
+    `.save()` from Interlace (and every object's `.save()` in a body then called nnsight's);
+    imported after, Interlace's tensor `.save()` swallowed nnsight's. Interlace now marks
+    values in its own traces and leaves `.save()` to the other library outside them."""
+    from interlace.tracing import saving
+
+    theirs: list[object] = []
+
+    def foreign_save(value: Any) -> Any:
+        theirs.append(value)
+        return value
+
+    monkeypatch.delattr(torch.Tensor, "save")  # as if the other library came first
+    _set_on_object("save", foreign_save)
+    try:
+        saving.mount_tensor_save()
+        assert torch.Tensor.save is saving._tensor_save  # mounted despite `object.save`
+        with mlp_model.trace(tiny_input):
+            out = mlp_model.layer2.output.save()
+        with mlp_model.trace(tiny_input):
+            pair = [1, 2].save()  # (a body on a greenlet)
+            hidden = mlp_model.layer1.output.save()
+        assert torch.equal(out, tiny_mlp(tiny_input)) and pair == [1, 2]
+        assert torch.equal(hidden, tiny_mlp[0](tiny_input))
+        assert theirs == []  # nothing went to the other library inside the trace
+        outside = torch.ones(2)
+        assert outside.save() is outside and theirs == [outside]  # theirs outside our traces
+    finally:
+        _set_on_object("save", None)
+    assert not hasattr(object, "save")

@@ -95,9 +95,10 @@ def save(value: T) -> T:
 
 
 def save_in_body(value: T) -> T:
-    """What `x.save()` in a traced body calls: the object's own `save()` wins if it has one."""
+    """What `x.save()` in a traced body calls: the object's own `save()` wins if it has one
+    (not one another library put on every object: nnsight mounts `save` on `object`)."""
     own = getattr(type(value), "save", None)
-    if own is not None and own is not _tensor_save:
+    if own is not None and own is not _tensor_save and own is not getattr(object, "save", None):
         return value.save()
     stack = _local.stack  # `save(value)` written out: this runs for every saved value
     if stack:
@@ -106,19 +107,29 @@ def save_in_body(value: T) -> T:
 
 
 def _tensor_save(self: torch.Tensor) -> torch.Tensor:
-    """Mark this tensor to be returned from the enclosing trace (see `interlace.save`)."""
+    """Mark this tensor to be returned from the enclosing trace (see `interlace.save`).
+
+    Outside Interlace's traces, a `save` that another library put on every object (nnsight
+    mounts one on `object`) is called instead, so that library's own traces keep working
+    with Interlace imported."""
     stack = _local.stack
     if stack:
         stack[0].saved[id(self)] = self
+        return self
+    foreign = getattr(object, "save", None)
+    if foreign is not None:
+        return foreign(self)
     return self
 
 
 def mount_tensor_save() -> None:
     """Give tensors a `.save()` method so helpers called from a trace can save too.
 
-    Only added when torch does not define one; nothing else in torch is touched.
+    Only added when torch's own classes do not define one (a `save` that another library
+    put on `object` does not count: tensors get ours, which defers to it outside our
+    traces); nothing else in torch is touched.
     """
-    if not hasattr(torch.Tensor, "save"):
+    if not any("save" in vars(c) for c in torch.Tensor.__mro__ if c is not object):
         torch.Tensor.save = _tensor_save  # type: ignore[attr-defined]
 
 
