@@ -150,22 +150,38 @@ def _check(variants: dict[str, Callable[[], Any]]) -> None:
 
 
 def measure(
-    module: Any, batch: int, tokens: int, runs: int, warmup: int, clock: Callable[[], float] = time.perf_counter
+    module: Any,
+    batch: int,
+    tokens: int,
+    runs: int,
+    warmup: int,
+    clock: Callable[[], float] = time.perf_counter,
+    block: int = 1,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each variant (one list per variant), run round-robin."""
+    """Seconds per call of each variant (one list per variant), run round-robin: `block`
+    calls of one variant in a row, then the next variant's (1: strictly one call each).
+
+    With cold caches after every forward, a call's cost depends on what ran before it:
+    round-robin one call at a time puts each trace after a different kind of trace, while a
+    user's loop repeats one kind. Blocks of a few calls measure that (and still spread the
+    machine's drift over all variants)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, module.config.vocab_size, (batch, tokens), generator=gen)
     variants = _variants(module, ids)
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
         _check(variants)
-        for i in range(warmup + runs):
+        done = 0
+        while done < warmup + runs:
+            n = min(block, warmup + runs - done)
             for name, fn in variants.items():
-                start = clock()
-                fn()
-                elapsed = clock() - start
-                if i >= warmup:
-                    times[name].append(elapsed)
+                for i in range(done, done + n):
+                    start = clock()
+                    fn()
+                    elapsed = clock() - start
+                    if i >= warmup:
+                        times[name].append(elapsed)
+            done += n
     return times
 
 
@@ -223,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small-runs", type=int, default=30, help="rounds for GPT-2-small at 1 x 32")
     parser.add_argument("--big-runs", type=int, default=5, help="rounds for GPT-2-small at 8 x 128")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--block", type=int, default=1,
+        help="calls of one variant in a row before the next variant's (1: strict round-robin; "
+        "a few, like a user's loop, where each trace follows one of its own kind)",
+    )
     parser.add_argument("--gen-runs", type=int, default=60, help="rounds of the generation comparison (`generation.py`)")
     parser.add_argument("--only", choices=["tiny", "small", "structure", "generation"], default=None)
     parser.add_argument(
@@ -255,12 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "small"):
         plan.append(("GPT-2-small shape (12 x 768)", demo.build_gpt2_small_shape, [(1, 32, args.small_runs), (8, 128, args.big_runs)]))
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, python {sys.version.split()[0]}\n")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, block {args.block}, python {sys.version.split()[0]}\n")
     for name, factory, shapes in plan:
         module = factory()
         for batch, tokens, runs in shapes:
             warmup = 1 if runs < 10 else args.warmup
-            times = measure(module, batch, tokens, runs, warmup, clock)
+            times = measure(module, batch, tokens, runs, warmup, clock, args.block)
             print(_table(f"{name}, batch {batch} x {tokens} tokens, {runs} rounds", times), flush=True)
     if args.only in (None, "generation"):
         import generation  # the sibling benchmark (bench/ is on sys.path when run as a script)
