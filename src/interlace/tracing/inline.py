@@ -14,6 +14,22 @@ from .reads import READ_NAME
 __all__ = ["InlineBodies", "run_one_read"]
 
 
+def exec_inline(main: Any, mediator: Mediator, code: Any, value: Any) -> None:
+    """Run one statement of `mediator`'s body on `main` (the run's greenlet) with `value` as
+    what it reads."""
+    ns = mediator.namespace
+    outer = getattr(main, "mediator", None)  # (a trace run from a body's greenlet)
+    main.mediator = mediator  # what a value's own `.save()` would find (`Mediator.request`)
+    mediator.inline = True
+    ns[READ_NAME] = value
+    try:
+        exec(code, ns)
+    finally:
+        mediator.inline = False
+        main.mediator = outer
+        del ns[READ_NAME]
+
+
 def run_one_read(
     mediator: Mediator, code: Any, module: Any, paths: Any, call: Callable[[], Any]
 ) -> tuple[bool, Any] | None:
@@ -34,7 +50,6 @@ def run_one_read(
         return None
     inner = type(module).forward.__get__(module)
     mediator.paths = paths  # (for `Mediator.request`'s error if code the statement calls reads)
-    ns = mediator.namespace
     main = getcurrent()
     calls = 0
 
@@ -46,16 +61,7 @@ def run_one_read(
         calls = n + 1
         out = inner(*args, **kwargs)
         if n == 0:
-            outer = getattr(main, "mediator", None)
-            main.mediator = mediator  # what a value's own `.save()` would find (`Mediator.request`)
-            mediator.inline = True
-            ns[READ_NAME] = out
-            try:
-                exec(code, ns)
-            finally:
-                mediator.inline = False
-                main.mediator = outer
-                del ns[READ_NAME]
+            exec_inline(main, mediator, code, out)
         return out
 
     forward.__wrapped__ = inner  # type: ignore[attr-defined]  # (`inspect.signature`, as for every wrapper)
@@ -162,7 +168,7 @@ class InlineBodies:
                         return self._start_body(mediator)
                     value = [*kept, slot.view]
                     mediator.kept = None
-                self._exec_inline(mediator, segment.code, value)
+                exec_inline(self.main, mediator, segment.code, value)
                 if steps is not None:
                     position = mediator.loop_pos + 1
                     if position < len(steps):  # the loop's next step
@@ -180,7 +186,7 @@ class InlineBodies:
                 return _DONE
             segment, reads, steps = plan[seg]
             if not reads:  # reads nothing (an empty accumulator): runs now
-                self._exec_inline(mediator, segment.code, None)
+                exec_inline(self.main, mediator, segment.code, None)
                 mediator.seg = seg + 1
                 continue
             call = 0
@@ -204,18 +210,3 @@ class InlineBodies:
                 ns[segment.loop[2]] = call
             self._await_inline(mediator, reads, call)
             return _WAIT
-
-    def _exec_inline(self, mediator: Mediator, code: Any, value: Any) -> None:
-        """Run one statement of `mediator`'s body with `value` as what it reads."""
-        ns = mediator.namespace
-        main = self.main
-        outer = getattr(main, "mediator", None)  # (a trace run from a body's greenlet)
-        main.mediator = mediator  # what a value's own `.save()` would find
-        mediator.inline = True
-        ns[READ_NAME] = value
-        try:
-            exec(code, ns)
-        finally:
-            mediator.inline = False
-            main.mediator = outer
-            del ns[READ_NAME]
