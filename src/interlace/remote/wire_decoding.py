@@ -73,6 +73,21 @@ def _parse_json(data: memoryview, what: str = "envelope") -> Any:
         raise WireFormatError(f"{what} is not valid JSON: {exc}") from exc
 
 
+def _prefixed_json(data: memoryview, missing: str, length_name: str, what: str) -> tuple[Any, memoryview]:
+    """Parse a u64 length then that many bytes of JSON (the envelope, the tensor header);
+    returns the JSON value and the bytes after it."""
+    if len(data) < _U64.size:
+        raise WireFormatError(f"the message is truncated: {missing}")
+    (length,) = _U64.unpack_from(data, 0)
+    if length > len(data) - _U64.size:
+        raise WireFormatError(
+            f"the message is truncated: the {length_name} says {length} bytes but only "
+            f"{len(data) - _U64.size} follow"
+        )
+    end = _U64.size + length
+    return _parse_json(data[_U64.size : end], what), data[end:]
+
+
 def _decompress(frame: memoryview, limit: int | None) -> bytes:
     try:
         params = zstandard.get_frame_parameters(frame)
@@ -178,21 +193,12 @@ def _load_tensors(section: memoryview, raw: dict[str, Any]) -> dict[str, torch.T
     full copies; here each tensor is copied once, straight from the message into memory the
     tensor owns (independent, writable, nothing else kept alive).
     """
-    if len(section) < _U64.size:
-        raise WireFormatError("the message is truncated: the tensor section has no header length")
-    (header_len,) = _U64.unpack_from(section, 0)
-    if header_len > len(section) - _U64.size:
-        raise WireFormatError(
-            f"the message is truncated: the tensor header length says {header_len} bytes but only "
-            f"{len(section) - _U64.size} follow"
-        )
-    header = _parse_json(section[_U64.size : _U64.size + header_len], "tensor header")
+    header, data = _prefixed_json(section, "the tensor section has no header length", "tensor header length", "tensor header")
     if not isinstance(header, dict):
         raise WireFormatError(f"the tensor header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WireFormatError("the tensor header's __metadata__ must map str to str")
-    data = section[_U64.size + header_len :]
     spans = sorted(
         ((*_header_entry(name, info, len(data)), name) for name, info in header.items()),
         key=lambda span: (span[0], span[1], span[4]),  # dtypes do not order; names are unique
@@ -286,15 +292,7 @@ def _decode(
                 "send fewer or smaller tensors, or raise the receiver's limit"
             )
         payload = rest
-    if len(payload) < _U64.size:
-        raise WireFormatError("the message is truncated: the payload has no JSON length field")
-    (json_len,) = _U64.unpack_from(payload, 0)
-    if json_len > len(payload) - _U64.size:
-        raise WireFormatError(
-            f"the message is truncated: the JSON length field says {json_len} bytes but only "
-            f"{len(payload) - _U64.size} follow"
-        )
-    envelope = _parse_json(payload[_U64.size : _U64.size + json_len])
+    envelope, rest = _prefixed_json(payload, "the payload has no JSON length field", "JSON length field", "envelope")
     kind, body, raw = _check_envelope(envelope, expected_kind)
-    tensors = _load_tensors(payload[_U64.size + json_len :], raw)
+    tensors = _load_tensors(rest, raw)
     return Message(kind, body, tensors)
