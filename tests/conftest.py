@@ -68,3 +68,47 @@ def et_prompt() -> str:
 @pytest.fixture
 def msg_prompt() -> str:
     return MSG_PROMPT
+
+
+# --- The three modes -------------------------------------------------------------------------
+# Feature tests take `mode` and run once per mode: locally (False), through the faithful
+# simulation ("local"), and against a real `interlace serve` started once per test session
+# (True). Each must give the same answer, checked against an independent truth.
+
+MODES = (False, "local", True)
+MODE_IDS = {False: "local-run", "local": "simulated", True: "server"}
+
+
+@pytest.fixture(scope="session")
+def real_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_path: Path, tiny_llama_path: Path):
+    """One real server (real runner, no fakes) hosting the tiny GPT-2 and Llama, by path."""
+    from interlace.server.testing import ServerProcess
+
+    proc = ServerProcess(tmp_path_factory.mktemp("real-server"),
+                         models=[str(tiny_gpt2_path), str(tiny_llama_path)], fake=False)
+    with proc:
+        proc.key = proc.create_key("tests")
+        proc.other_key = proc.create_key("tests-other")
+        yield proc
+
+
+@pytest.fixture
+def use_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Point the client at the session's real server (host, key, quiet status display)."""
+    import interlace
+    from interlace.backends import remote_common
+
+    server = request.getfixturevalue("real_server")
+    monkeypatch.setattr(interlace.CONFIG.API, "HOST", server.url)
+    monkeypatch.setattr(interlace.CONFIG.API, "APIKEY", server.key)
+    monkeypatch.setattr(interlace.CONFIG.APP, "REMOTE_LOGGING", False)
+    remote_common._policy_cache.clear()
+    return server
+
+
+@pytest.fixture(params=MODES, ids=lambda m: MODE_IDS[m])
+def mode(request: pytest.FixtureRequest):
+    """`remote=` for the test's traces: False, "local", or True against the real server."""
+    if request.param is True:
+        request.getfixturevalue("use_server")
+    return request.param
