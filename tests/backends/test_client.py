@@ -13,7 +13,7 @@ from interlace import cli
 from interlace.backends import client as client_module
 from interlace.backends.client import RemoteClient, RemoteException, RemoteRequestError, WaitTimeout
 from interlace.backends.display import JobStatusDisplay
-from interlace.server.testing import ServerProcess, decode_fake_result, fake_payload, free_port
+from interlace.server.testing import Gate, ServerProcess, decode_fake_result, fake_payload, free_port
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,11 @@ def test_host_and_key_from_environment(server, monkeypatch):
     assert decode_fake_result(remote.submit(fake_payload(echo=3)).result(timeout=10))["echo"] == 3
 
 
-def test_non_blocking_submit_then_reattach_from_another_process(client, server):
-    job = client.submit(fake_payload(echo="later", sleep=1.0))
+def test_non_blocking_submit_then_reattach_from_another_process(client, server, tmp_path):
+    gate = Gate(tmp_path)
+    job = client.submit(fake_payload(echo="later", hold=gate.path))
     assert job.status()["status"] in {"QUEUED", "RUNNING"}
+    gate.open()
     code = (
         "import sys; from interlace.backends.client import RemoteClient;"
         "from interlace.server.testing import decode_fake_result;"
@@ -127,19 +129,24 @@ def test_validation_problems_are_listed(client):
     assert "model_key must be a string" in str(info.value)
 
 
-def test_wait_timeout_leaves_job_running(client):
-    job = client.submit(fake_payload(sleep=0.6, echo="slow"))
+def test_wait_timeout_leaves_job_running(client, tmp_path):
+    gate = Gate(tmp_path)
+    job = client.submit(fake_payload(hold=gate.path, echo="slow"))
     with pytest.raises(WaitTimeout, match="keeps running"):
         job.wait(display=False, timeout=0.1)
+    assert job.status()["status"] in {"QUEUED", "RUNNING"}
+    gate.open()
     assert decode_fake_result(job.result(timeout=10))["echo"] == "slow"
 
 
-def test_cancel(client):
-    blocker = client.submit(fake_payload(sleep=1.0))
+def test_cancel(client, tmp_path):
+    gate = Gate(tmp_path)
+    blocker = client.submit(fake_payload(hold=gate.path))
     queued = client.submit(fake_payload())
     assert queued.cancel()["status"] == "CANCELLED"
     with pytest.raises(RemoteException, match="cancelled"):
         queued.result(timeout=10)
+    gate.open()
     blocker.result(timeout=10)
 
 

@@ -11,7 +11,7 @@ from websockets.sync.client import connect
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from interlace._version import __version__
-from interlace.server.testing import decode_fake_result, fake_payload
+from interlace.server.testing import Gate, decode_fake_result, fake_payload
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +35,21 @@ def submit(api, key, **spec):
     return response.json()
 
 
-def events(server, job_id, key, after=0, in_first_message=False):
+def events(server, job_id, key, after=0, in_first_message=False, on_first=None):
+    """Every event until the server closes the stream; `on_first()` runs once the first has
+    arrived (the server subscribes before it replays, so nothing later can be missed)."""
     url = f"{server.url.replace('http', 'ws')}/v1/jobs/{job_id}/events?after={after}"
     out = []
-    with connect(url, additional_headers={} if in_first_message else headers(key), open_timeout=5) as ws:
+    with connect(url, additional_headers={} if in_first_message else headers(key), open_timeout=30) as ws:
         if in_first_message:
             ws.send(json.dumps({"key": key, "version": __version__}))
         while True:
             try:
-                out.append(json.loads(ws.recv(timeout=10)))
+                out.append(json.loads(ws.recv(timeout=60)))
             except Exception:  # closed by the server after the final status
                 return out
+            if on_first is not None and len(out) == 1:
+                on_first()
 
 
 def test_submit_poll_result(server, api):
@@ -61,13 +65,15 @@ def test_submit_poll_result(server, api):
     assert decode_fake_result(result.content)["echo"] == {"x": 1}
 
 
-def test_status_sequence_over_websocket(server, api):
-    blocker = submit(api, server.alice, sleep=1.0)
+def test_status_sequence_over_websocket(server, api, tmp_path):
+    gate = Gate(tmp_path)
+    blocker = submit(api, server.alice, hold=gate.path)
     ahead = submit(api, server.alice)
     job = submit(api, server.alice, log=["hello", "world"], echo=2)
     # Positions count waiting jobs (1 = next to run).
     assert job["queue_position"] == ahead["queue_position"] + 1
-    seen = events(server, job["id"], server.alice, in_first_message=True)
+    # The blocker runs until the watcher is connected, so its queue moves are seen live.
+    seen = events(server, job["id"], server.alice, in_first_message=True, on_first=gate.open)
     statuses = [e["status"] for e in seen]
     # RECEIVED and QUEUED are replayed from the store, the rest arrive live.
     assert statuses[:2] == ["RECEIVED", "QUEUED"]
@@ -134,14 +140,16 @@ def test_other_users_jobs_are_invisible(server, api):
         assert json.loads(ws.recv(timeout=5))["code"] == 404
 
 
-def test_cancel_queued_job(server, api):
-    blocker = submit(api, server.alice, sleep=1.0, model_key="other")
+def test_cancel_queued_job(server, api, tmp_path):
+    gate = Gate(tmp_path)
+    blocker = submit(api, server.alice, hold=gate.path, model_key="other")
     queued = submit(api, server.alice, model_key="other")
     response = api.delete(f"/v1/jobs/{queued['id']}", headers=headers(server.alice))
     assert response.status_code == 200 and response.json()["status"] == "CANCELLED"
     assert events(server, queued["id"], server.alice)[-1]["status"] == "CANCELLED"
     again = api.delete(f"/v1/jobs/{queued['id']}", headers=headers(server.alice))
     assert again.status_code == 409
+    gate.open()
     assert events(server, blocker["id"], server.alice)[-1]["status"] == "COMPLETED"
 
 

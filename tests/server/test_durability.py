@@ -10,7 +10,7 @@ import pytest
 
 from interlace._version import __version__
 from interlace.backends.client import RemoteClient, RemoteRequestError
-from interlace.server.testing import ServerProcess, ThreadedServer, decode_fake_result, fake_payload
+from interlace.server.testing import Gate, ServerProcess, ThreadedServer, decode_fake_result, fake_payload
 
 
 def wait_for(predicate, timeout=15.0):
@@ -28,9 +28,11 @@ def test_kill_9_loses_no_job(tmp_path):
     try:
         key = server.create_key("alice")
         client = RemoteClient(server.url, key, reconnect_timeout=30)
-        running = client.submit(fake_payload(sleep=2.0, echo="first"))
+        # Gates, not sleeps: both jobs are certainly still running when the server dies.
+        gate, never = Gate(tmp_path, "gate"), Gate(tmp_path, "never-opened")
+        running = client.submit(fake_payload(hold=gate.path, echo="first"))
         queued = [client.submit(fake_payload(echo=i, log=[f"line {i}"])) for i in range(3)]
-        doomed_running = client.submit(fake_payload("other", sleep=10.0))
+        doomed_running = client.submit(fake_payload("other", hold=never.path))
         doomed_queued = client.submit(fake_payload("other", echo="never"))
         wait_for(lambda: running.status()["status"] == "RUNNING")
         wait_for(lambda: doomed_running.status()["status"] == "RUNNING")
@@ -48,6 +50,7 @@ def test_kill_9_loses_no_job(tmp_path):
         thread.start()
         time.sleep(0.2)
         server.kill()
+        gate.open()  # the rerun after the restart finishes at once
         # Restart without the "other" model: its jobs must end in a clear ERROR, not vanish.
         server.models = ["fake"]
         server.start()

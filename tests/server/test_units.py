@@ -101,9 +101,9 @@ def test_sweep_expires_finished_jobs(tmp_path):
     job_id, _ = service.accept(user, fake_payload(), callback=None, client_version=None)
     service.start()
     try:
-        for _ in range(200):
-            if service.store.get(job_id).status == "COMPLETED":
-                break
+        deadline = time.monotonic() + 60
+        while (status := service.store.get(job_id).status) != "COMPLETED":
+            assert status in {"RECEIVED", "QUEUED", "RUNNING"} and time.monotonic() < deadline, status
             time.sleep(0.01)
         assert service.results.exists(job_id)
         assert service.sweep() == 0

@@ -4,8 +4,10 @@ tests need no model and no engine.
 `interlace serve` uses it only when the environment variable INTERLACE_TEST_FAKE_RUNNER=1 is
 set (see `interlace.cli`); never enable that on a real server.
 
-Payload: JSON {"model_key": str, "sleep": float, "echo": any, "fail": str, "log": [str],
-"result_bytes": int, "random_bytes": int}. Result: zstd-compressed JSON {"echo": ..., "pad": "x" * result_bytes}.
+Payload: JSON {"model_key": str, "sleep": float, "hold": path, "echo": any, "fail": str,
+"log": [str], "result_bytes": int, "random_bytes": int}. "hold" makes the job wait until that
+file exists (a gate the test opens with `Gate.open()`), so tests order events by state, never by
+wall-clock margins that a loaded machine can overrun. Result: zstd-compressed JSON {"echo": ..., "pad": "x" * result_bytes}.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class FakeRunner:
             log(str(line))
         if spec.get("sleep"):
             time.sleep(float(spec["sleep"]))
+        if spec.get("hold"):
+            _wait_for_file(Path(spec["hold"]))
         if spec.get("fail"):
             raise JobFailed(f"Traceback (most recent call last):\n  File \"<trace>\", line 1\n{spec['fail']}",
                             category="user")
@@ -77,6 +81,28 @@ class FakeRunner:
 
     def policy(self) -> dict[str, Any]:
         return {"runner": "fake", "note": "test-only runner"}
+
+
+HOLD_LIMIT_S = 300.0  # a forgotten gate fails the job instead of hanging the suite
+
+
+def _wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise JobFailed(f"the test gate {path} was never opened", category="user")
+        time.sleep(0.01)
+
+
+class Gate:
+    """A file the fake runner waits on (`fake_payload(hold=gate.path)`): jobs stay RUNNING until
+    the test calls `open()`, across processes and server restarts."""
+
+    def __init__(self, directory: Path | str, name: str = "gate") -> None:
+        self.path = str(Path(directory) / name)
+
+    def open(self) -> None:
+        Path(self.path).touch()
 
 
 def decode_fake_result(data: bytes) -> dict[str, Any]:
