@@ -47,6 +47,32 @@ def tiny_llama_path(models_dir: Path) -> Path:
     return build_tiny_llama(models_dir / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_gpt2_sdpa_path(tiny_gpt2_path: Path) -> Path:
+    """The tiny GPT-2 (same weights) whose attention calls `scaled_dot_product_attention`
+    (config.json says sdpa, so every mode's copy of it, the server's too, uses it)."""
+    import json
+    import shutil
+    import uuid
+
+    from interlace.models.demo import MARKER_FILE
+
+    path = tiny_gpt2_path.parent / "tiny-gpt2-sdpa"
+    marker = (tiny_gpt2_path / MARKER_FILE).read_text(encoding="utf-8")
+    if not (path / MARKER_FILE).exists() or (path / MARKER_FILE).read_text(encoding="utf-8") != marker:
+        shutil.rmtree(path, ignore_errors=True)  # (a copy of an older build)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"  # parallel runs may share the dir
+        shutil.copytree(tiny_gpt2_path, tmp)
+        config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        config["attn_implementation"] = "sdpa"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        try:
+            tmp.rename(path)
+        except OSError:  # another run made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 @pytest.fixture
 def tiny_mlp() -> torch.nn.Sequential:
     """A fresh layer1 -> act -> layer2 MLP per test, since tests may modify it."""
@@ -80,16 +106,22 @@ MODE_IDS = {False: "local-run", "local": "simulated", True: "server"}
 
 
 @pytest.fixture(scope="session")
-def real_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_path: Path, tiny_llama_path: Path):
-    """One real server (real runner, no fakes) hosting the tiny GPT-2 and Llama, by path."""
+def real_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_path: Path, tiny_llama_path: Path,
+                tiny_gpt2_sdpa_path: Path):
+    """One real server (real runner, no fakes) hosting the tiny GPT-2 (eager and sdpa) and Llama, by path."""
     from interlace.server.testing import ServerProcess
 
     proc = ServerProcess(tmp_path_factory.mktemp("real-server"),
-                         models=[str(tiny_gpt2_path), str(tiny_llama_path)], fake=False)
-    with proc:
+                         models=[str(tiny_gpt2_path), str(tiny_llama_path), str(tiny_gpt2_sdpa_path)], fake=False)
+    # Waits for the server to answer, up to a bound generous enough for a machine busy with
+    # other test runs (starting it and loading three models can take over 30 s there).
+    proc.start(timeout=180)
+    try:
         proc.key = proc.create_key("tests")
         proc.other_key = proc.create_key("tests-other")
         yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture
@@ -112,3 +144,26 @@ def mode(request: pytest.FixtureRequest):
     if request.param is True:
         request.getfixturevalue("use_server")
     return request.param
+
+
+@pytest.fixture
+def raises_in_mode(mode):
+    """`with raises_in_mode(TracingError, match="..."):` the user error a trace raises in this
+    mode: the error itself when run here, and remotely either that error or the job's
+    RemoteException, whose text must then name the error's type as well as match."""
+    import re
+    from contextlib import contextmanager
+
+    from interlace import RemoteException
+
+    @contextmanager
+    def check(exc_type: type[BaseException], match: str):
+        expected = exc_type if mode is False else (exc_type, RemoteException)
+        with pytest.raises(expected) as info:
+            yield info
+        text = str(info.value)
+        if not isinstance(info.value, exc_type):
+            assert exc_type.__name__ in text, text
+        assert re.search(match, text), text
+
+    return check

@@ -6,6 +6,7 @@ Run a traced block here (`remote=False`), in a faithful in-process simulation of
 
 from ._version import __version__
 from .backends.client import RemoteException
+from .backends.pending import ResultNotReadyError
 from .backends.remote import RemoteJob, attach
 from .config import CONFIG
 from .errors import (
@@ -13,12 +14,14 @@ from .errors import (
     InterlaceError,
     MissedProviderError,
     ModuleNotCalledError,
+    NotSavedError,
     OutOfOrderError,
     SourceNotFoundError,
     TracingError,
 )
 from .models import LanguageModel, NNsight
 from . import remote  # callable: @interlace.remote (see remote/__init__.py)
+from .remote.options import TraceOptionError
 from .remote.problems import RemoteValidationError
 from .tracing.cache import Cache, CacheEntry
 from .tracing.envoy import Envoy
@@ -40,9 +43,12 @@ __all__ = [
     "InterlaceError",
     "MissedProviderError",
     "ModuleNotCalledError",
+    "NotSavedError",
     "OutOfOrderError",
     "RemoteException",
     "RemoteValidationError",
+    "ResultNotReadyError",
     "SourceNotFoundError",
+    "TraceOptionError",
     "TracingError",
 ]

@@ -8,6 +8,7 @@ __all__ = [
     "OutOfOrderError",
     "ModuleNotCalledError",
     "SourceNotFoundError",
+    "NotSavedError",
     "TracingError",
     "GenerationEndedWarning",
 ]
@@ -35,6 +36,11 @@ class ModuleNotCalledError(MissedProviderError):
 
 class SourceNotFoundError(TracingError):
     """The source of a `with` block could not be read, so it cannot be traced."""
+
+
+class NotSavedError(TracingError, UnboundLocalError):
+    """A name the trace body assigned, used after the block, but never saved (so it has no
+    value outside the trace). An `UnboundLocalError` too, which is what Python would raise."""
 
 
 class GenerationEndedWarning(UserWarning):

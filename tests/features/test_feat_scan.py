@@ -7,6 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 import interlace
+from feature_truth import PROMPT_A, PROMPT_B, n_tokens, raw_forward
 
 
 class Recording(torch.nn.Module):
@@ -52,14 +53,52 @@ def test_trace_after_a_scan_of_token_ids_runs_on_the_loaded_weights(tiny_gpt2_pa
     assert logits.device.type == "cpu" and torch.isfinite(logits).all()
 
 
-def test_scan_with_invokes_and_edits_shapes(tiny_gpt2_path, et_prompt, msg_prompt):
+def test_scan_with_invokes_and_edits_shapes(tiny_gpt2_path, feat_gpt2):
     model = interlace.LanguageModel(str(tiny_gpt2_path))
     with model.scan() as tracer:
-        with tracer.invoke([et_prompt, msg_prompt]):
-            model.transformer.h[0].output[:] = 0  # edits run on fakes too
+        with tracer.invoke([PROMPT_A, PROMPT_B]):
+            model.transformer.h[0].output[:] *= 0.5  # edits run on fakes too
+            hidden = model.transformer.h[1].output.save()
+        with tracer.invoke("Hello"):
             shape = model.lm_head.output.shape.save()
-    assert shape[0] == 2 and shape[2] == 512
     assert not model.dispatched
+    width = max(n_tokens(feat_gpt2, p) for p in (PROMPT_A, PROMPT_B, "Hello"))  # padded batch
+    assert tuple(hidden.shape) == (2, width, 128) and hidden.dtype == torch.float32
+    assert tuple(shape) == (1, width, 512)
+    assert tuple(raw_forward(feat_gpt2, [PROMPT_A, PROMPT_B, "Hello"]).shape) == (3, width, 512)
+
+
+def test_scan_gives_the_same_shapes_in_every_mode(tiny_gpt2_path, feat_gpt2, mode):
+    """A scan runs here whatever `remote=` says (fake tensors need neither weights nor a
+    server), on a meta model as a user of a hosted model has it."""
+    model = interlace.LanguageModel(str(tiny_gpt2_path))
+    with model.scan(PROMPT_B, remote=mode):
+        hidden = model.transformer.h[2].output.save()
+        logits_shape = model.lm_head.output.shape.save()
+    assert not model.dispatched
+    assert tuple(hidden.shape) == (1, n_tokens(feat_gpt2, PROMPT_B), 128)
+    assert tuple(logits_shape) == tuple(raw_forward(feat_gpt2, PROMPT_B).shape)
+
+
+def test_scan_of_a_plain_module_takes_remote_too(mode):
+    net = torch.nn.Sequential(Recording(), torch.nn.Linear(7, 3))
+    model = interlace.NNsight(net)
+    with model.scan(torch.rand(4, 5), remote=mode):
+        out = model[1].output.save()
+    assert tuple(out.shape) == (4, 3) and net[0].real_calls == 0
+
+
+def test_scan_inside_a_session_in_every_mode(feat_gpt2, mode):
+    """In a session the scan runs where the session runs (on the server remotely); its shapes
+    feed the next trace there without being saved."""
+    with feat_gpt2.session(remote=mode):
+        with feat_gpt2.scan(PROMPT_A):
+            width = feat_gpt2.transformer.h[0].output.shape[-1]
+        with feat_gpt2.trace(PROMPT_A):
+            feat_gpt2.transformer.h[0].output[:] += torch.ones(width) * 0.1
+            logits = feat_gpt2.lm_head.output.save()
+    shift = (feat_gpt2._module.transformer.h[0], lambda m, a, o: o + 0.1)
+    torch.testing.assert_close(logits, raw_forward(feat_gpt2, PROMPT_A, shift), rtol=0, atol=1e-5)
 
 
 def test_scan_runs_no_real_compute():

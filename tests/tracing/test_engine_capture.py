@@ -141,7 +141,8 @@ def test_ipython_like_cell(cell: Any, mlp_model: interlace.NNsight, tiny_mlp: to
     )
     ns = cell(src, {"model": mlp_model, "x": tiny_input})
     assert torch.equal(ns["out"], tiny_mlp.layer2(torch.zeros(1, 10)))
-    assert "tmp" not in ns
+    with pytest.raises(interlace.NotSavedError, match="`tmp` was assigned in the trace at <ipython-input-.*>:3"):
+        eval("tmp.shape", ns)  # not saved: the cell's namespace says so when it is used
 
 
 def test_ipython_like_cell_with_a_function(cell: Any, mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:

@@ -84,7 +84,9 @@ def test_errors_and_stop_after_a_deferred_read(mlp_model: interlace.NNsight, tin
         h = mlp_model.layer1.output.save()
         tracer.stop()
         after = mlp_model.layer2.output.save()  # noqa: F841 - never reached
-    assert h.shape == (1, 10) and "after" not in locals()
+    assert h.shape == (1, 10)
+    with pytest.raises(interlace.NotSavedError, match="`after` has no value: it is saved in the trace .* but that line did not run"):
+        after.shape
     assert starts
 
 

@@ -9,23 +9,31 @@ import pytest
 import torch
 
 import interlace
+from interlace.tracing.unsaved import NotSaved
+from engine_helpers import line_of
 
 
 def test_only_saved_names_appear_in_function_scope(mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:
     with mlp_model.trace(tiny_input):
-        unsaved = mlp_model.layer1.output
+        unsaved = mlp_model.layer1.output  # the unsaved line
         out = mlp_model.layer2.output.save()
     assert torch.equal(out, tiny_mlp(tiny_input))
-    with pytest.raises(UnboundLocalError):
-        unsaved  # noqa: B018
+    # An UnboundLocalError, as Python would raise, that says what to write instead.
+    line = line_of(__file__, "# the unsaved line")
+    with pytest.raises(UnboundLocalError, match=f"`unsaved` was assigned in the trace at {__file__}:{line} but not saved") as info:
+        unsaved + 1
+    assert "unsaved = mlp_model.layer1.output.save()" in str(info.value)
+    assert isinstance(info.value, interlace.NotSavedError)
 
 
-def test_unsaved_name_keeps_its_previous_value(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
+def test_unsaved_rebinding_does_not_silently_keep_the_previous_value(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
     hidden = "before"
     with mlp_model.trace(tiny_input):
         hidden = mlp_model.layer1.output  # noqa: F841 - rebinding inside the body
         out = mlp_model.layer2.output.save()
-    assert hidden == "before"
+    # Keeping "before" would hide the forgotten save; using the name says so instead.
+    with pytest.raises(interlace.NotSavedError, match="`hidden` was assigned in the trace"):
+        hidden == "before"  # noqa: B015
     assert isinstance(out, torch.Tensor)
 
 
@@ -41,8 +49,8 @@ def test_interlace_save_any_object_and_method_save(mlp_model: interlace.NNsight,
     assert torch.equal(stats["mean"], tiny_mlp(tiny_input).mean())
     assert label == "layer2"
     assert torch.equal(out, tiny_mlp(tiny_input))
-    with pytest.raises(UnboundLocalError):
-        not_saved  # noqa: B018
+    with pytest.raises(UnboundLocalError, match="not_saved = \\[1, 2\\].save\\(\\)"):
+        len(not_saved)
 
 
 def test_save_keeps_a_reference_and_clone_keeps_a_snapshot(mlp_model: interlace.NNsight, tiny_input: torch.Tensor) -> None:
@@ -89,10 +97,10 @@ def test_only_saved_names_at_module_level(mlp_model: interlace.NNsight, tiny_inp
         exec(compile(src, filename, "exec"), ns)
     finally:
         linecache.cache.pop(filename, None)
-    assert "kept" in ns and "unsaved" not in ns
+    assert "kept" in ns and torch.equal(ns["kept"], mlp_model._module(tiny_input))
     assert not any(k.startswith("__interlace") for k in ns)
-    with pytest.raises(NameError):
-        eval("unsaved", ns)
+    with pytest.raises(NameError, match=f"`unsaved` was assigned in the trace at {filename}:2 but not saved"):
+        eval("unsaved.shape", ns)
 
 
 def test_session_values_flow_between_traces_but_only_saved_leave(mlp_model: interlace.NNsight, tiny_mlp: torch.nn.Sequential, tiny_input: torch.Tensor) -> None:
@@ -105,8 +113,8 @@ def test_session_values_flow_between_traces_but_only_saved_leave(mlp_model: inte
     with torch.no_grad():
         expected = tiny_mlp.layer2(tiny_mlp.act(torch.zeros(1, 10)))
     assert torch.equal(out, expected)
-    with pytest.raises(UnboundLocalError):
-        h  # noqa: B018
+    with pytest.raises(UnboundLocalError, match="`h` was assigned in the trace"):
+        h.shape  # noqa: B018
 
 
 GLOBAL_FROM_BODY: Any = None
@@ -180,7 +188,7 @@ def test_unsaved_names_sharing_an_interned_value_do_not_leak(mode, tiny_mlp, tin
             flag = None
             h = model.layer1.output.save()
         bound = locals()
-        return {name for name in ("n", "k", "none_saved", "flag", "h") if name in bound}
+        return {name for name in ("n", "k", "none_saved", "flag", "h") if not isinstance(bound[name], NotSaved)}
 
     assert run() == {"n", "none_saved", "h"}
 

@@ -245,6 +245,10 @@ class RemoteClient:
         self._policy = self._request("GET", "/v1/policy").json()
         return self._policy
 
+    def model_meta(self, model_key: str) -> dict[str, Any]:
+        """A hosted model's config and tokenizer files, to build it without weights (needs a key)."""
+        return self._request("GET", f"/v1/models/{quote(model_key, safe='')}/meta").json()
+
     def _display(self, display: JobStatusDisplay | bool | None) -> JobStatusDisplay:
         if isinstance(display, JobStatusDisplay):
             return display

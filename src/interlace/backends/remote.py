@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 from ..remote.policy import DEFAULT_POLICY, Policy
 from ..remote.problems import RemoteValidationError
 from ..remote.result import decode_result
-from .remote_common import encode_for_remote, model_key_of
+from .pending import not_waited_values
+from .remote_common import encode_for_remote, model_key_of, warn_if_large
 
 if TYPE_CHECKING:
     from ..tracing.tracer import Tracer
@@ -52,24 +53,39 @@ def attach(job_id: str, *, host: str | None = None, api_key: str | None = None) 
 
 
 class RemoteBackend:
+    """`model.trace(x, backend=RemoteBackend(model_key="org/name"))`, or chosen by `remote=True`.
+
+    The job runs on the server's model named `model_key` (default: the traced model's key);
+    nnsight's spelling `RemoteBackend("org/name")` works too.
+    """
+
     def __init__(
         self,
-        model: Any,
+        model: Any = None,
         *,
+        model_key: str | None = None,
         blocking: bool = True,
         callback: str | None = None,
         host: str | None = None,
         api_key: str | None = None,
         strict_remote: bool = False,
         verbose: bool = False,
+        max_upload_mb: float = 10.0,
     ) -> None:
+        if isinstance(model, str) and model_key is None:  # nnsight: RemoteBackend(model_key, ...)
+            model, model_key = None, model
+        if model_key is not None and (not isinstance(model_key, str) or not model_key):
+            raise TypeError(f"model_key must be the non-empty key of a hosted model, got {model_key!r}.")
         self.model = model
+        self.model_key = model_key
         self.blocking = blocking
         self.callback = callback
         self.host = host
         self.api_key = api_key
         self.strict_remote = strict_remote
         self.verbose = verbose
+        self.max_upload_mb = max_upload_mb
+        self.job_id: str | None = None  # as nnsight's: the id of the last job submitted
 
     def __call__(self, tracer: "Tracer") -> dict[str, Any]:
         from .client import RemoteRequestError, shared_client
@@ -79,7 +95,9 @@ class RemoteBackend:
             policy = Policy.model_validate(client.policy(cached=True))
         except RemoteRequestError:
             policy = DEFAULT_POLICY
-        payload, _ = encode_for_remote(tracer, model_key_of(self.model), policy, strict_remote=self.strict_remote)
+        key = self.model_key or model_key_of(self.model if self.model is not None else tracer.model)
+        payload, _ = encode_for_remote(tracer, key, policy, strict_remote=self.strict_remote)
+        warn_if_large(payload, self.max_upload_mb)
         try:
             job = client.submit(payload, callback=self.callback)
         except RemoteRequestError as e:
@@ -88,6 +106,8 @@ class RemoteBackend:
             raise
         remote_job = RemoteJob(job)
         tracer.job = remote_job
+        self.job_id = remote_job.id
         if not self.blocking:
-            return {}
+            # Nothing to bind yet; each saved name says how to fetch its value when used.
+            return not_waited_values(tracer, remote_job.id)
         return decode_result(job.wait(display=True if self.verbose else None))

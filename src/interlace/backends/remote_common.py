@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..remote.policy import DEFAULT_POLICY, Policy
@@ -12,7 +13,7 @@ from ..remote.validate import validate_request
 if TYPE_CHECKING:
     from ..tracing.tracer import Tracer
 
-__all__ = ["encode_for_remote", "model_key_of", "policy_for_simulation"]
+__all__ = ["encode_for_remote", "model_key_of", "policy_for_simulation", "warn_if_large"]
 
 
 def encode_for_remote(tracer: "Tracer", model_key: str, policy: Policy, *, strict_remote: bool) -> tuple[bytes, BuiltRequest]:
@@ -42,6 +43,21 @@ def encode_for_remote(tracer: "Tracer", model_key: str, policy: Policy, *, stric
     if problems:
         raise RemoteValidationError(problems)
     return payload, built
+
+
+def warn_if_large(payload: bytes, max_upload_mb: float) -> None:
+    """`max_upload_mb=`: warn (in both remote modes alike) when the request is larger.
+
+    The server's own limit is its policy's, checked by the validator; this is the user's
+    early warning about a slow upload."""
+    if max_upload_mb and len(payload) > max_upload_mb * 1024 * 1024:
+        warnings.warn(
+            f"The request is {len(payload) / 1024 / 1024:.1f} MB, over max_upload_mb="
+            f"{max_upload_mb:g} MB. Sending it to a server will be slow; compute large "
+            "values inside the trace instead of passing them in (max_upload_mb=0 silences this).",
+            UserWarning,
+            stacklevel=5,
+        )
 
 
 def model_key_of(model: Any, *, simulation: bool = False) -> str:

@@ -9,12 +9,12 @@ the same message.
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..remote.problems import RemoteValidationError
+from ..remote.source import shipped_model_refs
 from ..remote.result import decode_result
-from .remote_common import encode_for_remote, model_key_of, policy_for_simulation
+from .remote_common import encode_for_remote, model_key_of, policy_for_simulation, warn_if_large
 
 if TYPE_CHECKING:
     from ..tracing.tracer import Tracer
@@ -65,14 +65,10 @@ class LocalSimulationBackend:
             print(f"[LocalSimulation] Variables: {sorted(request.variables)}")
             print(f"[LocalSimulation] Remote objects: {request.remote_objects}")
             print(f"[LocalSimulation] Model refs: {sorted(request.model_refs)}")
-        if self.max_upload_mb and len(payload) > self.max_upload_mb * 1024 * 1024:
-            warnings.warn(
-                f"The request is {len(payload) / 1024 / 1024:.1f} MB, over max_upload_mb="
-                f"{self.max_upload_mb:g} MB. Sending it to a server will be slow; compute large "
-                "values inside the trace instead of passing them in (max_upload_mb=0 silences this).",
-                UserWarning,
-                stacklevel=4,
-            )
+            shipped_refs = shipped_model_refs(request)
+            if shipped_refs:
+                print(f"[LocalSimulation] Model refs in shipped code: {shipped_refs}")
+        warn_if_large(payload, self.max_upload_mb)
         try:
             prepared = prepare_payload(payload, policy, {key: self.model})
         except BadRequest as e:

@@ -20,7 +20,7 @@ from ..tracing.tracer import InterleavingTracer
 if TYPE_CHECKING:
     from .language_model import LanguageModel
 
-__all__ = ["Generator", "Streamer", "GenerateTracer", "run_generate"]
+__all__ = ["Generator", "Streamer", "GenerateTracer", "run_generate", "generation_steps"]
 
 
 class Streamer(torch.nn.Module):
@@ -103,28 +103,67 @@ def run_generate(model: "LanguageModel", kwargs: dict[str, Any], interleaver: In
     return output
 
 
-def max_new_tokens(model: "LanguageModel", kwargs: dict[str, Any]) -> int:
-    if "max_new_tokens" in kwargs:
-        return int(kwargs["max_new_tokens"])
-    config = getattr(model._module, "generation_config", None)
-    value = getattr(config, "max_new_tokens", None)
-    if value is None:
-        raise TracingError(
-            "Pass `max_new_tokens=` to model.generate(...): Interlace needs to know how many steps "
-            "`tracer.iter[:]` and `tracer.all()` cover. (`max_length` counts the prompt too and "
-            "is not accepted.)"
-        )
-    return int(value)
+def generation_steps(model: "LanguageModel", kwargs: dict[str, Any], prompt_length: int | None) -> int:
+    """How many forwards `generate` makes at most, decided as Hugging Face decides it.
+
+    `max_new_tokens` (the call's, else the generation config's) wins; else the config's
+    `max_length` counts the prompt too; else transformers' default of 20 new tokens, capped
+    at the model's `max_position_embeddings`. `prompt_length` (the batched prompt's width)
+    is needed only in the last two cases. Generation may still end sooner, at EOS.
+    """
+    from transformers import GenerationConfig
+
+    config = kwargs.get("generation_config") or getattr(model._module, "generation_config", None) or GenerationConfig()
+    value = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if value is not None:
+        return int(value)
+    if prompt_length is None:
+        raise TracingError("internal: the prompt length is needed to count generation steps")
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    default_length = (defaults().get("max_length") if defaults else None) or 20
+    max_length = kwargs.get("max_length", getattr(config, "max_length", None))
+    # transformers 5 leaves `max_length` unset by default; 4.x sets it to 20 and treats that
+    # value as "unset" too. Either way "unset" means 20 *new* tokens.
+    unset = max_length is None or (GenerationConfig().max_length is not None and max_length == GenerationConfig().max_length)
+    if not unset:
+        return max(int(max_length) - prompt_length, 0)
+    total = default_length + prompt_length
+    positions = getattr(model._module.config, "max_position_embeddings", None)
+    if positions is not None:
+        total = min(total, int(positions))
+    return max(total - prompt_length, 0)
 
 
 class GenerateTracer(InterleavingTracer):
-    """`with model.generate(prompt, max_new_tokens=N) as tracer:`."""
+    """`with model.generate(prompt, max_new_tokens=N) as tracer:` (N defaults as in Hugging Face)."""
 
     kind = "generate"
+    _limit: int | None = None
 
     def _describe(self) -> str:
         return "model.generate(...)"
 
-    def _steps(self) -> int | None:
-        return max_new_tokens(self.model, self.kwargs)  # type: ignore[arg-type]
+    def _run(self, mediators: list, args: tuple, kwargs: dict, batch_size: int) -> None:
+        # The batched prompt (padded to the longest invoke) is what `max_length` counts.
+        self._limit = generation_steps(self.model, {**self.kwargs, **kwargs}, _prompt_length(kwargs))  # type: ignore[arg-type]
+        super()._run(mediators, args, kwargs, batch_size)
 
+    def _steps(self) -> int | None:
+        if self._limit is None:
+            # Asked before the run (planning a body that has the trace's own input): that input
+            # alone is the batch.
+            length = None
+            model = self.model
+            if model._has_input(self.args, self.kwargs):  # type: ignore[union-attr]
+                _, kwargs, _ = model._batch([model._prepare_input(*self.args, **self.kwargs)])  # type: ignore[union-attr]
+                length = _prompt_length(kwargs)
+            self._limit = generation_steps(model, self.kwargs, length)  # type: ignore[arg-type]
+        return self._limit
+
+
+def _prompt_length(kwargs: dict[str, Any]) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[1])
+    return None

@@ -13,7 +13,7 @@ from ..errors import TracingError
 from ..tracing.interleaver import Interleaver
 from .generation import GenerateTracer, Generator
 from ..tracing.envoy import Envoy
-from .nnsight import CALLS_WITHOUT_INTERLEAVER, NNsight
+from .nnsight import CALLS_WITHOUT_INTERLEAVER, NNsight, apply_without_weights
 
 __all__ = ["LanguageModel"]
 
@@ -36,22 +36,38 @@ class LanguageModel(NNsight):
     run, or at once with `dispatch=True`. `load_kwargs` go to `from_pretrained`
     (`torch_dtype=`, `device_map=`, `revision=`, ...). Options for the tokenizer go in
     `tokenizer_kwargs={...}` on `trace`/`generate`.
+
+    `LanguageModel(model_key="org/name")` builds a model hosted on the server (CONFIG.API.HOST,
+    or `host=`) from its config and tokenizer, without weights: it traces with `remote=True`
+    only (see `hosted.py`). Given with a model, `model_key=` names the server's copy of it.
     """
 
     def __init__(
         self,
-        model: str | torch.nn.Module,
+        model: str | torch.nn.Module | None = None,
         *,
         tokenizer: Any = None,
         dispatch: bool = False,
         rename: dict[str, str | list[str]] | None = None,
+        model_key: str | None = None,
+        host: str | None = None,
+        api_key: str | None = None,
         **load_kwargs: Any,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from .demo import DEMO_MODEL_KEY, build_demo_model
 
-        key = model if isinstance(model, str) else None
+        if model is None:
+            if model_key is None:
+                raise TypeError(
+                    "LanguageModel needs a hub id, a local path or a torch.nn.Module, or the key of a "
+                    "model hosted on a server: `LanguageModel(\"org/name\")` or "
+                    "`LanguageModel(model_key=\"org/name\")`."
+                )
+            self._init_hosted(model_key, tokenizer, dispatch, rename, host, api_key, load_kwargs)
+            return
+        key = model_key or (model if isinstance(model, str) else None)
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         if model == DEMO_MODEL_KEY:
@@ -77,15 +93,37 @@ class LanguageModel(NNsight):
             raise TypeError(
                 f"LanguageModel takes a hub id, a local path or a torch.nn.Module, got {type(model).__name__}."
             )
-        super().__init__(module, rename=rename)
+        super().__init__(module, rename=rename, model_key=key or repo_id, host=host, api_key=api_key)
+        self._init_fields(repo_id, load_kwargs, dispatched,
+                          tokenizer if tokenizer is not None else self._load_tokenizer(repo_id, load_kwargs, module))
+
+    def _init_hosted(self, model_key: str, tokenizer: Any, dispatch: bool, rename: Any,
+                     host: str | None, api_key: str | None, load_kwargs: dict[str, Any]) -> None:
+        """`LanguageModel(model_key=...)`: module tree, config and tokenizer from the server."""
+        from .hosted import load_hosted, no_local_weights_error
+
+        if dispatch:
+            raise no_local_weights_error(model_key, False)
+        if load_kwargs:
+            raise TypeError(
+                f"{', '.join(sorted(load_kwargs))}: loading options do not apply to a model known only "
+                f"by its server key (the server loaded it). Use `LanguageModel(model_key={model_key!r})`."
+            )
+        hosted = load_hosted(model_key, host=host, api_key=api_key)
+        NNsight.__init__(self, hosted.module, rename=rename, model_key=model_key, host=hosted.host, api_key=api_key)
+        self.__dict__["_hosted"] = hosted
+        self._init_fields(model_key, {}, False, tokenizer if tokenizer is not None else hosted.tokenizer)
+
+    def _init_fields(self, repo_id: str, load_kwargs: dict[str, Any], dispatched: bool, tokenizer: Any) -> None:
         d = self.__dict__
         d["repo_id"] = repo_id
-        d["model_key"] = key or repo_id
         d["_load_kwargs"] = dict(load_kwargs)
         d["_dispatched"] = dispatched
-        d["tokenizer"] = tokenizer if tokenizer is not None else self._load_tokenizer(repo_id, load_kwargs, module)
-        if d["tokenizer"] is not None and getattr(d["tokenizer"], "pad_token", None) is None:
-            d["tokenizer"].pad_token = d["tokenizer"].eos_token
+        # Module methods called before the weights are loaded, replayed on them (`dispatch`).
+        d["_pending_module_calls"] = []
+        d["tokenizer"] = tokenizer
+        if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
         d["_position_ids_ok"] = None
         self._attach_generator()
 
@@ -119,14 +157,32 @@ class LanguageModel(NNsight):
         """Load the real weights now (done automatically before the first local run)."""
         d = self.__dict__
         if not d["_dispatched"]:
+            if d["_hosted"] is not None:
+                from .hosted import no_local_weights_error
+
+                raise no_local_weights_error(d["_hosted"].key, False)
             module = self._load(d["repo_id"], d["_load_kwargs"])
-            d["_module"] = module
-            d["_children"].clear()
-            d["_index_map"] = None
-            d["_order"] = None  # a new module tree: record its call order again
+            # `model.to(...)`, `.train()`, ... called before the weights existed, in order.
+            for name, args, kwargs in d["_pending_module_calls"]:
+                result = getattr(module, name)(*args, **kwargs)
+                if isinstance(result, torch.nn.Module):
+                    module = result
+            d["_pending_module_calls"] = []
+            self._replace_module(module)
             d["_dispatched"] = True
             d["_position_ids_ok"] = None
             self._attach_generator()
+        return self
+
+    def _apply_module_method(self, name: str, args: tuple, kwargs: dict[str, Any]) -> "LanguageModel":
+        d = self.__dict__
+        if d["_dispatched"]:
+            return super()._apply_module_method(name, args, kwargs)  # type: ignore[return-value]
+        # No weights yet (or none here at all): the meta module takes what it can now (dtype,
+        # mode), and loaded weights get the whole call, so `LanguageModel(id).to("cuda")` stays lazy.
+        apply_without_weights(d["_module"], name, args, kwargs)
+        if d["_hosted"] is None:
+            d["_pending_module_calls"].append((name, args, kwargs))
         return self
 
     def _before_run(self) -> None:

@@ -24,16 +24,49 @@ class NNsight(Envoy):
     ```
     `rename={"transformer.h": "layers", "mlp": "ffn"}` adds aliases: a dotted key is a path
     mounted on the root (`model.layers`), a plain name renames that child everywhere.
+
+    `NNsight(model_key="org/name")` builds a model hosted on the server (CONFIG.API.HOST, or
+    `host=`) from its description, without weights (see `hosted.py`): it traces with
+    `remote=True` only. With a module, `model_key=` names the server's copy of it for
+    `remote=True`. Module methods that return the module (`.to()`, `.eval()`, `.half()`, ...)
+    return the wrapper, so `NNsight(net).to("cpu")` is still an NNsight.
     """
 
-    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str | list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module | None = None,
+        *,
+        rename: dict[str, str | list[str]] | None = None,
+        model_key: str | None = None,
+        host: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        hosted = None
+        if module is None:
+            if model_key is None:
+                raise TypeError(
+                    "NNsight needs a torch.nn.Module to wrap, or the key of a model hosted on a "
+                    "server: `NNsight(net)` or `NNsight(model_key=\"org/name\")`."
+                )
+            from .hosted import load_hosted
+
+            hosted = load_hosted(model_key, host=host, api_key=api_key)
+            module = hosted.module
         if not isinstance(module, torch.nn.Module):
+            hint = (f" For a model hosted on a server use `NNsight(model_key={module!r})`."
+                    if isinstance(module, str) else "")
             raise TypeError(
                 f"NNsight wraps a torch.nn.Module, got {type(module).__name__}. For a Hugging Face "
-                "model id or path use `interlace.LanguageModel(...)`."
+                f"model id or path use `interlace.LanguageModel(...)`.{hint}"
             )
         super().__init__(module, "model", None)
         d = self.__dict__
+        d["model_key"] = model_key
+        # Set for a model built from the server's description: no weights here (see hosted.py).
+        d["_hosted"] = hosted
+        # Where this model's remote traces go unless a trace names its own host/api_key.
+        d["_remote_host"] = hosted.host if hosted is not None else host
+        d["_remote_api_key"] = api_key
         d["_rename"] = dict(rename or {})
         d["_root_aliases"] = {}
         d["_name_aliases"] = {}
@@ -167,10 +200,16 @@ class NNsight(Envoy):
             raise TypeError(f"model.session() got unexpected arguments: {', '.join(kwargs)}")
         return Session(self, backend=backend)
 
-    def scan(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Like `trace`, but with fake tensors: shapes and dtypes, no compute, no weights loaded."""
+    def scan(self, *inputs: Any, remote: bool | str = False, **kwargs: Any) -> Any:
+        """Like `trace`, but with fake tensors: shapes and dtypes, no compute, no weights loaded.
+
+        A scan runs here in every mode: fake tensors need neither the weights nor a server.
+        `remote=` is accepted so that code written for a hosted model scans unchanged (it used
+        to reach the model's forward as an unknown keyword argument)."""
         from ..tracing.scan import ScanningTracer
 
+        if not (remote is False or remote is None or remote is True or remote == "local"):
+            raise ValueError(f"remote must be False, True or 'local', not {remote!r}.")
         return ScanningTracer(self, *inputs, **kwargs)
 
     def edit(self, *, inplace: bool = False) -> Any:
@@ -199,6 +238,16 @@ class NNsight(Envoy):
     def _backend_for(self, remote: bool | str, backend: Any, kwargs: dict[str, Any]) -> Any:
         if backend is not None:
             return backend
+        d = self.__dict__
+        if remote is True:
+            if d["_remote_host"] is not None:
+                kwargs.setdefault("host", d["_remote_host"])
+            if d["_remote_api_key"] is not None:
+                kwargs.setdefault("api_key", d["_remote_api_key"])
+        elif d["_hosted"] is not None and remote in (False, None, "local"):
+            from .hosted import no_local_weights_error
+
+            raise no_local_weights_error(d["_hosted"].key, remote or False)
         if remote is False and _LOCAL_BACKEND is not None and (not kwargs or _REMOTE_ONLY_OPTIONS.isdisjoint(kwargs)):
             # What select_backend returns for a local trace without remote options, without
             # its per-call imports (a few us of every trace's fixed cost). It keeps no state,
@@ -207,6 +256,27 @@ class NNsight(Envoy):
         from ..backends import select_backend
 
         return select_backend(self, remote, kwargs)
+
+    # -- torch.nn.Module methods that return the module (see SELF_RETURNING_METHODS) -----------
+
+    def _apply_module_method(self, name: str, args: tuple, kwargs: dict[str, Any]) -> "NNsight":
+        d = self.__dict__
+        module = d["_module"]
+        if d["_hosted"] is not None:  # no weights here: only what a meta module can take
+            apply_without_weights(module, name, args, kwargs)
+            return self
+        result = getattr(module, name)(*args, **kwargs)
+        if result is not module and isinstance(result, torch.nn.Module):
+            self._replace_module(result)  # a module whose method returns a new module
+        return self
+
+    def _replace_module(self, module: torch.nn.Module) -> None:
+        """Wrap `module` instead (LanguageModel's dispatch): a new module tree to index."""
+        d = self.__dict__
+        d["_module"] = module
+        d["_children"].clear()
+        d["_index_map"] = None
+        d["_order"] = None  # a new module tree: record its call order again
 
     # -- what subclasses adapt ------------------------------------------------------------------
 
@@ -263,6 +333,11 @@ class NNsight(Envoy):
 
     def _before_run(self) -> None:
         """Called before each local run (LanguageModel loads its weights here)."""
+        hosted = self.__dict__["_hosted"]
+        if hosted is not None:  # e.g. an explicit `backend=LocalBackend()`
+            from .hosted import no_local_weights_error
+
+            raise no_local_weights_error(hosted.key, False)
 
     def _edit_mediators(self, ns: dict[str, Any]) -> list[Mediator]:
         if not self.__dict__.get("_default_edits"):
@@ -332,6 +407,41 @@ class NNsight(Envoy):
 
 #: `_call_model` functions that ignore the interleaver for traces (`_runs_without_interleaver`).
 CALLS_WITHOUT_INTERLEAVER = {NNsight._call_model}
+
+#: `torch.nn.Module` methods that return the module itself. On a wrapper they return the
+#: wrapper, so chains such as `NNsight(net).to("cpu").eval()` keep an NNsight (torch's own
+#: `zero_grad`, `compile`, ... return None and pass through unchanged).
+SELF_RETURNING_METHODS = (
+    "to", "cpu", "cuda", "xpu", "ipu", "mtia", "to_empty", "type", "half", "float", "double",
+    "bfloat16", "train", "eval", "requires_grad_", "apply", "share_memory",
+)
+#: Of those, the ones that move tensors to a device: a meta module (no weights yet, or none
+#: here at all) cannot take them (they wait for the weights: see LanguageModel.dispatch).
+_DEVICE_METHODS = frozenset({"cpu", "cuda", "xpu", "ipu", "mtia", "to_empty", "type", "share_memory"})
+
+
+def apply_without_weights(module: torch.nn.Module, name: str, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Apply what a meta-device module can take of a module method: dtype, mode, grad flags."""
+    if name == "to":
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]  # torch's own parsing of .to(...)
+        if dtype is not None:
+            module.to(dtype=dtype)
+    elif name not in _DEVICE_METHODS:
+        getattr(module, name)(*args, **kwargs)
+
+
+def _returns_wrapper(name: str) -> Any:
+    def method(self: NNsight, *args: Any, **kwargs: Any) -> NNsight:
+        return self._apply_module_method(name, args, kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"`torch.nn.Module.{name}` on the wrapped module; returns this wrapper."
+    return method
+
+
+for _name in SELF_RETURNING_METHODS:
+    setattr(NNsight, _name, _returns_wrapper(_name))
+del _name
 
 
 def _local_backend() -> tuple[Any, frozenset[str]]:

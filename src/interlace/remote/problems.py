@@ -65,10 +65,15 @@ def first_line(error: BaseException) -> str:
 class RemoteValidationError(InterlaceError):
     """The request would be rejected by the server. `.problems` lists every problem found."""
 
-    def __init__(self, problems: Iterable[Problem | dict[str, Any]]) -> None:
+    def __init__(self, problems: Iterable[Problem | dict[str, Any]], *, subject: str | None = None) -> None:
+        """`subject` names what cannot be sent when it is not a trace, e.g. "`f`" for a
+        function checked by `@interlace.remote` at decoration time."""
         self.problems = [p if isinstance(p, Problem) else Problem(**p) for p in problems]
+        self.subject = subject
         count = len(self.problems)
-        lines = [f"This trace cannot run remotely ({count} problem{'s' if count != 1 else ''}):"]
+        counted = f"{count} problem{'s' if count != 1 else ''}"
+        head = f"{subject} cannot be sent to a server ({counted}):" if subject else f"This trace cannot run remotely ({counted}):"
+        lines = [head]
         lines += ["  " + p.render(i + 1) for i, p in enumerate(self.problems)]
         super().__init__("\n".join(lines))
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .._version import PROTOCOL_VERSION, __version__
 from .codecheck import check_source
 from .errors import UnsupportedValueError, WireFormatError
+from .fixes import fix_for_error
 from .policy import DEFAULT_POLICY, Policy
 from .problems import Problem, first_line, unique
 from .source import CodeEncoder
@@ -74,6 +75,9 @@ class TraceRequest(BaseModel):
     model_refs: dict[str, str] = {}
     remote_objects: list[str] = []
     strict_remote: bool = False
+    # Modules whose `.source` the client built before the trace: built on the server too,
+    # before the run, so their ops count from the start there as well.
+    source_modules: list[str] = []
 
 
 class BuiltRequest:
@@ -91,7 +95,7 @@ def build_request(tracer: "Tracer", model_key: str, policy: Policy = DEFAULT_POL
     block = tracer.block
     frame = tracer._frame
     assert block is not None and frame is not None
-    code = CodeEncoder(policy, strict_remote=strict_remote)
+    code = CodeEncoder(policy, strict_remote=strict_remote, model=tracer.model)
     encoder = ValueEncoder(extension=code)
     problems: list[Problem] = []
     lookup = frame_lookup(frame)
@@ -124,8 +128,7 @@ def build_request(tracer: "Tracer", model_key: str, policy: Policy = DEFAULT_POL
                 problems.append(Problem(
                     category="unserializable-variable", filename=block.filename, lineno=line,
                     message=f"`{name}` ({type(value).__name__}) cannot be sent to the server: {first_line(e)}",
-                    fix=f"# convert it before the trace, e.g.\n{name} = torch.as_tensor({name})   # or a list / dict / number\n"
-                        "# or decorate its class with @interlace.remote",
+                    fix=fix_for_error(name, e, value),
                 ))
     code.where = (block.filename, block.first_lineno)
     try:
@@ -151,8 +154,21 @@ def build_request(tracer: "Tracer", model_key: str, policy: Policy = DEFAULT_POL
         model_refs=model_refs,
         remote_objects=code.remote_names,
         strict_remote=strict_remote,
+        source_modules=_source_modules(tracer, code.objects),
     )
     return BuiltRequest(request, dict(encoder.tensors), unique(problems))
+
+
+def _source_modules(tracer: "Tracer", objects: dict[str, Any]) -> list[str]:
+    """Paths of the traced model's modules with a built `.source`, when the shipped code may
+    use `.source` at all (building it on the server makes the hosted model wrap every module)."""
+    root = tracer.model
+    texts = [tracer.block.source] + [str(spec.get("source", "")) for spec in objects.values()]  # CodeEncoder.objects: dicts
+    if root is None or not any("source" in text for text in texts):
+        return []
+    from ..tracing.source import source_paths
+
+    return source_paths(root)
 
 
 def encode_request(built: BuiltRequest, *, compress: bool = True) -> bytes:

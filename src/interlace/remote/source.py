@@ -25,12 +25,13 @@ import linecache
 import sys
 import textwrap
 import types
-from typing import Any, Callable
+from typing import Any
 
 from .policy import Policy, module_allowed
 from .problems import Problem, first_line
 
-__all__ = ["CodeEncoder", "CodeDecoder", "is_remote_decorated", "REMOTE_ATTR", "remote_filename"]
+__all__ = ["CodeEncoder", "CodeDecoder", "is_remote_decorated", "REMOTE_ATTR", "remote_filename", "original_filename",
+           "restricted_builtins", "resolve_model_path", "decode_failure_text", "shipped_model_refs"]
 
 REMOTE_ATTR = "__interlace_remote__"
 _BUILTIN_NAMES = set(dir(builtins))
@@ -40,15 +41,30 @@ def is_remote_decorated(obj: Any) -> bool:
     return REMOTE_ATTR in getattr(obj, "__dict__", {})
 
 
-def remote_filename(filename: str) -> str:
-    """Filename under which shipped source is compiled on the server (maps back by stripping)."""
-    return filename if filename.startswith("<interlace-remote:") else f"<interlace-remote:{filename}>"
+def remote_filename(filename: str, part: str | None = None) -> str:
+    """Filename under which shipped source is compiled on the server (maps back by stripping).
+
+    The block is compiled as `<interlace-remote:FILE>`; each shipped function or class from the
+    same file gets its own name, `<interlace-remote:FILE>#PART`, so that registering its text
+    in linecache does not replace the block's text (which nested `with` blocks are captured
+    from) or another function's, and every traceback frame finds its own line.
+    """
+    base = filename if filename.startswith(_PREFIX) else f"{_PREFIX}{filename}>"
+    if part is None:
+        return base
+    return base + "#" + "".join(c for c in part if c.isalnum() or c in "_:")
 
 
 def original_filename(filename: str) -> str:
-    if filename.startswith("<interlace-remote:") and filename.endswith(">"):
-        return filename[len("<interlace-remote:") : -1]
+    """The user's filename for a name made by `remote_filename` (others are returned as is)."""
+    if filename.startswith(_PREFIX):
+        inner, sep, _part = filename[len(_PREFIX):].rpartition(">")
+        if sep:
+            return inner
     return filename
+
+
+_PREFIX = "<interlace-remote:"
 
 
 class CodeEncoder:
@@ -57,9 +73,12 @@ class CodeEncoder:
     Problems (anything that cannot travel) are collected, not raised, so the user sees all.
     """
 
-    def __init__(self, policy: Policy, *, strict_remote: bool = False) -> None:
+    def __init__(self, policy: Policy, *, strict_remote: bool = False, model: Any = None) -> None:
         self.policy = policy
         self.strict = strict_remote
+        # The traced model: its envoys travel as references (`x:model`) that the executor
+        # binds to the hosted model. None (at decoration time) accepts any model's envoys.
+        self.model = model
         self.objects: dict[str, dict[str, Any]] = {}
         self._ids: dict[int, str] = {}
         self._keep: list[Any] = []
@@ -72,6 +91,8 @@ class CodeEncoder:
     def encode(self, value: Any, encoder: Any) -> Any:
         if isinstance(value, types.ModuleType):
             return self._module(value)
+        if _is_envoy(value):
+            return self._model_ref(value)
         if isinstance(value, (types.FunctionType, type)):
             ref = self._reference(value)
             if ref is not None:
@@ -93,6 +114,22 @@ class CodeEncoder:
         return NotImplemented
 
     # -- modules and references ---------------------------------------------------------------
+
+    def _model_ref(self, envoy: Any) -> dict[str, Any]:
+        """The model or one of its modules, reached from a shipped function's globals, closure
+        or a container: sent by path, like the body's own model names (`request.model_refs`)."""
+        if self.model is not None:
+            root = self.model
+            # An edited copy (model.edit()) shares its original's envoys: same model.
+            roots = {id(root), id(root.__dict__.get("_edit_origin"))}
+            if id(envoy._root) not in roots:
+                from .errors import UnsupportedValueError
+
+                raise UnsupportedValueError(
+                    f"`{envoy.path}` belongs to a different model from the one being traced; "
+                    "only the traced model is on the server"
+                )
+        return {"$t": "x:model", "path": envoy.path}
 
     def _module(self, module: types.ModuleType) -> dict[str, Any]:
         name = module.__name__
@@ -198,15 +235,17 @@ class CodeEncoder:
 
     def _encode_captured(self, value: Any, encoder: Any, owner: Any, kind: str, var: str) -> Any:
         before = len(self.problems)
+        root = encoder.path  # the failing part's path is reported below this one
         try:
             return encoder.encode(value)
         except TypeError as e:  # UnsupportedValueError is a TypeError
+            from .fixes import fix_for_error
+
             category = "lambda-capture" if kind == "lambda" else "unserializable-variable"
             self._problem(
                 category,
                 f"`{getattr(owner, '__name__', '?')}` uses `{var}` ({type(value).__name__}), which cannot be sent: {first_line(e)}",
-                f"# turn `{var}` into a tensor, number, list or dict before the trace, or\n# make it a @remote function that imports what it needs inside:\n"
-                f"@remote\ndef {var if var.isidentifier() else 'helper'}(x):\n    import torch\n    ...",
+                fix_for_error(var, e, value, root),
                 owner,
             )
             return None
@@ -220,7 +259,9 @@ class CodeEncoder:
                         "filename": code.co_filename,
                         "lineno": code.co_firstlineno,
                         "message": f"this lambda uses `{var}`, which cannot be sent ({problem.message})",
-                        "fix": "# make it a @remote function that imports what it needs inside:\n"
+                        # the fix made for the captured value fits it (a file is read, a
+                        # module imported inside a @remote function, ...)
+                        "fix": problem.fix or "# make it a @remote function that imports what it needs inside:\n"
                                "@remote\ndef helper(x):\n    import torch\n    return ...",
                     })
 
@@ -228,9 +269,7 @@ class CodeEncoder:
         if kind == "lambda":
             return _lambda_source(obj)
         lines, lineno = inspect.getsourcelines(obj)
-        source = textwrap.dedent("".join(lines))
-        if kind != "class":
-            source = _strip_remote_decorators(source)
+        source = _strip_remote_decorators(textwrap.dedent("".join(lines)))
         filename = (inspect.getsourcefile(obj) or "<unknown>") if kind == "class" else obj.__code__.co_filename
         return source, filename, max(lineno, 1)
 
@@ -242,6 +281,12 @@ class CodeEncoder:
             except (OSError, TypeError):
                 pass  # no source: keep the trace line that uses it
         self.problems.append(Problem(category=category, message=message, filename=filename, lineno=lineno, fix=fix))
+
+
+def _is_envoy(value: Any) -> bool:
+    from ..tracing.envoy import Envoy
+
+    return isinstance(value, Envoy)
 
 
 def _user_source_available(cls: type) -> bool:
@@ -290,11 +335,12 @@ def _global_names(source: str, kind: str) -> set[str]:
 
 
 def _strip_remote_decorators(source: str) -> str:
-    """Drop `@remote` / `@interlace.remote(...)` lines: the server does not need to re-validate
-    at definition time, and the decorator name would otherwise have to be shipped."""
+    """Drop `@remote` / `@interlace.remote(...)` lines of a function or class: the server does
+    not re-validate at definition time (the decorator's check reads source files, which the
+    server does not have), and the decorator name would otherwise have to be shipped."""
     tree = ast.parse(source)
     node = tree.body[0]
-    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.decorator_list:
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or not node.decorator_list:
         return source
     lines = source.splitlines(keepends=True)
     for dec in node.decorator_list:
@@ -337,154 +383,15 @@ def _lambda_source(fn: types.FunctionType) -> tuple[str, str, int]:
     return "(" + segment + ")", filename, node.lineno
 
 
-# -- decoding (server side) --------------------------------------------------------------------
-
-
-class CodeDecoder:
-    """Value-decoder extension that rebuilds shipped objects under a policy."""
-
-    def __init__(self, objects: dict[str, dict[str, Any]], policy: Policy, builtins_dict: dict[str, Any]) -> None:
-        self.objects = objects
-        self.policy = policy
-        self.builtins = builtins_dict
-        self._memo: dict[str, Any] = {}
-        self._building: set[str] = set()
-        self._pending: dict[str, list[tuple[dict[str, Any], str]]] = {}
-
-    def decode(self, node: dict[str, Any], decoder: Any) -> Any:
-        tag = node.get("$t")
-        if tag == "x:module":
-            name = node.get("name")
-            if not isinstance(name, str) or not self.policy.allows_module(name):
-                raise _bad(f"module {name!r} is not allowed on this server")
-            return importlib.import_module(name)
-        if tag == "x:ref":
-            module, qualname = node.get("module"), node.get("qualname")
-            if not isinstance(module, str) or not isinstance(qualname, str):
-                raise _bad("a reference needs `module` and `qualname` strings")
-            if module == "builtins":
-                if qualname not in self.policy.allowed_builtins:
-                    raise _bad(f"builtin {qualname!r} is not allowed")
-                return getattr(builtins, qualname)
-            if not self.policy.allows_module(module):
-                raise _bad(f"module {module!r} is not allowed on this server")
-            try:
-                return _resolve(module, qualname)
-            except Exception:
-                raise _bad(f"{module}.{qualname} does not exist on the server") from None
-        if tag == "x:object":
-            return self._build(str(node.get("id")), decoder)
-        if tag == "x:method":
-            return getattr(decoder.decode(node["self"]), node["name"])
-        if tag == "x:instance":
-            cls = decoder.decode(node["cls"])
-            if not isinstance(cls, type):
-                raise _bad("an instance's class is not a class")
-            obj = cls.__new__(cls)
-            state = decoder.decode(node["state"])
-            if not isinstance(state, dict):
-                raise _bad("an instance's state must be a dict")
-            for key, value in state.items():
-                object.__setattr__(obj, key, value)
-            return obj
-        raise _bad(f"unknown tag {tag!r}")
-
-    def _build(self, key: str, decoder: Any) -> Any:
-        if key in self._memo:
-            return self._memo[key]
-        if key in self._building:
-            return _Later(key)
-        entry = self.objects.get(key)
-        if not isinstance(entry, dict):
-            raise _bad(f"object {key!r} is missing from the request")
-        self._building.add(key)
-        filename = remote_filename(str(entry.get("filename", "<unknown>")))
-        lineno = int(entry.get("lineno", 1) or 1)
-        source = str(entry.get("source", ""))
-        env: dict[str, Any] = {"__builtins__": self.builtins, "__name__": _REMOTE_MODULE}
-        later: list[tuple[str, str]] = []
-        for name, value_node in (entry.get("globals") or {}).items():
-            value = decoder.decode(value_node)
-            if isinstance(value, _Later):
-                later.append((name, value.key))
-            else:
-                env[name] = value
-        closure = {name: decoder.decode(v) for name, v in (entry.get("closure") or {}).items()}
-        obj = _define(entry, source, filename, lineno, env, closure)
-        if entry.get("kind") != "class":
-            if entry.get("defaults") is not None:
-                obj.__defaults__ = tuple(decoder.decode(entry["defaults"]))
-            if entry.get("kwdefaults") is not None:
-                obj.__kwdefaults__ = dict(decoder.decode(entry["kwdefaults"]))
-        self._memo[key] = obj
-        self._building.discard(key)
-        for name, other in later:
-            if other in self._memo:
-                env[name] = self._memo[other]
-            else:
-                self._pending.setdefault(other, []).append((env, name))
-        for target_env, name in self._pending.pop(key, []):
-            target_env[name] = obj
-        return obj
-
-
-# Shipped classes report this module; it exists (empty) so that machinery which looks up a
-# class's module, such as dataclasses resolving string annotations, finds one.
-_REMOTE_MODULE = "__interlace_remote__"
-sys.modules.setdefault(_REMOTE_MODULE, types.ModuleType(_REMOTE_MODULE, "Namespace of code shipped to Interlace."))
-
-
-class _Later:
-    __slots__ = ("key",)
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
-def _bad(message: str) -> Exception:
-    from .errors import WireFormatError
-
-    return WireFormatError(message)
-
-
-def _define(entry: dict[str, Any], source: str, filename: str, lineno: int, env: dict[str, Any], closure: dict[str, Any]) -> Any:
-    kind = entry.get("kind")
-    name = str(entry.get("name"))
-    padded = "\n" * (lineno - 1)
-    if closure:
-        # Closures are rebuilt by a factory whose parameters become the captured cells.
-        params = ", ".join(closure)
-        inner = f"return {source}" if kind == "lambda" else f"{source}\nreturn {name}"
-        text = "\n" * max(lineno - 2, 0) + f"def __interlace_factory__({params}):\n" + textwrap.indent(inner, "    ") + "\n"
-    elif kind == "lambda":
-        text = padded + f"__interlace_value__ = {source}\n"
-    else:
-        text = padded + source
-    lines = text.splitlines(keepends=True)
-    linecache.cache[filename] = (len(text), None, lines, filename)
-    code = compile(text, filename, "exec", flags=_FUTURE_ANNOTATIONS, dont_inherit=True)
-    exec(code, env)
-    if closure:
-        return env.pop("__interlace_factory__")(**closure)
-    if kind == "lambda":
-        return env.pop("__interlace_value__")
-    return env[name]
-
-
-def restricted_builtins(policy: Policy, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The builtins shipped code sees: the policy's list, a guarded `__import__`, and `print`
-    sent to the job log."""
-    allowed = {name: getattr(builtins, name) for name in policy.allowed_builtins if hasattr(builtins, name)}
-
-    def guarded_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
-        if level or not policy.allows_module(name):
-            raise ImportError(f"module {name!r} is not available on the Interlace server (allowed: {', '.join(policy.allowed_modules)})")
-        return importlib.import_module(name) if not fromlist else __import__(name, globals, locals, fromlist, 0)
-
-    allowed["__import__"] = guarded_import
-    if log is not None:
-        def remote_print(*args: Any, sep: str = " ", end: str = "\n", **_: Any) -> None:
-            log(sep.join(str(a) for a in args) + ("" if end == "\n" else end))
-
-        allowed["print"] = remote_print
-    return allowed
+# The decoding half lives in its own module (it reads untrusted requests); re-exported here so
+# `source` stays the one place to import code shipping from.
+from .code_decoding import (  # noqa: E402
+    _REMOTE_MODULE,
+    CodeDecoder,
+    decode_failure_text,
+    register_lines,
+    resolve_model_path,
+    restricted_builtins,
+    shipped_model_refs,
+    user_traceback_text,
+)

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import math
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from interlace.remote.errors import RemoteProtocolError, WireFormatError
+from interlace.tracing.cache_entries import Cache, CacheEntry
 
 from .values import (  # noqa: E402 - shared grammar constants and helpers
     DEFAULT_MAX_DEPTH,
@@ -36,6 +38,7 @@ from .values import (  # noqa: E402 - shared grammar constants and helpers
     _SPECIAL_FLOATS,
     _TORCH_DTYPES,
     _format_path,
+    is_hf_output_class,
 )
 
 __all__ = ["ValueDecoder"]
@@ -69,6 +72,9 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         ("size", "items", ""),
         ("dataclass", "cls fields", ""),
         ("enum", "cls value", ""),
+        ("cache", "items root_aliases name_aliases", ""),
+        ("cacheentry", "", "output inputs"),
+        ("hfoutput", "module name fields", ""),
     ]
 }
 
@@ -383,6 +389,64 @@ class ValueDecoder:
         except (ValueError, TypeError) as exc:
             raise self._error(f"{value!r} is not a member of {cls.__qualname__} ({exc})") from None
 
+    def _cache(self, node: dict[str, Any]) -> Cache:
+        pairs = self._expect(node["items"], list, "'items'")
+        tables = []
+        for field in ("root_aliases", "name_aliases"):
+            table = self._expect(node[field], dict, f"'{field}'")
+            if not all(type(k) is str and type(v) is str for k, v in table.items()):
+                raise self._error(f"'{field}' must map alias strings to path strings")
+            tables.append(table)
+        cache = Cache(root_aliases=tables[0], name_aliases=tables[1])
+        segments = self._segments
+        for pair in pairs:
+            if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
+                raise self._error("cache items must be [path string, entry] pairs")
+            path = pair[0]
+            if dict.__contains__(cache, path):
+                raise self._error(f"cache path {path!r} appears twice")
+            segments.append(("[]", path))
+            entry = self._decode(pair[1])
+            if not (type(entry) is CacheEntry or (type(entry) is list and all(type(e) is CacheEntry for e in entry))):
+                raise self._error(f"a cache item must be a cacheentry or a list of them, got {type(entry).__name__}")
+            segments.pop()
+            dict.__setitem__(cache, path, entry)
+        return cache
+
+    def _cache_entry(self, node: dict[str, Any]) -> CacheEntry:
+        entry = CacheEntry()
+        if "output" in node:
+            self._segments.append(("raw", ".output"))
+            entry._output = self._decode(node["output"])
+            self._segments.pop()
+        if "inputs" in node:
+            self._segments.append(("raw", ".inputs"))
+            inputs = self._decode(node["inputs"])
+            if not (type(inputs) is tuple and len(inputs) == 2 and type(inputs[0]) is tuple and type(inputs[1]) is dict):
+                raise self._error("a cache entry's 'inputs' must be a (tuple, dict) pair")
+            self._segments.pop()
+            entry._inputs = inputs
+        return entry
+
+    def _hf_output(self, node: dict[str, Any]) -> Any:
+        module_name, name = node["module"], node["name"]
+        # Only a class of a transformers module this process has imported already: decoding
+        # never imports anything, and never names a class outside transformers.
+        module = sys.modules.get(module_name) if type(module_name) is str and module_name.startswith("transformers.") else None
+        cls = getattr(module, name, None) if module is not None and type(name) is str and name.isidentifier() else None
+        if not is_hf_output_class(cls) or cls.__module__ != module_name:
+            raise self._error(f"{module_name!r}.{name!r} is not a transformers ModelOutput class loaded here")
+        fields = self._expect(node["fields"], dict, "'fields'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not set(fields) <= known:
+            raise self._error(f"{cls.__qualname__} has no fields {sorted(set(fields) - known)}")
+        values = {}
+        for field, item in fields.items():
+            self._segments.append(("raw", f".{field}"))
+            values[field] = self._decode(item)
+            self._segments.pop()
+        return cls(**values)
+
     def _dtype(self, node: dict[str, Any]) -> torch.dtype:
         name = node["name"]
         if type(name) is not str or name not in _TORCH_DTYPES:
@@ -428,4 +492,7 @@ _DECODERS: dict[str, Any] = {
     "size": ValueDecoder._size,
     "dataclass": ValueDecoder._dataclass,
     "enum": ValueDecoder._enum,
+    "cache": ValueDecoder._cache,
+    "cacheentry": ValueDecoder._cache_entry,
+    "hfoutput": ValueDecoder._hf_output,
 }

@@ -28,6 +28,13 @@ dtype           ``name``: torch dtype name, e.g. ``"bfloat16"``
 device          ``v``: e.g. ``"cuda:0"``
 size            ``items``: [int, ...] (torch.Size)
 dataclass       ``cls``: node from the extension; ``fields``: {name: node}
+cache           ``items``: [[path str, cacheentry node or list node of them], ...];
+                ``root_aliases``, ``name_aliases``: {alias: str} (``tracer.cache()``)
+cacheentry      optional ``output``: node; optional ``inputs``: node of ``(tuple, dict)``;
+                an absent field was not cached
+hfoutput        ``module``, ``name``: a Hugging Face ``ModelOutput`` class (a module under
+                ``transformers.`` that the receiver has imported already); ``fields``:
+                {name: node} for the fields that are set (what models return)
 enum            ``cls``: node from the extension; ``value``: node of ``member.value``
 x:<anything>    owned by the extension
 ==============  ===============================================================
@@ -76,6 +83,7 @@ import torch
 
 from interlace.remote.errors import UnsupportedValueError, WireFormatError
 from interlace.remote.wire import check_tensor
+from interlace.tracing.cache_entries import NOT_CACHED, Cache, CacheEntry
 
 __all__ = [
     "Node",
@@ -213,10 +221,14 @@ class ValueEncoder:
 
     def _error(self, value: Any, reason: str, fix: str | None = _DEFAULT_FIX) -> UnsupportedValueError:
         # fix=None: the reason already says what to do.
-        return UnsupportedValueError(
+        error = UnsupportedValueError(
             f"cannot send a value of type {_type_name(value)} at {self.path}: {reason}"
             + (f"; {fix}" if fix else "")
         )
+        # For callers that build a fix as code (`remote.fixes.value_fix`): the value that
+        # failed and where it sits.
+        error.value, error.path = value, self.path  # type: ignore[attr-defined]
+        return error
 
     def _encode(self, value: Any) -> Node:
         cls = type(value)
@@ -301,6 +313,46 @@ class ValueEncoder:
             self._segments.pop()
         return node
 
+    def _cache(self, value: Cache) -> Node:
+        # `tracer.cache()`'s result is data: its entries and the model's alias tables.
+        self._enter(value)
+        segments = self._segments
+        items = []
+        for path, entry in value.items():
+            if type(path) is not str or not (type(entry) is CacheEntry or (
+                    type(entry) is list and all(type(e) is CacheEntry for e in entry))):
+                raise self._error(value, f"its item {path!r} is not a module path with cache entries",
+                                  "keep only what `tracer.cache()` put in it, or convert it with dict(...)")
+            segments.append(("[]", path))
+            items.append([path, self._encode(entry)])
+            segments.pop()
+        self._active.discard(id(value))
+        return {"$t": "cache", "items": items,
+                "root_aliases": dict(value.root_aliases), "name_aliases": dict(value.name_aliases)}
+
+    def _cache_entry(self, value: CacheEntry) -> Node:
+        node: dict[str, Any] = {"$t": "cacheentry"}
+        for field in ("output", "inputs"):
+            part = getattr(value, "_" + field)
+            if part is not NOT_CACHED:
+                self._segments.append(("raw", f".{field}"))
+                node[field] = self._encode(part)
+                self._segments.pop()
+        return node
+
+    def _hf_output(self, value: Any) -> Node:
+        # What models return (logits, hidden states): the class by name, rebuilt by the
+        # receiver from transformers, which it has loaded already; never an import by name.
+        cls = type(value)
+        self._enter(value)
+        fields = {}
+        for name, item in value.items():
+            self._segments.append(("raw", f".{name}"))
+            fields[name] = self._encode(item)
+            self._segments.pop()
+        self._active.discard(id(value))
+        return {"$t": "hfoutput", "module": cls.__module__, "name": cls.__qualname__, "fields": fields}
+
     def _memoized(self, value: Any, make: Any) -> Node:
         hit = self._memo.get(id(value))
         if hit is None:
@@ -364,6 +416,8 @@ class ValueEncoder:
             member = self._encode(value.value)
             self._segments.pop()
             return {"$t": "enum", "cls": cls_node, "value": member}
+        if is_hf_output_class(type(value)):
+            return self._hf_output(value)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             cls_node = self._class_node(value, "dataclass")
             self._enter(value)
@@ -383,13 +437,19 @@ class ValueEncoder:
 
 
 def _fix_for(value: Any) -> str:
-    for base, hint in ((tuple, "tuple(...)"), (list, "list(...)"), (dict, "dict(...)"),
-                       (set, "set(...)"), (str, "str(...)"), (int, "int(...)"), (float, "float(...)")):
-        if isinstance(value, base):
-            return f"convert it with {hint} before the trace, or decorate its class with @interlace.remote"
-    if isinstance(value, np.ndarray):
-        return "convert it with np.asarray(...) before the trace"
-    return _DEFAULT_FIX
+    # The advice must fit the value (an open file is read, a generator listed, a lock left
+    # out of the body); `remote.fixes` sorts values into those kinds.
+    from .fixes import value_hint
+
+    return value_hint(value)
+
+
+def is_hf_output_class(cls: Any) -> bool:
+    """A Hugging Face `ModelOutput` subclass defined in transformers (checked by name, so
+    this module needs no transformers import)."""
+    return isinstance(cls, type) and cls.__module__.startswith("transformers.") and any(
+        c.__name__ == "ModelOutput" and c.__module__.startswith("transformers.") for c in cls.__mro__
+    )
 
 
 def _b64(data: bytes | bytearray) -> str:
@@ -415,6 +475,8 @@ _ENCODERS: dict[type, Any] = {
     torch.dtype: lambda e, v: {"$t": "dtype", "name": str(v).removeprefix("torch.")},
     torch.device: lambda e, v: {"$t": "device", "v": str(v)},
     torch.Size: lambda e, v: {"$t": "size", "items": list(v)},
+    Cache: ValueEncoder._cache,
+    CacheEntry: ValueEncoder._cache_entry,
 }
 
 

@@ -41,7 +41,9 @@ WS_AUTH_TIMEOUT = 10.0
 
 DESCRIPTION = """Run traces on hosted models. Submit with `POST /v1/jobs` (payload bytes),
 follow `WS /v1/jobs/{id}/events` (or poll `GET /v1/jobs/{id}`), download
-`GET /v1/jobs/{id}/result`. Job endpoints need the `X-Interlace-Key` header; create a key on the
+`GET /v1/jobs/{id}/result`. `GET /v1/models/{key}/meta` describes a hosted model (config and
+tokenizer, no weights) for clients that build it without weights. Job and model endpoints need
+the `X-Interlace-Key` header; create a key on the
 server machine with `interlace keys create --name YOU`. Full protocol: docs/http-api.md."""
 
 
@@ -136,6 +138,19 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
     @app.get("/v1/policy", summary="The server's execution policy (what payloads may do)")
     async def policy() -> JSONResponse:
         return JSONResponse(service.runner.policy())
+
+    @app.get(
+        "/v1/models/{model_key:path}/meta",
+        summary="A hosted model's config and tokenizer files (no weights), to build it on the meta device",
+        responses={401: {"description": "missing or bad key"},
+                   404: {"description": "model not hosted (the answer names the hosted models)"},
+                   409: {"description": "the hosted model has no Hugging Face config"}},
+    )
+    async def model_meta(request: Request, model_key: str) -> Response:
+        authenticate(request)
+        # Writing and reading the tokenizer files takes milliseconds: off the loop (once per key).
+        body = await anyio.to_thread.run_sync(service.model_meta, model_key)
+        return Response(body, media_type="application/json")
 
     # -- jobs -----------------------------------------------------------------------------
 

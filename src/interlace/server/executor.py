@@ -17,11 +17,12 @@ from torch.utils.hooks import RemovableHandle
 
 from ..remote.policy import Policy
 from ..remote.request import TraceRequest
-from ..remote.source import CodeDecoder, original_filename, remote_filename, restricted_builtins
+from ..remote.source import CodeDecoder, decode_failure_text, original_filename, remote_filename, resolve_model_path, restricted_builtins
 from ..remote.values import ValueDecoder
-from ..tracing.capture import SAVE_HELPER, block_from_source
-from ..tracing.frames import NAMESPACE_MARKER
-from ..tracing.saving import pop_registry, push_registry, save_in_body
+from ..tracing.capture import block_from_source
+from ..tracing.namespace import body_namespace
+from ..tracing.saving import pop_registry, push_registry
+from ..tracing.source import source_envoy
 
 __all__ = ["execute_request", "ExecutionFailed", "executing_remotely"]
 
@@ -60,20 +61,35 @@ def execute_request(
     block = block_from_source(request.block.source, filename, request.block.first_lineno)
     builtins_dict = restricted_builtins(policy, log)
     objects = {key: spec.model_dump() for key, spec in request.objects.items()}
-    decoder = ValueDecoder(tensors, extension=CodeDecoder(objects, policy, builtins_dict))
-    ns: dict[str, Any] = {"__builtins__": builtins_dict, "__name__": "__interlace_remote__", NAMESPACE_MARKER: True, SAVE_HELPER: save_in_body}
-    for name, node in request.variables.items():
-        ns[name] = decoder.decode(node, path=name)
-    for name, path in request.model_refs.items():
-        ns[name] = model if path == "model" else model.get(path[len("model.") :])
-    args = [decoder.decode(a, path="input") for a in request.args]
-    kwargs = {k: decoder.decode(v, path=k) for k, v in request.kwargs.items()}
-    if request.kind == "trace":
-        tracer = model.trace(*args, **kwargs)
-    elif request.kind == "generate":
-        tracer = model.generate(*args, **kwargs)
-    else:
-        tracer = model.session()
+    decoder = ValueDecoder(tensors, extension=CodeDecoder(objects, policy, builtins_dict, model=model))
+    # The engine's one namespace builder: the helpers capture's rewrites call are the same
+    # here as in a local trace (only the builtins are the policy's).
+    ns = body_namespace(builtins_dict=builtins_dict, name="__interlace_remote__")
+    # Decoding rebuilds the user's values (and runs their class bodies and decorators): a
+    # failure there is the job's error, shown to the user, never an internal server error.
+    try:
+        for name, node in request.variables.items():
+            ns[name] = decoder.decode(node, path=name)
+        for name, path in request.model_refs.items():
+            ns[name] = resolve_model_path(model, path)
+        for path in request.source_modules:  # `.source` the client built before the trace
+            source_envoy(resolve_model_path(model, path))
+        args = [decoder.decode(a, path="input") for a in request.args]
+        kwargs = {k: decoder.decode(v, path=k) for k, v in request.kwargs.items()}
+    except Exception as error:  # noqa: BLE001 - WireFormatError, or the user's code raising
+        raise ExecutionFailed(decode_failure_text(error), "invalid-request") from None
+    try:
+        # The user's inputs and options meet the model here: a bad one (an unknown keyword,
+        # a wrong input type) is the user's error, reported at the trace's line, never an
+        # internal error of the server.
+        if request.kind == "trace":
+            tracer = model.trace(*args, **kwargs)
+        elif request.kind == "generate":
+            tracer = model.generate(*args, **kwargs)
+        else:
+            tracer = model.session()
+    except Exception as error:  # noqa: BLE001 - reported to the user as the job's ERROR
+        raise ExecutionFailed(setup_traceback(error, request), type(error).__name__) from None
     tracer.block = block
     if block.as_name:
         ns[block.as_name] = tracer
@@ -82,15 +98,21 @@ def execute_request(
     modules = list(model._module.modules())
     before = weight_fingerprint(modules)
     hooks = _hook_keys(modules)
+    grad_mode = _grad_mode_for(request)
+    grads = _clear_grads(modules) if grad_mode is _GRAD_ON else None
+    edits = _keep_edits(model)
     try:
-        with _grad_mode_for(request):
+        with grad_mode:
             tracer.execute(ns)
     except BaseException as error:  # noqa: BLE001 - every failure becomes the job's ERROR
-        raise ExecutionFailed(user_traceback(error), type(error).__name__, registry.select(ns, visibly_saved=block.saved_names)) from None
+        raise ExecutionFailed(user_traceback(error, request), type(error).__name__, registry.select(ns, visibly_saved=block.saved_names)) from None
     finally:
         _state.depth -= 1
         pop_registry()
         _remove_new_hooks(modules, hooks)
+        if grads is not None:
+            _restore_grads(grads)
+        _restore_edits(model, edits)
     changed = changed_weights(model._module, modules, before)
     if changed:
         raise ExecutionFailed(
@@ -148,6 +170,39 @@ def _named_state(module: Any) -> Any:
     yield from module.named_buffers(remove_duplicate=False)
 
 
+def _clear_grads(modules: list[Any]) -> list[tuple[Any, Any]]:
+    """Start a job that may run a backward pass without parameter gradients, keeping the
+    ones there were: a job's `loss.backward()` must neither see an earlier job's gradients
+    nor leave its own for the next job (on a server, another user's; under the simulation,
+    the caller's own model, which a server run would leave untouched)."""
+    kept = [(p, p.grad) for m in modules for p in m._parameters.values() if p is not None]
+    for p, _ in kept:
+        p.grad = None
+    return kept
+
+
+def _restore_grads(kept: list[tuple[Any, Any]]) -> None:
+    for p, grad in kept:
+        p.grad = grad
+
+
+_GRAD_ON = contextlib.nullcontext()
+
+
+def _keep_edits(model: Any) -> tuple[Any, list[Any]]:
+    """The hosted model's default edits (`model.edit(inplace=True)` in a shipped session
+    adds to them, `model.clear_edits()` empties them): a job's own must die with the job."""
+    edits = model.__dict__.get("_default_edits")
+    return edits, list(edits or ())
+
+
+def _restore_edits(model: Any, kept: tuple[Any, list[Any]]) -> None:
+    edits, items = kept
+    if edits is not None:
+        edits[:] = items
+    model.__dict__["_default_edits"] = edits if edits is not None else []
+
+
 def _grad_mode_for(request: TraceRequest) -> Any:
     """No autograd graph for jobs that cannot use one.
 
@@ -157,12 +212,15 @@ def _grad_mode_for(request: TraceRequest) -> Any:
     """
     texts = [request.block.source] + [spec.source for spec in request.objects.values()]
     if any("grad" in text or "backward" in text for text in texts):
-        return contextlib.nullcontext()
+        return _GRAD_ON
     return torch.no_grad()
 
 
-def user_traceback(error: BaseException) -> str:
-    """The traceback with only the user's frames, in their own file names and lines."""
+def user_traceback(error: BaseException, request: TraceRequest | None = None) -> str:
+    """The traceback with only the user's frames, in their own file names and lines.
+
+    An error raised by the model itself (say, a keyword argument the model does not take) has
+    no user frame; it is then shown at the trace's `with` line, as a local run shows it."""
     lines = ["Traceback (most recent call last):\n"]
     for frame in traceback.extract_tb(error.__traceback__):
         if not frame.filename.startswith("<interlace-remote:"):
@@ -170,8 +228,27 @@ def user_traceback(error: BaseException) -> str:
         lines.append(f'  File "{original_filename(frame.filename)}", line {frame.lineno}, in {_where(frame.name)}\n')
         if frame.line:
             lines.append(f"    {frame.line.strip()}\n")
+    if len(lines) == 1 and request is not None:
+        lines.extend(_with_line(request))
     lines.extend(traceback.format_exception_only(type(error), error))
     return "".join(lines).rstrip("\n")
+
+
+def setup_traceback(error: BaseException, request: TraceRequest) -> str:
+    """A traceback for an error raised while the trace itself was set up from the request's
+    inputs and options: it points at the `with` line, where the user passed them."""
+    lines = ["Traceback (most recent call last):\n", *_with_line(request)]
+    lines.extend(traceback.format_exception_only(type(error), error))
+    return "".join(lines).rstrip("\n")
+
+
+def _with_line(request: TraceRequest) -> list[str]:
+    block = request.block
+    first = block.source.splitlines()[0].strip() if block.source else ""
+    lines = [f'  File "{block.filename}", line {block.first_lineno}, in <with block>\n']
+    if first:
+        lines.append(f"    {first}\n")
+    return lines
 
 
 def _where(name: str) -> str:

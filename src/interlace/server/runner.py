@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..remote.errors import WireFormatError
+from ..remote.options import forbidden_server_option
 from ..remote.policy import DEFAULT_POLICY, Policy
 from ..remote.problems import Problem
 from ..remote.request import TraceRequest, decode_request
@@ -42,6 +43,12 @@ def prepare_payload(payload: bytes, policy: Policy, model_keys: Mapping[str, Any
         request, tensors = decode_request(payload, policy)
     except WireFormatError as e:
         raise BadRequest(f"The request could not be decoded: {e}", status=400) from None
+    for name in request.kwargs:
+        # Only the model's own options travel (`remote/options.py`); the client refuses the
+        # same names up front with the same message.
+        message = forbidden_server_option(name)
+        if message is not None:
+            raise BadRequest(message, status=400)
     if request.model_key not in model_keys:
         raise BadRequest(
             f"This server does not host {request.model_key!r}. Hosted models: "
@@ -122,6 +129,13 @@ class DefaultJobRunner:
 
     def model_keys(self) -> list[str]:
         return list(self.models)
+
+    def model_meta(self, model_key: str) -> dict[str, Any]:
+        """Config and tokenizer files of a hosted model, for clients without its weights
+        (GET /v1/models/{key}/meta). Read-only, so it needs no job lock."""
+        from .meta import describe_model
+
+        return describe_model(self.models[model_key])
 
     def policy(self) -> dict[str, Any]:
         return self._policy.to_json()

@@ -7,6 +7,7 @@ describing something the server can resume from.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from .auth import KeyStore, User
 from .db import Database
 from .errors import BadRequest, JobFailed
 from .events import EventHub
+from .meta import NotDescribable
 from .results import ResultStore
 from .settings import ServerSettings
 from .store import Event, JobRecord, JobStore, queued_text
@@ -55,6 +57,7 @@ class JobService:
         # Callbacks go out on their own threads so a slow receiver never delays the next job.
         self._callbacks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="interlace-callback")
         self._started = False
+        self._meta: dict[str, bytes] = {}  # model key -> its description (JSON bytes); never changes
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -105,6 +108,28 @@ class JobService:
             path.unlink(missing_ok=True)
             raise
         return job_id, position
+
+    def model_meta(self, model_key: str) -> bytes:
+        """A hosted model's description (config and tokenizer files as JSON; see `meta.py`),
+        for clients that build it without weights. Made once per key: a model does not change."""
+        cached = self._meta.get(model_key)
+        if cached is not None:
+            return cached
+        if not self.pool.hosts(model_key):
+            raise NotFound(self._unknown_model_text(model_key))
+        # Optional on the runner seam: a runner without it (the test fake) hosts no real model.
+        describe = getattr(self.runner, "model_meta", None)
+        if describe is None:
+            raise Conflict(
+                f"This server's job runner cannot describe {model_key!r}, so it cannot be built "
+                "without its weights; load the model locally and trace it with remote=True."
+            )
+        try:
+            body = json.dumps(describe(model_key)).encode()
+        except NotDescribable as exc:
+            raise Conflict(str(exc)) from None
+        self._meta[model_key] = body
+        return body
 
     def _unknown_model_text(self, model_key: str) -> str:
         hosted = ", ".join(repr(k) for k in self.model_keys) or "none"

@@ -22,10 +22,16 @@ assigns a replacement, which is what the hook then returns, so everything upstre
 A thread (not a greenlet) is used because autograd runs hooks of CUDA tensors on its own
 device threads, where a greenlet switch is impossible.
 
-Gradients arrive in the reverse order of the forward (the last computed tensor first), so
-read them in that order. A tensor that is not on the path to the loss never gets one (for
-example `out[0]` indexed *after* the forward from a module output: take the module output
-itself, or index it before computing the loss).
+Gradients arrive in the reverse order of the forward (the last computed tensor first). The
+rewrite also hands the context the plain names whose `.grad` the block uses (`h0.grad`), and
+those tensors are watched from the start of the backward: each gradient is kept as it passes,
+so the block may read them in any order. Only a gradient the block is waiting for when it
+arrives can be replaced (`h.grad = v`), so replacements must still go last layer first. A
+tensor held in a plain list, tuple or dict (`hs[i].grad`) is watched too; one reached through
+another expression (`model.layer.output.grad`) only from the moment it is read. A tensor that
+is not on the path to the loss never gets one (for example `out[0]` indexed *after* the
+forward from a module output: take the module output itself, or index it before computing
+the loss); the error then tells the two cases apart by walking the autograd graph.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ __all__ = ["BACKWARD_HELPER", "BackwardContext", "backward_helper", "rewrite_bac
 
 #: Name under which rewritten bodies reach this module (see `capture.py`).
 BACKWARD_HELPER = "__interlace_backward__"
+#: The keyword that passes the block's watched tensors (`_BackwardRewriter`).
+WATCH_KEYWORD = "__interlace_watch__"
 
 _GRAD = "grad"
 _DONE = "done"
@@ -52,6 +60,9 @@ _DONE = "done"
 
 class BackwardContext:
     """What `with loss.backward(...):` becomes inside a traced body."""
+
+    #: Lookups of the tensors whose `.grad` the block reads or sets (see `_BackwardRewriter`).
+    watch_first: tuple[Any, ...] = ()
 
     def __init__(self, tensor: Any, *args: Any, **kwargs: Any) -> None:
         if not isinstance(tensor, torch.Tensor):
@@ -87,6 +98,18 @@ class BackwardContext:
     def __enter__(self) -> "BackwardContext":
         if _active() is not None:
             raise TracingError("`with loss.backward():` blocks cannot be nested; finish the first one.")
+        for lookup in self.watch_first:
+            try:
+                value = lookup()
+            except NameError:  # assigned later in the block: watched when it is read
+                continue
+            # A plain container (`hs[i].grad`) is looked into one level: reading a list,
+            # tuple or dict has no side effects, unlike indexing other objects.
+            kind = type(value)
+            items = value.values() if kind is dict else value if kind is list or kind is tuple else (value,)
+            for tensor in items:
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    self._watch(tensor)
         _stack().append(self)
         return self
 
@@ -141,9 +164,10 @@ class BackwardContext:
             filename, line = user_location()
             raise TracingError(
                 f"{filename}:{line}: this gradient was assigned after the backward pass had moved "
-                "past the tensor (another tensor's .grad was read since), so the assignment "
-                "could not change what flows upstream. Assign a gradient right after reading it, "
-                "before reading the next one:\n\n    g = h.grad\n    h.grad = g * 2\n    e.grad  # then earlier tensors"
+                "past the tensor (another tensor's .grad was read since, and gradients arrive "
+                "last layer first), so the assignment could not change what flows upstream. "
+                "Assign a gradient right after reading it, before reading any other, and write "
+                "later layers first:\n\n    g2 = h2.grad\n    h2.grad = g2 * 2\n    g1 = h1.grad  # then earlier layers"
             )
         if isinstance(value, torch.Tensor) and value.shape != self._grads[key].shape:
             raise TracingError(
@@ -192,14 +216,28 @@ class BackwardContext:
 
     def _not_provided(self, tensor: torch.Tensor) -> MissedProviderError:
         filename, line = user_location()
+        if _reaches(self.tensor, tensor):
+            # On the path, so its gradient came and went before the block asked for it: only
+            # tensors the block names plainly (`h.grad`) are watched from the start.
+            return MissedProviderError(
+                f"{filename}:{line}: this tensor's gradient (shape {tuple(tensor.shape)}) had "
+                "already passed when the block asked for it. Gradients arrive last layer first, "
+                "and only a tensor read as `name.grad` (or `name[i].grad` of a list, tuple or "
+                "dict) is watched from the start of the backward pass; one reached through "
+                "another expression (an attribute, a call) is watched only from the moment it "
+                "is read. Give it a name before the block, or "
+                "read the later layer's gradient first:\n\n"
+                "    h1 = model.layer1.output\n    h2 = model.layer2.output\n    ...\n"
+                "    with loss.backward():\n        g2 = h2.grad.save()  # later layer first\n"
+                "        g1 = h1.grad.save()"
+            )
         return MissedProviderError(
             f"{filename}:{line}: the backward pass ended without a gradient for this tensor "
-            f"(shape {tuple(tensor.shape)}). Either it is not on the path from the loss (a view "
-            "taken after the forward, such as `out[0]` on a module output, is a new tensor: take "
-            "`h = module.output` and index it only to compute the loss), or its gradient was "
-            "read too late: gradients arrive in the reverse order of the forward, so read the "
-            "last layer first:\n\n    with loss.backward():\n        g2 = h2.grad.save()  # later layer first\n"
-            "        g1 = h1.grad.save()"
+            f"(shape {tuple(tensor.shape)}): it is not on the path from the loss. A view taken "
+            "after the forward, such as `out[0]` on a module output, is a new tensor the loss "
+            "was not computed from: take `h = module.output` and index it only to compute the "
+            "loss:\n\n    h = model.layer.output\n    loss = model.output.logits[:, -1].sum()\n"
+            "    with loss.backward():\n        g = h.grad[0].save()"
         )
 
     # -- backward side (helper thread, or autograd's device threads) --------------------------
@@ -222,6 +260,23 @@ class BackwardContext:
         return self._replacement.get(key)
 
 
+def _reaches(loss: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether `loss` was computed from `tensor` (a walk of the autograd graph; the graph's
+    structure outlives the backward pass that freed its buffers)."""
+    target = tensor.grad_fn
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node is target or (target is None and getattr(node, "variable", None) is tensor):
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
 _local = threading.local()
 
 
@@ -241,9 +296,12 @@ class _BackwardHelper:
     """The object rewritten bodies call: `__interlace_backward__(loss, ...)`, `.grad(t)`, `.set_grad(t, v)`."""
 
     def __call__(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        watch = kwargs.pop(WATCH_KEYWORD, ())
         if not isinstance(tensor, torch.Tensor):  # someone else's `.backward()` context manager
             return tensor.backward(*args, **kwargs)
-        return BackwardContext(tensor, *args, **kwargs)
+        ctx = BackwardContext(tensor, *args, **kwargs)
+        ctx.watch_first = watch
+        return ctx
 
     def grad(self, tensor: Any) -> Any:
         ctx = _active()
@@ -277,11 +335,22 @@ def _is_backward_call(node: ast.expr) -> bool:
 
 
 class _GradRewriter(ast.NodeTransformer):
-    """Inside a backward block: `t.grad` -> helper.grad(t), `t.grad = v` -> helper.set_grad(t, v)."""
+    """Inside a backward block: `t.grad` -> helper.grad(t), `t.grad = v` -> helper.set_grad(t, v).
+    Collects the plain names whose gradient the block reads or sets (`watched`)."""
+
+    def __init__(self) -> None:
+        self.watched: list[str] = []
+
+    def _note(self, node: ast.expr) -> None:
+        if isinstance(node, ast.Subscript):  # `hs[i].grad`: the tensors held in `hs`
+            node = node.value
+        if isinstance(node, ast.Name) and node.id not in self.watched:
+            self.watched.append(node.id)
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         self.generic_visit(node)
         if node.attr == "grad" and isinstance(node.ctx, ast.Load):
+            self._note(node.value)
             return ast.copy_location(ast.Call(func=_helper("grad"), args=[node.value], keywords=[]), node)
         return node
 
@@ -292,6 +361,7 @@ class _GradRewriter(ast.NodeTransformer):
         if len(node.targets) != 1:
             raise TracingError(f"line {node.lineno}: assign one gradient per statement (`h.grad = g`).")
         target = grads[0]
+        self._note(target.value)
         value = self.visit(node.value)
         obj = self.visit(target.value)
         call = ast.Call(func=_helper("set_grad"), args=[obj, value], keywords=[])
@@ -301,6 +371,7 @@ class _GradRewriter(ast.NodeTransformer):
         target = node.target
         if not (isinstance(target, ast.Attribute) and target.attr == "grad"):
             return self.generic_visit(node)
+        self._note(target.value)
         obj = self.visit(target.value)
         current = ast.Call(func=_helper("grad"), args=[copy.deepcopy(obj)], keywords=[])
         value = ast.BinOp(left=current, op=node.op, right=self.visit(node.value))
@@ -314,15 +385,27 @@ class _BackwardRewriter(ast.NodeTransformer):
     def visit_With(self, node: ast.With) -> ast.AST:
         if not any(_is_backward_call(item.context_expr) for item in node.items):
             return self.generic_visit(node)
+        grads = _GradRewriter()
+        node.body = [grads.visit(self.visit(s)) for s in node.body]
+        # `lambda: h0, lambda: h2`: the tensors the block will ask about, looked up when the
+        # backward starts so their gradients are kept as they pass, in whatever order the
+        # block then reads them. Lambdas, because a name may not be bound yet (it is then
+        # skipped) and a closure reads a function's locals as well as globals.
+        watch = ast.Tuple(
+            elts=[ast.Lambda(args=_NO_ARGS, body=ast.Name(id=name, ctx=ast.Load())) for name in grads.watched],
+            ctx=ast.Load(),
+        )
         for item in node.items:
             expr = item.context_expr
             if _is_backward_call(expr):
                 assert isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute)
-                call = ast.Call(func=_helper(), args=[self.visit(expr.func.value), *expr.args], keywords=expr.keywords)
+                keywords = [*expr.keywords, ast.keyword(arg=WATCH_KEYWORD, value=watch)]
+                call = ast.Call(func=_helper(), args=[self.visit(expr.func.value), *expr.args], keywords=keywords)
                 item.context_expr = ast.copy_location(call, expr)
-        grads = _GradRewriter()
-        node.body = [grads.visit(self.visit(s)) for s in node.body]
         return node
+
+
+_NO_ARGS = ast.arguments(posonlyargs=[], args=[], vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[])
 
 
 def rewrite_backward(stmt: ast.stmt) -> ast.stmt:

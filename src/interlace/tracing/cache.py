@@ -9,20 +9,23 @@ cache["model.transformer.h.0"].output            # by path
 
 The cache is filled by the interleaver's observers, which run at each module call after every
 invoke's body has seen (and possibly replaced) the value, so it holds what the model actually
-used. Values are detached and moved to `device` ("cpu" by default; None keeps them where
-they are). During generation every entry is a list with one item per step; in a trace an
-entry is a single `CacheEntry` (a list if the module ran several times in the forward).
+used. Values are detached (unless `detach=False`) and moved to `device` ("cpu" by default;
+None keeps them where they are). During generation every entry is a list with one item per
+step; in a trace an entry is a single `CacheEntry` (a list if the module ran several times in
+the forward). The returned `Cache` is data (see `cache_entries.py`), so it comes back from a
+server like any saved dict.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
 from ..errors import TracingError
 from .batching import _map, narrow
+from .cache_entries import NOT_CACHED, Cache, CacheEntry
 from .interleaver import current_mediator
 from .saving import save
 
@@ -31,119 +34,6 @@ if TYPE_CHECKING:
     from .tracer import InterleavingTracer
 
 __all__ = ["Cache", "CacheEntry", "start_cache"]
-
-
-class CacheEntry:
-    """One call of one module: `.output`, `.inputs` (`(args, kwargs)`, if cached) and `.input`."""
-
-    __slots__ = ("output", "inputs")
-
-    def __init__(self, output: Any, inputs: tuple[tuple, dict] | None) -> None:
-        self.output = output
-        self.inputs = inputs
-
-    @property
-    def input(self) -> Any:
-        if self.inputs is None:
-            raise TracingError("Inputs were not cached. Use `tracer.cache(include_inputs=True)`.")
-        args, kwargs = self.inputs
-        if args:
-            return args[0]
-        return next(iter(kwargs.values())) if kwargs else None
-
-    def __repr__(self) -> str:
-        return f"CacheEntry(output={_describe(self.output)}" + (", inputs=..." if self.inputs is not None else "") + ")"
-
-
-class Cache(dict):
-    """Maps module paths (`"model.transformer.h.0"`) to a `CacheEntry` (a list during generation).
-
-    Attribute access walks the module tree: `cache.model.transformer.h[0].output`.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _CachePath(self, name)._step(name, first=True)
-
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str) and not dict.__contains__(self, key) and dict.__contains__(self, f"model.{key}"):
-            key = f"model.{key}"
-        try:
-            return dict.__getitem__(self, key)
-        except KeyError:
-            raise KeyError(
-                f"{key!r} was not cached. Cached paths start with 'model.' (e.g. "
-                f"{next(iter(self), 'model.layer')!r}); to cache a module pass it to "
-                "`tracer.cache(modules=[...])`, and create the cache before the module runs."
-            ) from None
-
-    def __repr__(self) -> str:
-        return "Cache(" + ", ".join(self.keys()) + ")"
-
-
-class _CachePath:
-    """A position in the cached module tree, reached by attributes and indexes."""
-
-    def __init__(self, cache: Cache, path: str) -> None:
-        self._cache = cache
-        self._path = path
-
-    def _step(self, name: str, first: bool = False) -> "_CachePath":
-        path = name if first else f"{self._path}.{name}"
-        if not any(k == path or k.startswith(path + ".") for k in self._cache):
-            raise AttributeError(
-                f"No cached module at {path!r}. Cached paths: {', '.join(list(self._cache)[:8])}"
-                + (" ..." if len(self._cache) > 8 else "")
-            )
-        return _CachePath(self._cache, path)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return self._step(name)
-
-    def __getitem__(self, key: int | str) -> "_CachePath":
-        if isinstance(key, int) and key < 0:
-            prefix = self._path + "."
-            children = sorted({int(k[len(prefix) :].split(".")[0]) for k in self._cache if k.startswith(prefix) and k[len(prefix) :].split(".")[0].isdigit()})
-            if -key > len(children):
-                raise IndexError(f"{self._path} has {len(children)} cached children; index {key} is out of range.")
-            key = children[key]
-        try:
-            return self._step(str(key))
-        except AttributeError:
-            raise IndexError(f"No cached module at {self._path}.{key}.") from None
-
-    @property
-    def entry(self) -> Any:
-        return self._cache[self._path]
-
-    @property
-    def output(self) -> Any:
-        entry = self.entry
-        return [e.output for e in entry] if isinstance(entry, list) else entry.output
-
-    @property
-    def inputs(self) -> Any:
-        entry = self.entry
-        return [e.inputs for e in entry] if isinstance(entry, list) else entry.inputs
-
-    @property
-    def input(self) -> Any:
-        entry = self.entry
-        return [e.input for e in entry] if isinstance(entry, list) else entry.input
-
-    def __repr__(self) -> str:
-        return f"<cache at {self._path}>"
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"Tensor{tuple(value.shape)}"
-    if isinstance(value, (tuple, list)):
-        return type(value).__name__ + "(" + ", ".join(_describe(v) for v in value) + ")"
-    return type(value).__name__
 
 
 def _resolve(model: "NNsight", modules: Iterable[Any] | None) -> list[int]:
@@ -174,12 +64,56 @@ def _resolve(model: "NNsight", modules: Iterable[Any] | None) -> list[int]:
     return indices
 
 
+def _as_data(value: Any) -> Any:
+    """`value` with every Hugging Face KV cache replaced by a snapshot of its tensors.
+
+    A KV cache object is shared with the running model and grows in place at every
+    generation step, so keeping it would not record this call; it is also not data and could
+    not come back from a server. The snapshot is the layout older transformers returned,
+    `((keys, values), ...)` one pair per layer, narrowed and moved like any tensor.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if _is_kv_cache(value):
+        return tuple((getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in value.layers)
+    if isinstance(value, (tuple, list, dict)) and _holds_kv_cache(value):
+        if isinstance(value, dict):
+            return _rebuild_mapping(value, {k: _as_data(v) for k, v in value.items()})
+        items = [_as_data(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def _is_kv_cache(value: Any) -> bool:
+    return hasattr(value, "layers") and any(
+        c.__name__ == "Cache" and c.__module__.startswith("transformers.") for c in type(value).__mro__
+    )
+
+
+def _holds_kv_cache(value: Any, depth: int = 0) -> bool:
+    if depth > 4:
+        return False
+    items = value.values() if isinstance(value, dict) else value
+    return any(_is_kv_cache(v) or (isinstance(v, (tuple, list, dict)) and _holds_kv_cache(v, depth + 1)) for v in items)
+
+
+def _rebuild_mapping(original: dict, mapped: dict) -> dict:
+    if type(original) is dict:
+        return mapped
+    try:  # ModelOutput and other dict subclasses keep their type
+        return type(original)(**mapped)
+    except Exception:
+        return mapped
+
+
 def start_cache(
     tracer: "InterleavingTracer",
     modules: Iterable[Any] | None = None,
-    include_inputs: bool = False,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | None = None,
+    detach: bool = True,
+    include_output: bool = True,
+    include_inputs: bool = False,
 ) -> Cache:
     mediator = current_mediator()
     if mediator is None or mediator.interleaver is None:
@@ -187,26 +121,34 @@ def start_cache(
             "tracer.cache() can only be called while the model runs: inside a trace with an input, "
             "or inside an invoke:\n\n    with model.trace(prompt) as tracer:\n        cache = tracer.cache()"
         )
+    if not include_output and not include_inputs:
+        raise TracingError(
+            "tracer.cache(include_output=False, include_inputs=False) would cache nothing; "
+            "keep one: `tracer.cache(include_inputs=True, include_output=False)`."
+        )
     model = tracer.model
     assert model is not None
     il = mediator.interleaver
     indices = _resolve(model, modules)
-    cache = Cache()
+    d = model.__dict__
+    cache = Cache(root_aliases=d.get("_root_aliases"), name_aliases=d.get("_name_aliases"))
     generation = tracer.kind == "generate"
     group = mediator.group
     paths = il.paths
 
     def convert(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
+        if detach:
+            t = t.detach()
         if device is not None or dtype is not None:
             t = t.to(device=device, dtype=dtype)
         return t
 
     def observe(idx: int, n: int, args: tuple, kwargs: dict, out: Any) -> None:
         total = il.batch_size
-        value = _map(narrow(out, group, total), convert)
-        inputs = None
+        value = _map(narrow(_as_data(out), group, total), convert) if include_output else NOT_CACHED
+        inputs = NOT_CACHED
         if include_inputs:
+            args, kwargs = _as_data(tuple(args)), _as_data(dict(kwargs))
             inputs = _map((tuple(narrow(args, group, total)), dict(narrow(kwargs, group, total))), convert)
         entry = CacheEntry(value, inputs)
         path = paths[idx]

@@ -110,8 +110,10 @@ def user_location(skip_internal: bool = True) -> tuple[str, int]:
     while frame is not None:
         filename = frame.f_code.co_filename
         if not (skip_internal and _is_internal(filename)):
-            if filename.startswith("<interlace-remote:") and filename.endswith(">"):
-                filename = filename[len("<interlace-remote:") : -1]  # shipped code: the user's file
+            if filename.startswith("<interlace-remote:") and ">" in filename:
+                # shipped code: the user's file (`remote.source.remote_filename` adds `#part`
+                # after the `>` for shipped functions and classes)
+                filename = filename[len("<interlace-remote:") :].rpartition(">")[0]
             return filename, frame.f_lineno
         frame = frame.f_back
     return "<unknown>", 0

@@ -347,6 +347,10 @@ class Interleaver(InlineBodies):
         """Start or continue `mediator` (not serving it a value) until it waits, parks at a
         barrier, ends or stops."""
         mediator.current = slot
+        if slot is not None:
+            # The slot's view is the rows of the invoke it was last made for (the one whose
+            # barrier call released the others): this invoke reads its own rows (`request`).
+            slot.view = _NOTHING
         try:
             if mediator.greenlet is None:  # its body has ended
                 return

@@ -4,14 +4,23 @@ Step k of a module is its k-th call in this run (during generation, the forward 
 Inside a loop every module access of the invoke addresses the current step. Open-ended
 slices stop at the run's known number of steps (`max_new_tokens` for generation, 1 for a
 trace), so a loop can never wait past the end and lose what was saved.
+
+Both nnsight spellings work: `for step in tracer.iter[0:3]:` and the block form
+`with tracer.iter[0:3] as step:` (also `with tracer.all():`), whose body runs once per
+selected step. The block form captures its body like an invoke does (`capture.py`), runs it
+for each step from `__enter__`, and then skips it (`BodySkipper`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+import sys
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import TracingError
+from .capture import BodySkipper, SkipBody, capture_block
+from .frames import is_namespace
 from .interleaver import current_mediator
+from .namespace import new_namespace
 
 if TYPE_CHECKING:
     from .tracer import InterleavingTracer
@@ -45,9 +54,41 @@ class IterProxy:
 
 
 class StepLoop:
+    _skipper: Any = None
+
     def __init__(self, steps: list[int], limit: int) -> None:
         self.steps = steps
         self.limit = limit
+
+    # -- `with tracer.iter[...]:` --------------------------------------------------------------
+
+    def __enter__(self) -> Any:
+        frame = sys._getframe(1)
+        if current_mediator() is None:
+            raise TracingError("`with tracer.iter[...]:` can only be used inside the traced body while the model runs.")
+        block = capture_block(frame, "tracer.iter[...]")
+        if is_namespace(frame.f_globals):  # the body's own namespace: it sees the loop's names
+            ns = frame.f_globals
+        else:  # a helper function: its variables go in and come back out
+            ns = new_namespace(block, frame)
+        step = None
+        for step in self:
+            if block.as_name:
+                ns[block.as_name] = step
+            exec(block.code, ns)
+        values = None
+        if ns is not frame.f_globals:
+            values = {name: ns[name] for name in block.stored_names if name in ns}
+        if block.as_name:
+            values = {**(values or {}), block.as_name: step}
+        self._skipper = BodySkipper(frame, values)
+        return step
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        skipper, self._skipper = self._skipper, None
+        if skipper is not None:
+            skipper.restore()
+        return exc_type is SkipBody
 
     def __iter__(self) -> Iterator[int]:
         mediator = current_mediator()

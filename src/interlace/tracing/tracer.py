@@ -8,27 +8,25 @@ where local runs, the local simulation and the server differ; all of them end up
 
 from __future__ import annotations
 
-import builtins
 import sys
 import types
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import TracingError
-from .capture import SAVE_HELPER, Block, BodySkipper, SkipBody, capture_block
+from .capture import Block, BodySkipper, SkipBody, capture_block
 from .frames import NAMESPACE_MARKER, clean_traceback, is_namespace, push_to_frame
 from .interleaver import Interleaver, Mediator, _StopForward, current_mediator
 from .inline import run_one_read
 from .reads import first_read_index, inline_plan
-from .saving import SaveRegistry, pop_registry, push_registry, save_in_body
-from .backward import BACKWARD_HELPER, backward_helper
+from .saving import SaveRegistry, pop_registry, push_registry
+from .unsaved import NotSaved, unsaved_placeholders
+from .namespace import MISSING, new_namespace
 
 if TYPE_CHECKING:
     from ..models.nnsight import NNsight
     from .iteration import IterProxy, StepLoop
 
 __all__ = ["Tracer", "InterleavingTracer", "Invoker", "Session", "Barrier", "new_namespace"]
-
-_BUILTINS = builtins.__dict__
 
 
 def _entered_frame() -> types.FrameType:
@@ -39,33 +37,8 @@ def _entered_frame() -> types.FrameType:
     return frame
 
 
-_MISSING = object()
-_BASE_NAMESPACE: dict[str, Any] = {
-    "__builtins__": _BUILTINS,
-    NAMESPACE_MARKER: True,
-    SAVE_HELPER: save_in_body,
-    BACKWARD_HELPER: backward_helper,
-}
-
-
-def new_namespace(block: Block, frame: types.FrameType | None = None) -> dict[str, Any]:
-    """A fresh namespace for a body: the names it reads, taken from `frame` (its locals, then
-    its globals) when given. Every local trace makes one, so the lookups are written out."""
-    ns = _BASE_NAMESPACE.copy()
-    if frame is None:
-        ns["__name__"] = "__main__"
-        return ns
-    f_globals = frame.f_globals
-    ns["__name__"] = f_globals.get("__name__", "__main__")
-    f_locals = frame.f_locals
-    missing = _MISSING
-    for name in block.loaded_names:
-        value = f_locals.get(name, missing)
-        if value is missing:
-            value = f_globals.get(name, missing)
-        if value is not missing:
-            ns[name] = value
-    return ns
+# One namespace builder for every runner, local or remote (see `namespace.py`).
+_MISSING = MISSING
 
 
 def frame_lookup(frame: types.FrameType) -> Callable[[str], Any]:
@@ -78,7 +51,8 @@ def frame_lookup(frame: types.FrameType) -> Callable[[str], Any]:
         value = f_locals.get(name, missing)
         if value is missing:
             value = f_globals.get(name, missing)
-        return value
+        # A name an earlier trace assigned but did not save has no value (`unsaved.py`).
+        return missing if type(value) is NotSaved else value
 
     return lookup
 
@@ -134,6 +108,12 @@ class Tracer:
         finally:
             pop_registry()
             self._frame = None
+        if not self._nested and getattr(self.backend, "blocking", True):
+            # The body's other names say, when used, that they were not saved (`unsaved.py`);
+            # a non-blocking run's backend binds its own placeholders for every name.
+            missing = unsaved_placeholders(block, values)
+            if missing:
+                values = {**missing, **values}
         if block.as_name:
             values = {block.as_name: self, **values}
         self._skipper = BodySkipper(frame, values)
@@ -250,11 +230,22 @@ class InterleavingTracer(Tracer):
         """Every step of the run: `for step in tracer.all():`."""
         return self.iter[:]
 
-    def cache(self, modules: Any = None, include_inputs: bool = False, device: Any = "cpu", dtype: Any = None) -> Any:
-        """Every (or the named) module's outputs of this run, after edits (see `tracing/cache.py`)."""
+    def cache(
+        self,
+        modules: Any = None,
+        device: Any = "cpu",
+        dtype: Any = None,
+        detach: bool = True,
+        include_output: bool = True,
+        include_inputs: bool = False,
+    ) -> Any:
+        """Every (or the named) module's outputs of this run, after edits (see `tracing/cache.py`).
+
+        The arguments and their order are nnsight's."""
         from .cache import start_cache
 
-        return start_cache(self, modules, include_inputs=include_inputs, device=device, dtype=dtype)
+        return start_cache(self, modules, device=device, dtype=dtype, detach=detach,
+                           include_output=include_output, include_inputs=include_inputs)
 
     @property
     def result(self) -> Any:
@@ -399,9 +390,27 @@ class Invoker:
         prep = None
         if self.args or self.kwargs:
             prep = self.tracer.model._prepare_input(*self.args, **self.kwargs)  # type: ignore[union-attr]
+        self._prepared = prep
         self.tracer._invokes.append((self.block, ns, prep))
         self._frame = None
         return True
+
+    _prepared: Any = None
+    _inputs: Any = None
+
+    @property
+    def inputs(self) -> tuple[tuple, dict]:
+        """This invoke's prepared input as the model gets it, `(args, kwargs)` (for a language
+        model `((), {"input_ids": ..., "attention_mask": ...})`, unpadded), as in nnsight;
+        `((), {})` for an empty invoke. Readable in the invoke's body."""
+        if self._inputs is None:
+            prep = self._prepared
+            if prep is None:
+                self._inputs = ((), {})
+            else:
+                args, kwargs, _ = self.tracer.model._batch([prep])  # type: ignore[union-attr]
+                self._inputs = (tuple(args), dict(kwargs))
+        return self._inputs
 
 
 class Barrier:

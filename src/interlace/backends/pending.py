@@ -1,0 +1,93 @@
+"""What a non-blocking remote trace binds in place of the values it did not wait for.
+
+`with model.trace(x, remote=True, blocking=False) as tracer:` returns as soon as the job is
+submitted, so the names the body saves have no values yet. Leaving them unbound would give a
+bare `NameError`/`UnboundLocalError` at a later line (or silently keep an older value of the
+same name); instead each is bound to a `NotWaited` that raises `ResultNotReadyError`, saying
+how to get the value, as soon as it is used. Its `repr` says the same without raising, so a
+notebook or debugger can still show it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InterlaceError
+
+__all__ = ["NotWaited", "ResultNotReadyError", "not_waited_values"]
+
+
+class ResultNotReadyError(InterlaceError, RuntimeError):
+    """A saved name of a `blocking=False` trace was used before its job's result was fetched."""
+
+
+class NotWaited:
+    __slots__ = ("_name", "_job_id", "_tracer_name")
+
+    def __init__(self, name: str, job_id: str, tracer_name: str | None) -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_job_id", job_id)
+        object.__setattr__(self, "_tracer_name", tracer_name)
+
+    def _message(self) -> str:
+        name, job_id, tracer = self._name, self._job_id, self._tracer_name
+        if tracer:
+            fetch = f"values = {tracer}.job.result()   # waits for the job\n{name} = values[{name!r}]"
+        else:
+            fetch = (f"values = interlace.attach({job_id!r}).result()   # waits for the job\n{name} = values[{name!r}]\n"
+                     f"# or name the trace: `with model.trace(x, remote=True, blocking=False) as tracer:`")
+        return (
+            f"`{name}` has no value yet: the trace was submitted without waiting (blocking=False, "
+            f"job {job_id!r}), so its saved values are still on the server. Get them with:\n\n{fetch}\n\n"
+            "(Only saved values come back: the dict has no entry for a name the body did not save.)"
+        )
+
+    def _refuse(self, *_: Any, **__: Any) -> Any:
+        raise ResultNotReadyError(self._message())
+
+    def __getattr__(self, attr: str) -> Any:
+        raise ResultNotReadyError(self._message())
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        raise ResultNotReadyError(self._message())
+
+    def __repr__(self) -> str:
+        return f"<{self._name}: not fetched yet (blocking=False, job {self._job_id!r}); use .job.result()>"
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # `torch.allclose(h, x)` and friends: find the placeholder among the arguments.
+        for value in list(args) + list((kwargs or {}).values()):
+            if isinstance(value, NotWaited):
+                value._refuse()
+        return NotImplemented
+
+
+# Every other use of the value raises the same message (str() and format() too: printing a
+# placeholder as if it were the value would hide the problem).
+for _op in (
+    "__str__", "__format__", "__bool__", "__len__", "__iter__", "__contains__", "__getitem__",
+    "__setitem__", "__delitem__", "__call__", "__hash__", "__eq__", "__ne__", "__lt__", "__le__",
+    "__gt__", "__ge__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+    "__matmul__", "__rmatmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__",
+    "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__invert__",
+    "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__int__", "__float__",
+    "__index__", "__complex__", "__round__", "__array__", "__enter__", "__exit__",
+):
+    setattr(NotWaited, _op, NotWaited._refuse)
+del _op
+
+
+def not_waited_values(tracer: Any, job_id: str) -> dict[str, NotWaited]:
+    """Placeholders for the names a non-blocking trace would have bound: those the body
+    visibly saves, and those it assigns that the caller does not have yet."""
+    from ..tracing.tracer import frame_lookup, _MISSING
+
+    block = tracer.block
+    frame = tracer._frame
+    names = set(block.saved_names)
+    if frame is not None:
+        lookup = frame_lookup(frame)
+        names |= {n for n in block.stored_names if lookup(n) is _MISSING}
+    names.discard(block.as_name)
+    return {name: NotWaited(name, job_id, block.as_name) for name in sorted(names)}

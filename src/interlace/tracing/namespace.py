@@ -1,0 +1,65 @@
+"""The one builder of the namespace a captured body runs in.
+
+Capture rewrites bodies to call helpers by reserved names (`.save()` -> `__interlace_save__`,
+`with loss.backward():` -> `__interlace_backward__`). Every place that runs a body (a local
+trace, an invoke inside a helper function, an edit, the server's executor and so the
+simulation) builds its namespace here, so a helper added to capture's rewrites is available
+everywhere at once instead of being missed by one runner (a remote `loss.backward()` once
+failed with `NameError: __interlace_backward__` because the executor listed the helpers itself).
+"""
+
+from __future__ import annotations
+
+import builtins
+import types
+from typing import Any
+
+from .backward import BACKWARD_HELPER, backward_helper
+from .capture import SAVE_HELPER, Block
+from .frames import NAMESPACE_MARKER
+from .saving import save_in_body
+from .unsaved import NotSaved
+
+__all__ = ["BODY_HELPERS", "body_namespace", "new_namespace", "MISSING"]
+
+#: What the names that capture's rewrites call are bound to, in every body's namespace.
+BODY_HELPERS: dict[str, Any] = {
+    SAVE_HELPER: save_in_body,
+    BACKWARD_HELPER: backward_helper,
+}
+
+MISSING = object()
+
+_BASE: dict[str, Any] = {"__builtins__": builtins.__dict__, NAMESPACE_MARKER: True, **BODY_HELPERS}
+
+
+def body_namespace(*, builtins_dict: dict[str, Any] | None = None, name: str = "__main__") -> dict[str, Any]:
+    """An empty body namespace: the marker, the rewrite helpers, builtins and `__name__`.
+
+    The server's executor passes its restricted builtins; local runs get the real ones.
+    """
+    ns = _BASE.copy()
+    if builtins_dict is not None:
+        ns["__builtins__"] = builtins_dict
+    ns["__name__"] = name
+    return ns
+
+
+def new_namespace(block: Block, frame: types.FrameType | None = None) -> dict[str, Any]:
+    """A fresh namespace for a body: the names it reads, taken from `frame` (its locals, then
+    its globals) when given. Every local trace makes one, so the lookups are written out."""
+    ns = _BASE.copy()
+    if frame is None:
+        ns["__name__"] = "__main__"
+        return ns
+    f_globals = frame.f_globals
+    ns["__name__"] = f_globals.get("__name__", "__main__")
+    f_locals = frame.f_locals
+    missing = MISSING
+    for name in block.loaded_names:
+        value = f_locals.get(name, missing)
+        if value is missing:
+            value = f_globals.get(name, missing)
+        if value is not missing and type(value) is not NotSaved:  # (no value: `unsaved.py`)
+            ns[name] = value
+    return ns

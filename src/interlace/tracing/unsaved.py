@@ -1,0 +1,170 @@
+"""What the caller's scope gets for a name the trace body assigned but did not save.
+
+Only saved values leave the outermost trace (in every mode; remote runs send back nothing
+else). Leaving the other names unbound gave a bare `UnboundLocalError`/`NameError` at some
+later line, or silently kept an older value of the same name. Instead each such name is bound
+to a `NotSaved` placeholder, which raises `NotSavedError` (an `UnboundLocalError` too) as
+soon as it is used, naming the line that assigned it and showing the `.save()` to add. Its
+`repr` says the same without raising, so a notebook or debugger can still show it.
+
+The placeholders are made from the block's source and the names that came back, never from
+what the body did at run time, so all three modes bind the same names the same way.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+from typing import TYPE_CHECKING, Any
+
+from ..errors import NotSavedError
+
+if TYPE_CHECKING:
+    from .capture import Block
+
+__all__ = ["NotSaved", "unsaved_placeholders"]
+
+
+class NotSaved:
+    __slots__ = ("_name", "_block")
+
+    def __init__(self, name: str, block: "Block") -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_block", block)
+
+    def _message(self) -> str:
+        name, block = self._name, self._block
+        node = _last_assignment(block, name)
+        where = f"{block.filename}:{node.lineno}" if node is not None else block.filename
+        if name in block.saved_names:
+            return (
+                f"`{name}` has no value: it is saved in the trace at {where}, but that line did not "
+                "run (a branch not taken, a loop that ran zero times, a `tracer.stop()` before it, "
+                "or a generation that ended before that step). Give it a value before the trace "
+                f"if it may not be reached:\n\n    {name} = None\n    with model.trace(...):\n        ..."
+            )
+        return (
+            f"`{name}` was assigned in the trace at {where} but not saved, so it has no value "
+            "after the block: only saved values leave a trace (in every mode). Save it where it "
+            f"is assigned:\n\n    {_fix(block, name, node)}"
+        )
+
+    def _refuse(self, *_: Any, **__: Any) -> Any:
+        raise NotSavedError(self._message()) from None
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") or attr.startswith("_repr_") or attr.startswith("_ipython"):
+            # Tools probe optional protocols with hasattr (numpy, IPython's display): let
+            # them see an object without them, and fail at the real use.
+            raise AttributeError(attr)
+        raise NotSavedError(self._message()) from None
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        raise NotSavedError(self._message()) from None
+
+    def __repr__(self) -> str:
+        return f"<{self._name}: assigned in the trace but not saved; use `{self._name} = ....save()`>"
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # `torch.allclose(h, x)` and friends: find the placeholder among the arguments.
+        for value in list(args) + list((kwargs or {}).values()):
+            if isinstance(value, NotSaved):
+                value._refuse()
+        return NotImplemented
+
+
+# Every other use raises the same message (str() and format() too: printing a placeholder as
+# if it were the value would hide the problem).
+for _op in (
+    "__str__", "__format__", "__bool__", "__len__", "__iter__", "__contains__", "__getitem__",
+    "__setitem__", "__delitem__", "__call__", "__hash__", "__eq__", "__ne__", "__lt__", "__le__",
+    "__gt__", "__ge__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+    "__matmul__", "__rmatmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__",
+    "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__invert__",
+    "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__int__", "__float__",
+    "__index__", "__complex__", "__round__", "__enter__", "__exit__", "__iadd__", "__isub__",
+    "__imul__", "__itruediv__", "__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__",
+):
+    setattr(NotSaved, _op, NotSaved._refuse)
+del _op
+
+
+def unsaved_placeholders(block: "Block", values: dict[str, Any]) -> dict[str, NotSaved]:
+    """A placeholder for each name the body assigns that is not among `values` (what the
+    trace binds: its saved values)."""
+    hit = _candidates.get(id(block))
+    if hit is None or hit[0] is not block:
+        if len(_candidates) > 4096:
+            _candidates.clear()
+        hit = _candidates[id(block)] = (block, _placeholder_names(block))
+    return {name: NotSaved(name, block) for name in hit[1] if name not in values}
+
+
+_candidates: dict[int, tuple["Block", tuple[str, ...]]] = {}
+
+
+def _placeholder_names(block: "Block") -> tuple[str, ...]:
+    """The names a placeholder may stand for: those the body assigns, but not its `as` name,
+    reserved names, or names only an import binds (`import torch` in a notebook cell's trace
+    must not hide the module the cell already had)."""
+    imported: set[str] = set()
+    assigned: set[str] = set()
+    for stmt in block.statements:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.alias):
+                imported.add(node.asname or node.name.partition(".")[0])
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                assigned.add(node.id)
+    return tuple(sorted(
+        name for name in block.stored_names
+        if name != block.as_name and not name.startswith("__") and (name in assigned or name not in imported)
+    ))
+
+
+def _last_assignment(block: "Block", name: str) -> ast.AST | None:
+    """The last statement or node in the body's source that binds `name` (for its line)."""
+    best: ast.AST | None = None
+    for stmt in block.statements:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id == name:
+                hit: ast.AST = node
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+                hit = node
+            elif isinstance(node, ast.alias) and (node.asname or node.name.partition(".")[0]) == name:
+                hit = node
+            else:
+                continue
+            if best is None or hit.lineno >= best.lineno:  # type: ignore[attr-defined]
+                best = hit
+    if best is None:
+        return None
+    # The whole assignment, when the name is its only target (for the suggested fix).
+    for stmt in block.statements:
+        for node in ast.walk(stmt):
+            if (
+                isinstance(node, ast.Assign) and len(node.targets) == 1 and node.targets[0] is best
+            ) or (isinstance(node, ast.AnnAssign) and node.target is best and node.value is not None):
+                return node
+    return best
+
+
+def _fix(block: "Block", name: str, node: ast.AST | None) -> str:
+    """`name = <its expression>.save()` when the assignment is one line, else a general form."""
+    if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None and node.lineno == node.end_lineno:
+        line = linecache.getline(block.filename, node.lineno)
+        value = node.value
+        # (AST offsets count UTF-8 bytes)
+        raw = line.encode()
+        expr = raw[value.col_offset : value.end_col_offset].decode(errors="replace") if value.end_col_offset is not None else ""
+        if expr.strip():
+            try:
+                ast.parse(expr, mode="eval")
+            except SyntaxError:
+                pass
+            else:
+                bare = (ast.Name, ast.Attribute, ast.Subscript, ast.Call, ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+                if not (isinstance(value, bare) or (isinstance(value, ast.Constant) and isinstance(value.value, str))):
+                    expr = f"({expr})"
+                return f"{name} = {expr}.save()"
+    return f"{name} = ....save()        # or, after it is assigned: {name} = interlace.save({name})"
