@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
@@ -67,16 +68,7 @@ class NNsight(Envoy):
         # Where this model's remote traces go unless a trace names its own host/api_key.
         d["_remote_host"] = hosted.host if hosted is not None else host
         d["_remote_api_key"] = api_key
-        d["_rename"] = dict(rename or {})
-        d["_root_aliases"] = {}
-        d["_name_aliases"] = {}
-        for key, aliases in (rename or {}).items():
-            for alias in [aliases] if isinstance(aliases, str) else list(aliases):
-                key = key.lstrip(".")
-                if "." in key:
-                    d["_root_aliases"][alias] = key
-                else:
-                    d["_name_aliases"][alias] = key
+        d["_rename"], d["_root_aliases"], d["_name_aliases"] = _aliases_from(rename)
         d["_index_map"] = None
         d["_modules_list"] = []
         d["_paths_list"] = []
@@ -88,6 +80,22 @@ class NNsight(Envoy):
         # Names that may mean something other than the child module of that name (aliases,
         # extra modules): `Envoy.__getattr__` takes its shortcut only for other names.
         d["_shadow"] = set(d["_root_aliases"]) | set(d["_name_aliases"])
+
+    @contextlib.contextmanager
+    def renamed(self, rename: dict[str, str | list[str]] | None) -> Iterator[None]:
+        """Use `rename`'s aliases instead of this model's own while the block runs.
+
+        The server runs each job with the aliases its client's model has (a job holds its
+        model alone), so `model.layers[0]` means on the server what it means here.
+        """
+        d = self.__dict__
+        saved = d["_rename"], d["_root_aliases"], d["_name_aliases"], d["_shadow"]
+        d["_rename"], d["_root_aliases"], d["_name_aliases"] = _aliases_from(rename)
+        d["_shadow"] = set(d["_root_aliases"]) | set(d["_name_aliases"]) | set(d["_extra_modules"])
+        try:
+            yield
+        finally:
+            d["_rename"], d["_root_aliases"], d["_name_aliases"], d["_shadow"] = saved
 
     def _add_extra_module(self, name: str, module: torch.nn.Module) -> None:
         self.__dict__["_extra_modules"][name] = module
@@ -463,3 +471,18 @@ def _cat(values: list[Any]) -> Any:
     if all(v == first for v in values):
         return first
     raise TypeError("non-tensor arguments differ between invokes")
+
+
+def _aliases_from(rename: dict[str, str | list[str]] | None) -> tuple[dict, dict[str, str], dict[str, str]]:
+    """`rename` as (itself, root aliases, name aliases): a dotted key is a path mounted on
+    the root (`model.layers`), a plain name renames that child everywhere."""
+    root_aliases: dict[str, str] = {}
+    name_aliases: dict[str, str] = {}
+    for key, aliases in (rename or {}).items():
+        key = key.lstrip(".")
+        for alias in [aliases] if isinstance(aliases, str) else list(aliases):
+            if "." in key:
+                root_aliases[alias] = key
+            else:
+                name_aliases[alias] = key
+    return dict(rename or {}), root_aliases, name_aliases

@@ -11,9 +11,9 @@ import ast
 import functools
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from .._version import PROTOCOL_VERSION, __version__
 from .codecheck import check_source
@@ -57,6 +57,12 @@ class ObjectSpec(BaseModel):
     kwdefaults: Any = None
 
 
+# `rename=` travels as data the server applies to its model for the job: module paths and
+# plain alias names only, so an alias can never name a dunder or a private attribute.
+_ModulePath = Annotated[str, StringConstraints(pattern=r"^\.?[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", max_length=200)]
+_AliasName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", max_length=100)]
+
+
 class TraceRequest(BaseModel):
     """The JSON envelope of a request (tensors travel beside it in the safetensors part)."""
 
@@ -78,6 +84,8 @@ class TraceRequest(BaseModel):
     # Modules whose `.source` the client built before the trace: built on the server too,
     # before the run, so their ops count from the start there as well.
     source_modules: list[str] = []
+    # The client model's aliases (`rename=`), so `model.layers[0]` means the same on the server.
+    rename: dict[_ModulePath, _AliasName | list[_AliasName]] = Field(default_factory=dict, max_length=100)
 
 
 class BuiltRequest:
@@ -155,6 +163,7 @@ def build_request(tracer: "Tracer", model_key: str, policy: Policy = DEFAULT_POL
         remote_objects=code.remote_names,
         strict_remote=strict_remote,
         source_modules=_source_modules(tracer, code.objects),
+        rename=dict(getattr(tracer.model, "__dict__", {}).get("_rename") or {}),
     )
     return BuiltRequest(request, dict(encoder.tensors), unique(problems))
 

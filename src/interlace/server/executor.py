@@ -57,6 +57,14 @@ def execute_request(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the request's body beside `model`; returns the saved values."""
+    # The client model's aliases (`rename=`) hold for this job only (a job holds its model alone).
+    renamed = model.renamed(request.rename) if hasattr(model, "renamed") else contextlib.nullcontext()
+    with renamed:
+        return _execute(request, tensors, model, policy=policy, log=log)
+
+
+def _execute(request: TraceRequest, tensors: dict[str, Any], model: Any, *, policy: Policy,
+             log: Callable[[str], None]) -> dict[str, Any]:
     filename = remote_filename(request.block.filename)
     block = block_from_source(request.block.source, filename, request.block.first_lineno)
     builtins_dict = restricted_builtins(policy, log)
