@@ -164,11 +164,7 @@ def test_the_whole_input_kwargs_stay_local(feat_gpt2):
     assert kwargs.get("logits_to_keep") == 1 and "input_ids" in kwargs
 
 
-def test_early_eos_keeps_saved_values_and_warns(feat_gpt2, mode, request):
-    if mode is True:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "warnings raised on the server (GenerationEndedWarning) are not sent back to the "
-            "client; remote='local' shows them because it runs in-process")))
+def test_early_eos_keeps_saved_values_and_warns(feat_gpt2, mode):
     eos = feat_gpt2._module.generation_config.eos_token_id
     with pytest.warns(GenerationEndedWarning, match="Values saved so far are kept"):
         with feat_gpt2.generate(max_new_tokens=6, remote=mode) as tracer:

@@ -127,3 +127,20 @@ def _node(**fields: Any) -> dict:
 def test_decoder_rejects_bad_cache_and_output_nodes(node: Any, match: str) -> None:
     with pytest.raises(WireFormatError, match=match):
         ValueDecoder({}).decode(node)
+
+
+def test_result_warnings_travel_and_only_known_categories_are_rebuilt():
+    """A job's engine warnings come back with its result and are raised on the client."""
+    import warnings
+
+    from interlace.errors import GenerationEndedWarning
+    from interlace.remote.result import decode_result, encode_result
+
+    class Strange(UserWarning):
+        pass
+
+    data = encode_result({"x": 1}, warnings=[(GenerationEndedWarning, "ended early"), (Strange, "odd")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert decode_result(data) == {"x": 1}
+    assert [(w.category, str(w.message)) for w in caught] == [(GenerationEndedWarning, "ended early"), (UserWarning, "odd")]

@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ..errors import collecting_warnings
 from ..remote.errors import WireFormatError
 from ..remote.options import forbidden_server_option
 from ..remote.policy import DEFAULT_POLICY, Policy
@@ -64,11 +65,12 @@ def prepare_payload(payload: bytes, policy: Policy, model_keys: Mapping[str, Any
 def run_prepared(prepared: PreparedRequest, model: Any, policy: Policy, log: Callable[[str], None]) -> bytes:
     """Execute and encode the result; failures raise JobFailed with the user's traceback."""
     try:
-        values = execute_request(prepared.request, prepared.tensors, model, policy=policy, log=log)
+        with collecting_warnings() as caught:  # they travel back with the result
+            values = execute_request(prepared.request, prepared.tensors, model, policy=policy, log=log)
     except ExecutionFailed as e:
         raise JobFailed(e.text, e.category) from None
     try:
-        return encode_result(values, max_bytes=policy.max_result_bytes)
+        return encode_result(values, max_bytes=policy.max_result_bytes, warnings=caught)
     except UnsendableResult as e:
         raise JobFailed(f"UnsendableResult: {e}", "unserializable-result") from None
 

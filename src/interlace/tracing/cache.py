@@ -18,12 +18,11 @@ server like any saved dict.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
-from ..errors import TracingError
+from ..errors import TracingError, warn
 from .batching import _map, narrow
 from .cache_entries import NOT_CACHED, Cache, CacheEntry
 from .interleaver import current_mediator
@@ -172,7 +171,7 @@ def start_cache(
             missed.append(paths[idx])
         il.observers.setdefault(idx, []).append(observe)
     if missed:
-        warnings.warn(
+        warn(
             f"tracer.cache() was created after {', '.join(missed[:3])}{' ...' if len(missed) > 3 else ''} "
             "had already run, so those calls are not in the cache. Create the cache at the start of the body.",
             stacklevel=3,

@@ -52,12 +52,11 @@ A mediator that asks again for the value it is being served gets it without any 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Sequence
 
 from greenlet import getcurrent
 
-from ..errors import GenerationEndedWarning, ModuleNotCalledError, TracingError
+from ..errors import GenerationEndedWarning, ModuleNotCalledError, TracingError, warn
 from .batching import narrow, whole
 from .mediator import (  # noqa: F401 - INPUT, OUTPUT, Mediator, current_mediator re-exported
     _BARRIER,
@@ -463,7 +462,7 @@ class Interleaver(InlineBodies):
             kind, idx, it = mediator.want  # type: ignore[misc]
             mediator.want = None
             if generation and mediator.iter_depth and it > 0:
-                warnings.warn(
+                warn(
                     f"Generation ended after {self.finished[0]} step(s), before step {it} that "
                     f"the {mediator.label} was waiting for at `{self.path(idx)}.{_KIND_NAME[kind]}`; "
                     "the rest of that loop body did not run. Values saved so far are kept.",

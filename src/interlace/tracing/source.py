@@ -48,14 +48,13 @@ import difflib
 import inspect
 import textwrap
 import types
-import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from greenlet import getcurrent
 
-from ..errors import OutOfOrderError, TracingError
+from ..errors import OutOfOrderError, TracingError, warn
 from .envoy import Envoy
 from .interleaver import _NOTHING, INPUT, OUTPUT, Interleaver, Mediator, current_mediator
 
@@ -338,7 +337,7 @@ def _check_built_mid_run(envoy: Envoy) -> None:
             f"the calls inside this run of its forward cannot be reached. Access `.source` ops "
             f"before other values inside that module, or: {fix}"
         )
-    warnings.warn(
+    warn(
         f"`{envoy.path}.source` was first used after {envoy.path} had run {il.finished[idx]} "
         f"time(s) in this run; step numbers of its operations start from its next call. {fix}",
         stacklevel=4,
