@@ -316,7 +316,7 @@ def test_hosted_llama_traces_on_the_server(use_server, tiny_llama_path):
 def test_description_round_trip_keeps_class_dtype_and_tokenizer(tiny_gpt2_path):
     """What the server describes (here a bfloat16 copy) is what the client builds."""
     from interlace.models.hosted import build_hosted
-    from interlace.server.meta import describe_model
+    from interlace.remote.model_meta import describe_model
 
     served = LanguageModel(str(tiny_gpt2_path), dispatch=True).bfloat16()
     meta = describe_model(served)

@@ -135,7 +135,7 @@ class DefaultJobRunner:
     def model_meta(self, model_key: str) -> dict[str, Any]:
         """Config and tokenizer files of a hosted model, for clients without its weights
         (GET /v1/models/{key}/meta). Read-only, so it needs no job lock."""
-        from .meta import describe_model
+        from ..remote.model_meta import describe_model
 
         return describe_model(self.models[model_key])
 

@@ -23,7 +23,7 @@ from .auth import KeyStore, User
 from .db import Database
 from .errors import BadRequest, JobFailed
 from .events import EventHub
-from .meta import NotDescribable
+from ..remote.model_meta import NotDescribable
 from .results import ResultStore
 from .settings import ServerSettings
 from .store import Event, JobRecord, JobStore, queued_text
@@ -110,7 +110,7 @@ class JobService:
         return job_id, position
 
     def model_meta(self, model_key: str) -> bytes:
-        """A hosted model's description (config and tokenizer files as JSON; see `meta.py`),
+        """A hosted model's description (config and tokenizer files as JSON; see `remote/model_meta.py`),
         for clients that build it without weights. Made once per key: a model does not change."""
         cached = self._meta.get(model_key)
         if cached is not None:

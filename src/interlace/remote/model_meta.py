@@ -1,5 +1,7 @@
 """What a client needs to build a hosted model without its weights: config and tokenizer files.
 
+Part of the contract: the server writes this description and the client reads it (`models/hosted.py`).
+
 `GET /v1/models/{key}/meta` answers `describe_model(model)`: the files a Hugging Face
 checkout holds besides the weights (config, generation config, tokenizer), as JSON text or
 base64 bytes, plus the class and dtype of the hosted module. The client writes them to a
