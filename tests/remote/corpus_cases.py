@@ -96,7 +96,8 @@ def p_save_logits(model, mode):
 
 def p_inplace_edit(model, mode):
     with model.trace(PROMPT, remote=mode):
-        model.transformer.h[1].output[:] = 0
+        # Position-dependent (a zero edit makes every position alike and would hide misrouting).
+        model.transformer.h[1].output[:] *= torch.linspace(0.2, 1.0, model.transformer.h[1].output.shape[1])[:, None]
         logits = model.lm_head.output.save()
     return {"logits": logits}
 
@@ -167,7 +168,7 @@ def p_enum(model, mode):
     choice = Mode.ZERO
     with model.trace(PROMPT, remote=mode):
         if choice == Mode.ZERO:
-            model.transformer.h[0].output[:] = 0
+            model.transformer.h[0].output[:, -1] = 0
         out = model.lm_head.output.save()
     return {"out": out}
 

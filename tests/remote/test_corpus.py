@@ -44,6 +44,29 @@ def test_simulation_matches_local(model, case):
         assert _equal(local[name], simulated[name]), name
 
 
+def test_corpus_edits_match_raw_hooks(model):
+    """The corpus compares modes with each other; its edits are also checked against a raw
+    forward hook doing the same edit, so a mode that agreed with a wrong engine would fail."""
+    def edit(module, args, output):
+        return output * torch.linspace(0.2, 1.0, output.shape[1])[:, None]
+
+    def zero_last(module, args, output):
+        output = output.clone()
+        output[:, -1] = 0
+        return output
+
+    ids = model.tokenizer(corpus.PROMPT, return_tensors="pt")
+    for case, block, hook, name in ((corpus.p_inplace_edit, 1, edit, "logits"), (corpus.p_enum, 0, zero_last, "out")):
+        handle = model._module.transformer.h[block].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                expected = model._module(**ids).logits
+        finally:
+            handle.remove()
+        for mode in (False, "local"):
+            assert torch.allclose(case(model, mode)[name], expected, atol=1e-5), (case.__name__, mode)
+
+
 def _marker_line(case):
     lines, start = inspect.getsourcelines(case)
     for offset, line in enumerate(lines):

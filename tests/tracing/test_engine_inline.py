@@ -247,10 +247,10 @@ def test_step_loops_during_generation_match_greenlet_bodies(gpt2: interlace.Lang
         with gpt2.generate(prompt, max_new_tokens=4, do_sample=False) as tracer:
             chosen = [].save()
             for step in tracer.iter[[0, 2]]:
-                chosen.append(gpt2.transformer.h[0].output[0][:, -1] * step)
+                chosen.append(gpt2.transformer.h[0].output[:, -1] * (step + 1))
             later = [].save()
             for k in tracer.iter[3:]:  # (a second loop goes on from where the first one ended)
-                later.append(gpt2.transformer.h[1].output[0][:, -1])
+                later.append(gpt2.transformer.h[1].output[:, -1])
         return chosen, later
 
     def edit_from_step_two() -> Any:
@@ -271,13 +271,31 @@ def test_step_loops_during_generation_match_greenlet_bodies(gpt2: interlace.Lang
     assert len(logits) == 4
     assert torch.equal(torch.stack(logits, 1).argmax(-1), ids[:, -4:])  # greedy: each step's pick
     chosen, later = _values(monkeypatch, some_steps)
-    assert len(chosen) == 2 and not chosen[0].any() and chosen[1].any() and len(later) == 1
+    # The truth: Hugging Face's generate under raw hooks, one output per forward (step).
+    raw0, raw1 = _raw_generation_outputs(gpt2, prompt, 4, [0, 1])
+    assert len(chosen) == 2 and len(later) == 1
+    assert torch.allclose(chosen[0], raw0[0], atol=1e-5) and torch.allclose(chosen[1], raw0[2] * 3, atol=1e-5)
+    assert torch.allclose(later[0], raw1[3], atol=1e-5)
     edited = _values(monkeypatch, edit_from_step_two)
     with gpt2.generate(prompt, max_new_tokens=4, do_sample=False):
         plain = gpt2.generator.output.save()
     assert torch.equal(edited[:, :-2], plain[:, :-2]) and not torch.equal(edited, plain)
     tokens = _values(monkeypatch, every_token)
     assert len(tokens) == 3
+
+
+def _raw_generation_outputs(gpt2: interlace.LanguageModel, prompt: str, steps: int, blocks: list[int]) -> list[list[torch.Tensor]]:
+    """Each block's last-position output at every forward of a plain HF generate."""
+    outs: list[list[torch.Tensor]] = [[] for _ in blocks]
+    handles = [gpt2._module.transformer.h[b].register_forward_hook(
+        lambda m, i, o, seen=seen: seen.append(o[:, -1].detach().clone())) for b, seen in zip(blocks, outs)]
+    try:
+        with torch.no_grad():
+            gpt2._module.generate(**gpt2.tokenizer(prompt, return_tensors="pt"), max_new_tokens=steps, do_sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
 
 
 def test_a_step_loop_that_generation_ends_early_warns_and_ends_the_body(gpt2: interlace.LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
