@@ -240,7 +240,11 @@ def test_logit_lens_inside_trace_does_not_disturb_served_values(gpt2: interlace.
         logits = gpt2.lm_head.output.save()
     expected = gpt2._module(**encode(gpt2, et_prompt)).logits
     assert torch.equal(logits, expected)
-    assert lens.shape == logits.shape
+    inner = gpt2._module
+    raw: list[torch.Tensor] = []
+    with hooks((inner.transformer.h[0], lambda m, a, o: raw.append(hidden(o)))):
+        inner(**encode(gpt2, et_prompt))
+    assert torch.allclose(lens, inner.lm_head(inner.transformer.ln_f(raw[0])), atol=1e-6)  # layer 0's lens
 
 
 def test_saving_all_layers_by_comprehension(gpt2: interlace.LanguageModel, et_prompt: str) -> None:
