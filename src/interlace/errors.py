@@ -23,8 +23,10 @@ class InterlaceError(Exception):
     """Base class of Interlace's own errors."""
 
 
-class TracingError(InterlaceError):
-    """A trace was used in a way that cannot work (the message says how to fix it)."""
+class TracingError(InterlaceError, ValueError):
+    """A trace was used in a way that cannot work (the message says how to fix it). A
+    `ValueError` too, which is what nnsight raises for these (an invoke inside an invoke, a
+    negative step, a module read outside a running trace), so `except ValueError:` works."""
 
 
 class MissedProviderError(InterlaceError):

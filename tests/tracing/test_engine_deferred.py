@@ -85,7 +85,7 @@ def test_errors_and_stop_after_a_deferred_read(mlp_model: interlace.NNsight, tin
         tracer.stop()
         after = mlp_model.layer2.output.save()  # noqa: F841 - never reached
     assert h.shape == (1, 10)
-    with pytest.raises(interlace.NotSavedError, match="`after` has no value: it is saved in the trace .* but that line did not run"):
+    with pytest.raises(UnboundLocalError, match="after"):  # saved but not reached: unbound, as in nnsight
         after.shape
     assert starts
 

@@ -57,7 +57,8 @@ def test_dispatch_is_idempotent_and_envoys_follow_new_module(tiny_gpt2_path: Pat
     model.dispatch()
     assert model._module is first
     assert model.transformer.h[0]._module is first.transformer.h[0]
-    assert meta_h0._module is not first.transformer.h[0]
+    # An envoy taken before dispatch stands for the same path afterwards (nnsight's `_update`).
+    assert meta_h0._module is first.transformer.h[0]
 
 
 def test_pad_token_set_from_eos_where_missing(gpt2: interlace.LanguageModel, hf_tok: Any) -> None:

@@ -42,16 +42,53 @@ CHUNK = 256 * 1024
 
 
 class RemoteException(Exception):
-    """A job failed on the server; `tb_string` is the server's account (a traceback)."""
+    """A job failed on the server; `tb_string` is the server's account (a traceback).
+
+    When the job's code raised a built-in exception or one of Interlace's own (`category` is
+    its name), the RemoteException is an instance of that class too, so the `except
+    IndexError:` or `except interlace.OutOfOrderError:` written for a local run also catches
+    it remotely (nnsight's `remote='local'` raises the original type).
+    """
+
+    def __new__(cls, tb_string: str = "", *args: Any, category: str | None = None, **kwargs: Any) -> "RemoteException":
+        if cls is RemoteException and category:
+            cls = _remote_exception_class(category)
+        return super().__new__(cls, tb_string)
 
     def __init__(self, tb_string: str, *, job_id: str | None = None, category: str | None = None) -> None:
-        super().__init__(tb_string)
+        Exception.__init__(self, tb_string)
         self.tb_string = tb_string
         self.job_id = job_id
         self.category = category
 
     def __str__(self) -> str:
         return self.tb_string
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_remote_exception, (self.tb_string, self.job_id, self.category), self.__dict__)
+
+
+def _rebuild_remote_exception(tb_string: str, job_id: str | None, category: str | None) -> RemoteException:
+    return RemoteException(tb_string, job_id=job_id, category=category)
+
+
+@lru_cache(maxsize=None)
+def _remote_exception_class(category: str) -> type[RemoteException]:
+    """RemoteException, also an instance of the exception class `category` names (built-in
+    or `interlace.errors`), where that class can be combined with it."""
+    import builtins
+
+    from .. import errors
+
+    original = getattr(errors, category, None) or getattr(builtins, category, None)
+    if not (isinstance(original, type) and issubclass(original, Exception)) or issubclass(original, RemoteException):
+        return RemoteException
+    try:
+        combined = type(f"Remote{category}", (RemoteException, original), {"__module__": "interlace"})
+        combined("probe")  # classes whose constructor needs more (UnicodeDecodeError) are left out
+    except TypeError:
+        return RemoteException
+    return combined
 
 
 class RemoteRequestError(Exception):

@@ -13,7 +13,7 @@ from ..errors import TracingError
 from ..tracing.interleaver import Interleaver
 from .generation import GenerateTracer, Generator
 from ..tracing.envoy import Envoy
-from .nnsight import CALLS_WITHOUT_INTERLEAVER, NNsight, apply_without_weights
+from .nnsight import CALLS_WITHOUT_INTERLEAVER, CLASS_DEFAULT, NNsight, apply_without_weights
 
 __all__ = ["LanguageModel"]
 
@@ -52,6 +52,7 @@ class LanguageModel(NNsight):
         model_key: str | None = None,
         host: str | None = None,
         api_key: str | None = None,
+        envoys: Any = CLASS_DEFAULT,
         **load_kwargs: Any,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -65,7 +66,7 @@ class LanguageModel(NNsight):
                     "model hosted on a server: `LanguageModel(\"org/name\")` or "
                     "`LanguageModel(model_key=\"org/name\")`."
                 )
-            self._init_hosted(model_key, tokenizer, dispatch, rename, host, api_key, load_kwargs)
+            self._init_hosted(model_key, tokenizer, dispatch, rename, host, api_key, load_kwargs, envoys)
             return
         key = model_key or (model if isinstance(model, str) else None)
         if isinstance(model, os.PathLike):
@@ -93,12 +94,13 @@ class LanguageModel(NNsight):
             raise TypeError(
                 f"LanguageModel takes a hub id, a local path or a torch.nn.Module, got {type(model).__name__}."
             )
-        super().__init__(module, rename=rename, model_key=key or repo_id, host=host, api_key=api_key)
+        super().__init__(module, rename=rename, model_key=key or repo_id, host=host, api_key=api_key, envoys=envoys)
         self._init_fields(repo_id, load_kwargs, dispatched,
                           tokenizer if tokenizer is not None else self._load_tokenizer(repo_id, load_kwargs, module))
 
     def _init_hosted(self, model_key: str, tokenizer: Any, dispatch: bool, rename: Any,
-                     host: str | None, api_key: str | None, load_kwargs: dict[str, Any]) -> None:
+                     host: str | None, api_key: str | None, load_kwargs: dict[str, Any],
+                     envoys: Any = CLASS_DEFAULT) -> None:
         """`LanguageModel(model_key=...)`: module tree, config and tokenizer from the server."""
         from .hosted import load_hosted, no_local_weights_error
 
@@ -110,7 +112,8 @@ class LanguageModel(NNsight):
                 f"by its server key (the server loaded it). Use `LanguageModel(model_key={model_key!r})`."
             )
         hosted = load_hosted(model_key, host=host, api_key=api_key)
-        NNsight.__init__(self, hosted.module, rename=rename, model_key=model_key, host=hosted.host, api_key=api_key)
+        NNsight.__init__(self, hosted.module, rename=rename, model_key=model_key, host=hosted.host, api_key=api_key,
+                         envoys=envoys)
         self.__dict__["_hosted"] = hosted
         self._init_fields(model_key, {}, False, tokenizer if tokenizer is not None else hosted.tokenizer)
 
@@ -216,6 +219,12 @@ class LanguageModel(NNsight):
             )
         value = inputs[0]
         mask = kwargs.pop("attention_mask", None)
+        labels = kwargs.get("labels")
+        if isinstance(labels, str) or (isinstance(labels, list) and labels and all(isinstance(v, str) for v in labels)):
+            # Text labels are tokenized like the input (as in nnsight); -100 pads, as HF ignores it.
+            label_rows, _ = self._rows(labels, None, tokenizer_kwargs)
+            width = max(len(r) for r in label_rows)
+            kwargs["labels"] = torch.tensor([[-100] * (width - len(r)) + r for r in label_rows], dtype=torch.long)
         if isinstance(value, torch.Tensor) and mask is None and 0 < value.dim() <= 2 and not value.is_floating_point():
             # Token ids without a mask: nothing to strip. Keep the tensor; rows (lists of ids,
             # for padding several invokes together) are only made if `_batch` needs them.

@@ -8,11 +8,14 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import TracingError
-from ..tracing.envoy import Envoy
+from ..tracing.envoy import Envoy, mount_clashes
 from ..tracing.interleaver import Interleaver, Mediator, ModuleHooks, OrderTable
 from ..tracing.tracer import InterleavingTracer, Session
 
 __all__ = ["NNsight"]
+
+#: `envoys=` not given: the class's `envoys` attribute applies.
+CLASS_DEFAULT: Any = type("ClassDefault", (), {"__repr__": lambda self: "<the class's envoys>"})()
 
 
 class NNsight(Envoy):
@@ -31,7 +34,14 @@ class NNsight(Envoy):
     `remote=True` only. With a module, `model_key=` names the server's copy of it for
     `remote=True`. Module methods that return the module (`.to()`, `.eval()`, `.half()`, ...)
     return the wrapper, so `NNsight(net).to("cpu")` is still an NNsight.
+    `envoys=` picks the Envoy class of every descendant (as in nnsight): one `Envoy`
+    subclass for all, or a dict from module types (matched through the class's bases) or
+    dotted path suffixes (`"attn"`, `"h.0.mlp"`) to subclasses; a subclass's `envoys` class
+    attribute is the default.
     """
+
+    #: The default `envoys=` of this class (a subclass may set its own).
+    envoys: Any = None
 
     def __init__(
         self,
@@ -41,6 +51,7 @@ class NNsight(Envoy):
         model_key: str | None = None,
         host: str | None = None,
         api_key: str | None = None,
+        envoys: Any = CLASS_DEFAULT,
     ) -> None:
         hosted = None
         if module is None:
@@ -80,6 +91,8 @@ class NNsight(Envoy):
         # Names that may mean something other than the child module of that name (aliases,
         # extra modules): `Envoy.__getattr__` takes its shortcut only for other names.
         d["_shadow"] = set(d["_root_aliases"]) | set(d["_name_aliases"])
+        d["_envoys"] = _check_envoys(type(self).envoys if envoys is CLASS_DEFAULT else envoys)
+        mount_clashes(self)
 
     @contextlib.contextmanager
     def renamed(self, rename: dict[str, str | list[str]] | None) -> Iterator[None]:
@@ -96,6 +109,32 @@ class NNsight(Envoy):
             yield
         finally:
             d["_rename"], d["_root_aliases"], d["_name_aliases"], d["_shadow"] = saved
+
+    def _envoy_class(self, module: torch.nn.Module, path: str) -> type[Envoy]:
+        """The Envoy class for a descendant (`envoys=`): a type key matching the module's
+        class or a base of it (nearest first) wins; then the first string key that is a
+        dotted suffix of the path, component by component, where a component may also be
+        spelled by its `rename` alias; else `Envoy`."""
+        spec = self.__dict__.get("_envoys")
+        if spec is None:
+            return Envoy
+        if isinstance(spec, type):
+            return spec
+        for base in type(module).__mro__:
+            hit = spec.get(base)
+            if hit is not None:
+                return hit
+        parts = path.split(".")[1:]
+        aliases = self.__dict__["_name_aliases"]  # alias -> real name
+        for key, cls in spec.items():
+            if not isinstance(key, str):
+                continue
+            wanted = [k for k in key.lstrip(".").split(".") if k]
+            if wanted and len(wanted) <= len(parts) and all(
+                k == p or aliases.get(k) == p for k, p in zip(wanted, parts[len(parts) - len(wanted):])
+            ):
+                return cls
+        return Envoy
 
     def _add_extra_module(self, name: str, module: torch.nn.Module) -> None:
         self.__dict__["_extra_modules"][name] = module
@@ -159,8 +198,14 @@ class NNsight(Envoy):
 
     def _alias_target(self, envoy: Envoy, name: str) -> Envoy | None:
         d = self.__dict__
-        if envoy is self and name in d["_root_aliases"]:
-            return self.get(d["_root_aliases"][name])
+        path = d["_root_aliases"].get(name)
+        if path is not None:
+            if envoy is self and path.split(".")[0] not in envoy._module._modules:
+                return self.get(path)
+            # A dotted rename names a path from where it starts: `{"transformer.h": "layers"}`
+            # gives `model.layers`, `{"h.0": "first_layer"}` gives `model.transformer.first_layer`.
+            if path.split(".")[0] in envoy._module._modules:
+                return envoy.get(path)
         if envoy is self and name in d["_extra_modules"]:
             return self._child(name)
         real = d["_name_aliases"].get(name)
@@ -282,7 +327,10 @@ class NNsight(Envoy):
         """Wrap `module` instead (LanguageModel's dispatch): a new module tree to index."""
         d = self.__dict__
         d["_module"] = module
-        d["_children"].clear()
+        # Envoys the user holds (`layers = model.transformer.h` before the first run) stand
+        # for the same paths in the new tree, as in nnsight: point them at its modules.
+        extras = d["_extra_modules"]
+        _rebind_children(self, module, keep=extras)
         d["_index_map"] = None
         d["_order"] = None  # a new module tree: record its call order again
 
@@ -411,6 +459,39 @@ class NNsight(Envoy):
                 table.remember(interleaver.site, interleaver.wrapped, interleaver.n_core)  # type: ignore[arg-type]
         elif interleaver.recording and interleaver.completed and d.get("_modules_list") is interleaver.modules:
             d["_order"] = OrderTable.from_events(interleaver.modules, interleaver.n_core, events)
+
+
+def _check_envoys(spec: Any) -> Any:
+    """`envoys=` as given, once checked: None, an Envoy subclass, or a dict of them."""
+    def is_envoy_class(value: Any) -> bool:
+        return isinstance(value, type) and issubclass(value, Envoy)
+
+    if spec is None or is_envoy_class(spec):
+        return spec
+    if isinstance(spec, dict) and all(
+        is_envoy_class(v) and (isinstance(k, str) or (isinstance(k, type) and issubclass(k, torch.nn.Module)))
+        for k, v in spec.items()
+    ):
+        return dict(spec)
+    raise TypeError(
+        f"envoys= takes an Envoy subclass, or a dict from module classes or path suffixes to Envoy "
+        f"subclasses, got {spec!r}. For example:\n\n"
+        "    class LinearEnvoy(interlace.Envoy):\n        ...\n\n"
+        "    model = NNsight(net, envoys={torch.nn.Linear: LinearEnvoy, \"attn\": AttnEnvoy})"
+    )
+
+
+def _rebind_children(envoy: Envoy, module: torch.nn.Module, keep: Any = ()) -> None:
+    children = envoy.__dict__["_children"]
+    for name, child in list(children.items()):
+        if name in keep:
+            continue
+        sub = module._modules.get(name)
+        if sub is None or type(sub) is not type(child._module):
+            del children[name]
+            continue
+        object.__setattr__(child, "_module", sub)
+        _rebind_children(child, sub)
 
 
 #: `_call_model` functions that ignore the interleaver for traces (`_runs_without_interleaver`).

@@ -16,7 +16,10 @@ from .decorator import remote as _remote_decorator
 from .policy import DEFAULT_POLICY, Policy
 from .problems import Problem, RemoteValidationError
 
-__all__ = ["Policy", "DEFAULT_POLICY", "Problem", "RemoteValidationError"]
+# `from interlace.remote import remote` (nnsight: `from nnsight.remote import remote`) works too.
+remote = _remote_decorator
+
+__all__ = ["Policy", "DEFAULT_POLICY", "Problem", "RemoteValidationError", "remote"]
 
 
 class _DecoratorModule(types.ModuleType):

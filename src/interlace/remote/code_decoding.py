@@ -10,6 +10,7 @@ module path only.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import importlib
 import linecache
 import sys
@@ -79,6 +80,7 @@ class CodeDecoder:
                 raise _bad("an instance's state must be a dict")
             for key, value in state.items():
                 object.__setattr__(obj, key, value)
+            _restore_parameters(obj)
             return obj
         raise _bad(f"unknown tag {tag!r}")
 
@@ -103,7 +105,8 @@ class CodeDecoder:
             else:
                 env[name] = value
         closure = {name: decoder.decode(v) for name, v in (entry.get("closure") or {}).items()}
-        obj = _define(entry, source, filename, lineno, env, closure)
+        with _module_globals(env):
+            obj = _define(entry, source, filename, lineno, env, closure)
         if entry.get("kind") != "class":
             if entry.get("defaults") is not None:
                 obj.__defaults__ = tuple(decoder.decode(entry["defaults"]))
@@ -125,6 +128,22 @@ class CodeDecoder:
 # class's module, such as dataclasses resolving string annotations, finds one.
 _REMOTE_MODULE = "__interlace_remote__"
 sys.modules.setdefault(_REMOTE_MODULE, types.ModuleType(_REMOTE_MODULE, "Namespace of code shipped to Interlace."))
+
+
+@contextlib.contextmanager
+def _module_globals(env: dict[str, Any]) -> Any:
+    """While a shipped class is defined, its module's namespace holds the class's globals, as
+    it would at home: decorators that resolve names through the class's module (dataclasses
+    reading a string annotation `ClassVar[int]` under `from __future__ import annotations`)
+    see them."""
+    holder = sys.modules[_REMOTE_MODULE].__dict__
+    added = [k for k in env if k not in holder]
+    holder.update({k: env[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            holder.pop(k, None)
 
 
 class _Later:
@@ -268,3 +287,15 @@ def restricted_builtins(policy: Policy, log: Callable[[str], None] | None = None
 
         allowed["print"] = remote_print
     return allowed
+
+
+def _restore_parameters(obj: Any) -> None:
+    """A torch layer's parameters travel as tensors: make them parameters again."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.nn.Module):
+        return
+    params = obj.__dict__.get("_parameters")
+    if isinstance(params, dict):
+        for name, value in list(params.items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                params[name] = torch.nn.Parameter(value, requires_grad=value.requires_grad)

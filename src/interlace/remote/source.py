@@ -111,6 +111,10 @@ class CodeEncoder:
                 if hasattr(value, slot):
                     state[slot] = getattr(value, slot)
             return {"$t": "x:instance", "cls": self.encode(cls, encoder), "state": encoder.encode(state)}
+        if _is_torch_layer(value) and self._reference(cls) is not None:
+            # A layer of a server-provided class (`torch.nn.Linear` in a probe, or used in the
+            # body): its class by reference, its state (parameters, buffers, sublayers) as data.
+            return {"$t": "x:instance", "cls": self.encode(cls, encoder), "state": encoder.encode(dict(vars(value)))}
         return NotImplemented
 
     # -- modules and references ---------------------------------------------------------------
@@ -212,7 +216,10 @@ class CodeEncoder:
                 entry["closure"][var] = self._encode_captured(value, encoder, obj, kind, var)
         namespace = _defining_globals(obj)
         entry["globals"] = {}
-        for gname in sorted(_global_names(source, kind) - set(freevars) - {name}):
+        wanted = _global_names(source, kind)
+        if kind == "class":
+            wanted |= _dataclass_marker_names(source, namespace)
+        for gname in sorted(wanted - set(freevars) - {name}):
             if gname in namespace:
                 entry["globals"][gname] = self._encode_captured(namespace[gname], encoder, obj, kind, gname)
             elif gname not in _BUILTIN_NAMES:
@@ -283,6 +290,11 @@ class CodeEncoder:
         self.problems.append(Problem(category=category, message=message, filename=filename, lineno=lineno, fix=fix))
 
 
+def _is_torch_layer(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.nn.Module)
+
+
 def _is_envoy(value: Any) -> bool:
     from ..tracing.envoy import Envoy
 
@@ -331,6 +343,23 @@ def _global_names(source: str, kind: str) -> set[str]:
             if ins.opname in ("LOAD_NAME", "LOAD_GLOBAL") and not (ins.argval.startswith("__") and ins.argval.endswith("__")):
                 names.add(ins.argval)
         stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+    return names
+
+
+def _dataclass_marker_names(source: str, namespace: dict[str, Any]) -> set[str]:
+    """Names in a class's annotations that dataclasses must resolve to tell a `ClassVar` or an
+    `InitVar` from a field. Under `from __future__ import annotations` annotations are strings
+    that no bytecode loads, and dataclasses reads these names from the class's module."""
+    import dataclasses
+    import typing
+
+    markers = (typing.ClassVar, dataclasses.InitVar, typing, dataclasses)
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(textwrap.dedent(source))):
+        if isinstance(node, ast.AnnAssign):
+            for sub in ast.walk(node.annotation):
+                if isinstance(sub, ast.Name) and any(namespace.get(sub.id) is m for m in markers):
+                    names.add(sub.id)
     return names
 
 

@@ -418,6 +418,8 @@ class ValueEncoder:
             return {"$t": "enum", "cls": cls_node, "value": member}
         if is_hf_output_class(type(value)):
             return self._hf_output(value)
+        if _is_batch_encoding(type(value)):  # a tokenizer's output travels as its dict of tensors
+            return self._dict(dict(value))
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             cls_node = self._class_node(value, "dataclass")
             self._enter(value)
@@ -449,6 +451,14 @@ def is_hf_output_class(cls: Any) -> bool:
     this module needs no transformers import)."""
     return isinstance(cls, type) and cls.__module__.startswith("transformers.") and any(
         c.__name__ == "ModelOutput" and c.__module__.startswith("transformers.") for c in cls.__mro__
+    )
+
+
+def _is_batch_encoding(cls: type) -> bool:
+    """Hugging Face's `BatchEncoding` (what a tokenizer returns; checked by name, so this
+    module needs no transformers import)."""
+    return isinstance(cls, type) and issubclass(cls, Mapping) and any(
+        c.__name__ == "BatchEncoding" and c.__module__.startswith("transformers.") for c in cls.__mro__
     )
 
 

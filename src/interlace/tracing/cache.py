@@ -146,7 +146,7 @@ def start_cache(
         total = il.batch_size
         value = _map(narrow(_as_data(out), group, total), convert) if include_output else NOT_CACHED
         inputs = NOT_CACHED
-        if include_inputs:
+        if include_inputs and n >= begun.get(idx, 0):  # (a call begun before the cache: no inputs)
             args, kwargs = _as_data(tuple(args)), _as_data(dict(kwargs))
             inputs = _map((tuple(narrow(args, group, total)), dict(narrow(kwargs, group, total))), convert)
         entry = CacheEntry(value, inputs)
@@ -165,9 +165,15 @@ def start_cache(
                 il.wrap_lazily(idx, mediator.current)
                 if il.lazy is None:
                     break
+    # Calls already begun (the body is inside them) give their output but not their inputs.
+    begun = {idx: il.started[idx] for idx in indices if il.started[idx] > il.finished[idx]}
+    serving = mediator.current
+    now = (serving.idx, serving.n) if serving is not None and serving.kind else None
     missed = []
     for idx in indices:
-        if il.finished[idx] > 0 and not generation:
+        if now is not None and idx == now[0]:
+            begun[idx] = now[1] + 1  # its output is being served now: it goes in, its inputs not
+        elif il.finished[idx] > 0 and not generation:
             missed.append(paths[idx])
         il.observers.setdefault(idx, []).append(observe)
     if missed:

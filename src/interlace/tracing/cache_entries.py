@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from ..errors import TracingError
 
 __all__ = ["Cache", "CacheEntry", "NOT_CACHED"]
 
@@ -46,8 +45,7 @@ NOT_CACHED: Any = _NotCached()
 class CacheEntry:
     """One call of one module: `.output`, `.inputs` (`(args, kwargs)`) and `.input`.
 
-    Reading a part the cache was told not to keep raises an error that shows the option,
-    rather than handing back None (which would surface later as a puzzling `NoneType` error).
+    A part the cache was told not to keep reads as None, as in nnsight.
     """
 
     __slots__ = ("_output", "_inputs")
@@ -66,19 +64,20 @@ class CacheEntry:
 
     @property
     def output(self) -> Any:
-        if self._output is NOT_CACHED:
-            raise TracingError("Outputs were not cached. Use `tracer.cache(include_output=True)` (the default).")
-        return self._output
+        """The module's output; None if outputs were not cached (`include_output=False`)."""
+        return None if self._output is NOT_CACHED else self._output
 
     @property
-    def inputs(self) -> tuple[tuple, dict]:
-        if self._inputs is NOT_CACHED:
-            raise TracingError("Inputs were not cached. Use `tracer.cache(include_inputs=True)`.")
-        return self._inputs
+    def inputs(self) -> tuple[tuple, dict] | None:
+        """`(args, kwargs)`; None, as in nnsight, if inputs were not cached (pass
+        `tracer.cache(include_inputs=True)`) or the module had started before the cache."""
+        return None if self._inputs is NOT_CACHED else self._inputs
 
     @property
     def input(self) -> Any:
-        args, kwargs = self.inputs
+        if self._inputs is NOT_CACHED:
+            return None
+        args, kwargs = self._inputs
         if args:
             return args[0]
         return next(iter(kwargs.values())) if kwargs else None
@@ -152,11 +151,13 @@ class Cache(dict):
         if not parts or parts[0] != "model":
             parts = ["model", *parts]
         out = ["model"]
-        rest = parts[1:]
-        if rest and rest[0] in self.root_aliases and not self._has_prefix("model." + rest[0]):
-            out.extend(self.root_aliases[rest[0]].split("."))
-            rest = rest[1:]
-        for part in rest:
+        for part in parts[1:]:
+            if part in self.root_aliases and not self._has_prefix(".".join([*out, part])):
+                # a dotted rename, from where its path starts (the root or deeper)
+                target = self.root_aliases[part].split(".")
+                if len(out) == 1 or self._has_prefix(".".join([*out, *target])):
+                    out.extend(target)
+                    continue
             if part in self.name_aliases and not self._has_prefix(".".join([*out, part])):
                 part = self.name_aliases[part]
             out.append(part)
@@ -214,7 +215,12 @@ class _CachePath:
         try:
             return self._step(str(key))
         except AttributeError:
-            raise IndexError(f"No cached module at {self._path}.{key}.") from None
+            prefix = self._cache.real_path(self._path) + "."
+            listed = any(k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit() for k in self._cache)
+            if isinstance(key, int) and listed:
+                raise IndexError(f"Index {key} is out of range: no cached module at {self._path}.{key}.") from None
+            # as in nnsight: a module that is not a list cannot be indexed
+            raise KeyError(f"No cached module at {self._path}[{key!r}]; {self._path} is not a module list.") from None
 
     @property
     def entry(self) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+import warnings
+from inspect import getattr_static
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -58,7 +60,7 @@ class Envoy:
         if envoy is None or envoy._module is not module:
             if module is None:
                 raise AttributeError(name)
-            envoy = Envoy(module, f"{self._path}.{name}", self._root)
+            envoy = make_envoy(self._root, module, f"{self._path}.{name}")
             children[name] = envoy
         return envoy
 
@@ -88,10 +90,18 @@ class Envoy:
             ) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("output", "input", "inputs") or name in type(self).__dict__:
+        if (
+            name in ("output", "input", "inputs")
+            or name in type(self).__dict__
+            or isinstance(getattr_static(type(self), name, None), property)  # a subclass's property
+        ):
             object.__setattr__(self, name, value)
         else:
             setattr(self._module, name, value)
+            if isinstance(value, torch.nn.Module):  # a module attached after construction
+                root = self.__dict__["_root"].__dict__
+                if "_index_map" in root:
+                    root["_index_map"] = None  # the next run indexes (and can hook) it too
 
     def __getitem__(self, key: int | slice | str) -> Any:
         module = self._module
@@ -113,15 +123,32 @@ class Envoy:
         # with cold caches, so a lazy generator would cost a resume and a `_child` call each.
         return iter([self._child(n) for n in list(self._module._modules)])
 
-    def modules(self) -> Iterator["Envoy"]:
-        """This envoy and every descendant, parents first."""
-        yield self
+    def modules(self, include_fn: Callable[["Envoy"], bool] | None = None, names: bool = False) -> list[Any]:
+        """Every descendant envoy, then this one (each one's children before itself, as in
+        nnsight); only those `include_fn(envoy)` accepts; `(path, envoy)` pairs if `names`."""
+        result: list[Any] = []
         for child in self:
-            yield from child.modules()
+            result.extend(child.modules(include_fn=include_fn, names=names))
+        if include_fn is None or include_fn(self):
+            result.append((self._path, self) if names else self)
+        return result
 
-    def named_modules(self) -> Iterator[tuple[str, "Envoy"]]:
-        for envoy in self.modules():
-            yield envoy._path, envoy
+    def named_modules(self, include_fn: Callable[["Envoy"], bool] | None = None) -> list[tuple[str, "Envoy"]]:
+        """`modules(include_fn, names=True)`: `(path, envoy)` pairs, e.g. `("model.layer1", envoy)`."""
+        return self.modules(include_fn=include_fn, names=True)
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the module's first parameter (or buffer); None if it has neither."""
+        for tensors in (self._module.parameters(), self._module.buffers()):
+            for tensor in tensors:
+                return tensor.device
+        return None
+
+    @property
+    def devices(self) -> set[torch.device]:
+        """The devices of all the module's parameters and buffers."""
+        return {t.device for t in self._module.parameters()} | {t.device for t in self._module.buffers()}
 
     def get(self, path: str) -> "Envoy":
         """Envoy at a dotted path relative to this one (`model.get("transformer.h.0")`)."""
@@ -138,8 +165,17 @@ class Envoy:
     def _mediator(self, what: str) -> Mediator:
         mediator = current_mediator()
         if mediator is None:
-            raise _outside_trace(self._path, what)
+            return self._scanned(what)  # type: ignore[return-value]
         return mediator
+
+    def _scanned(self, what: str) -> "_ScannedValues":
+        """Outside a trace, after `model.scan(...)`: what the scan saw this module take and
+        give (fake tensors, for their shapes), as in nnsight; otherwise an error."""
+        scanned = self._root.__dict__.get("_scanned")
+        seen = scanned.get(id(self._module)) if scanned else None
+        if seen is None or seen[0] is not self._module:
+            raise _outside_trace(self._path, what)
+        return _ScannedValues(seen, self._path, what)
 
     def _idx(self) -> int:
         return self._root._module_index(self._module)
@@ -149,7 +185,7 @@ class Envoy:
         invoke's current step). The hot path of every `.output`, so written out flat."""
         mediator = getattr(getcurrent(), "mediator", None)
         if mediator is None:
-            raise _outside_trace(self._path, what)
+            return self._scanned(what), 0, None  # type: ignore[return-value]
         d = self._root.__dict__
         index = d.get("_index_map")
         idx = index.get(id(self._module)) if index is not None else None
@@ -232,10 +268,86 @@ class Envoy:
         self._mediator("next()").step += step
         return self
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
         """Call the module directly, e.g. the logit lens `model.lm_head(model.transformer.ln_f(h))`.
 
         Inside a trace this runs the module on the given values without touching the traced
-        forward (no values are served and no call is counted).
+        forward (no values are served and no call is counted). With `hook=True` (as in
+        nnsight) the call is made on the model's side, as if the model made it: bodies waiting
+        for this module or its submodules (e.g. in a later trace of an edited model) are served.
         """
+        if hook:
+            mediator = current_mediator()
+            if mediator is not None and mediator.interleaver is not None and not mediator.inline:
+                module = self._module
+                return mediator.call_on_model_side(lambda: module(*args, **kwargs))
         return self._module(*args, **kwargs)
+
+
+class _ScannedValues:
+    """Stands in for a mediator outside a trace after `model.scan(...)`: reads give what the
+    scan saw (`(module, (args, kwargs), output)`); writes are refused."""
+
+    def __init__(self, seen: tuple[Any, Any, Any], path: str, what: str) -> None:
+        self.seen, self.path, self.what = seen, path, what
+
+    def request(self, kind: int, idx: int, it: int | None = None) -> Any:
+        return self.seen[2] if kind == OUTPUT else self.seen[1]
+
+    def swap(self, *args: Any, **kwargs: Any) -> None:
+        raise _outside_trace(self.path, self.what)
+
+    def skip(self, *args: Any, **kwargs: Any) -> None:
+        raise _outside_trace(self.path, self.what)
+
+    def __getattr__(self, name: str) -> Any:  # (`step` for next(), ...): outside a trace
+        raise _outside_trace(self.path, self.what)
+
+
+def make_envoy(root: Any, module: torch.nn.Module, path: str) -> Envoy:
+    """The envoy for `module` at `path`: of the class the root's `envoys=` picks for it (see
+    `NNsight`), with any submodule whose name an envoy attribute takes mounted (see
+    `mount_clashes`)."""
+    pick = getattr(type(root), "_envoy_class", None)
+    cls = pick(root, module, path) if pick is not None else Envoy
+    envoy = cls(module, path, root)
+    mount_clashes(envoy)
+    return envoy
+
+
+#: Submodule names an envoy already gives their child for (`Envoy.source`).
+_MOUNTED_ALREADY = frozenset({"source"})
+_PRESERVED: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def mount_clashes(envoy: Envoy) -> None:
+    """A module with a submodule named like an envoy attribute (BERT layers have an `output`
+    submodule): as in nnsight, the attribute gives that submodule's envoy, and the envoy's own
+    attribute moves to `nns_<name>` (`layer.output.dense` is the submodule,
+    `layer.nns_output` the layer's output), for this envoy only. Assigning `.output` still
+    replaces the module's output, as in nnsight."""
+    cls = type(envoy)
+    clashes = tuple(
+        name for name in envoy._module._modules
+        if name not in _MOUNTED_ALREADY and not name.startswith("_") and hasattr(cls, name)
+    )
+    if not clashes:
+        return
+    for name in clashes:
+        warnings.warn(
+            f"Module `{envoy._path}` of type `{type(envoy._module).__name__}` has a submodule named "
+            f"`{name}`: `{envoy._path}.{name}` is that submodule, and the envoy's own `.{name}` is "
+            f"`{envoy._path}.nns_{name}` for this module (as in nnsight).",
+            stacklevel=3,
+        )
+    key = (cls, clashes)
+    preserved = _PRESERVED.get(key)
+    if preserved is None:
+        namespace: dict[str, Any] = {"__module__": cls.__module__}
+        for name in clashes:
+            own = getattr_static(cls, name)
+            namespace[f"nns_{name}"] = own
+            setter = own.fset if isinstance(own, property) else None
+            namespace[name] = property(lambda self, _name=name: self._child(_name), setter)
+        preserved = _PRESERVED[key] = type(f"{cls.__name__}.Preserved", (cls,), namespace)
+    object.__setattr__(envoy, "__class__", preserved)

@@ -60,6 +60,7 @@ from ..errors import GenerationEndedWarning, ModuleNotCalledError, TracingError,
 from .batching import narrow, whole
 from .mediator import (  # noqa: F401 - INPUT, OUTPUT, Mediator, current_mediator re-exported
     _BARRIER,
+    _CALL,
     _DONE,
     _ERROR,
     _KIND_NAME,
@@ -369,6 +370,20 @@ class Interleaver(InlineBodies):
             del error
 
     def _handle_signal(self, mediator: Mediator, signal: str, slot: _Slot | None) -> None:
+        while signal == _CALL:  # `envoy(..., hook=True)`: run the call here, then go on
+            fn, mediator.call = mediator.call, None
+            try:
+                reply: tuple[Any, BaseException | None] = (fn(), None)  # type: ignore[misc]
+            except BaseException as error:  # handed to the body, raised at its line
+                reply = (None, error)
+            mediator.current = slot
+            try:
+                signal = mediator.greenlet.switch(reply)  # type: ignore[union-attr]
+            finally:
+                mediator.current = None
+                reply = None  # type: ignore[assignment]
+            if signal is _WAIT or signal is _DONE:
+                return
         if signal == _ERROR:
             self._raise_error(mediator)
         if signal == _STOP:
@@ -464,8 +479,9 @@ class Interleaver(InlineBodies):
             if generation and mediator.iter_depth and it > 0:
                 warn(
                     f"Generation ended after {self.finished[0]} step(s), before step {it} that "
-                    f"the {mediator.label} was waiting for at `{self.path(idx)}.{_KIND_NAME[kind]}`; "
-                    "the rest of that loop body did not run. Values saved so far are kept.",
+                    f"the {mediator.label} was waiting for at `{self.path(idx)}.{_KIND_NAME[kind]}`: "
+                    "that step was not provided, so the rest of that loop body did not run. "
+                    "Values saved so far are kept.",
                     GenerationEndedWarning,
                     stacklevel=2,
                 )

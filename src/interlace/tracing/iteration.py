@@ -43,7 +43,10 @@ class IterProxy:
         elif isinstance(key, slice):
             if (key.start or 0) < 0 or (key.stop is not None and key.stop < 0):
                 raise TracingError("Generation steps cannot be negative: use tracer.iter[a:b] with 0 <= a <= b.")
-            steps = list(range(*key.indices(limit)))
+            # An open slice (`iter[:]`, `iter[2:]`) ends with the run; an explicit stop is kept:
+            # a module called 3 times in one forward has steps 0-2 (`iter[:3]`), and a step
+            # past the end of generation warns that it was not provided.
+            steps = list(range(*key.indices(limit))) if key.stop is None else list(range(key.start or 0, key.stop, key.step or 1))
         elif isinstance(key, (list, tuple)):
             steps = sorted(set(int(k) for k in key))
             if steps and steps[0] < 0:

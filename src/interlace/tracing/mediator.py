@@ -28,6 +28,7 @@ _DONE = "done"
 _STOP = "stop"
 _BARRIER = "barrier"
 _ERROR = "error"  # the body raised; the exception is in `mediator.error`
+_CALL = "call"  # the body asks the model side to run `mediator.call` (`envoy(..., hook=True)`)
 
 
 class _StopForward(Exception):
@@ -202,6 +203,7 @@ class Mediator:
     done = False
     barrier: Any = None
     error: BaseException | None = None
+    call: "Callable[[], Any] | None" = None  # what a `_CALL` signal asks the model side to run
     deferred = False  # its body starts when its first value arrives (Interleaver.defer_start)
     # A body run as inline statements (Interleaver.run_inline): its plan, the statement that
     # comes next, the values of that statement's reads before its last (kept in order), and
@@ -239,6 +241,8 @@ class Mediator:
             it = self.step
         slot = self.current
         if slot is not None and slot.idx == idx and slot.kind == kind and slot.n == it:
+            if slot.skips and any(m is self for m, _ in slot.skips):
+                self._raise_skipped(idx)
             if slot.view is _NOTHING:
                 slot.view = narrow(slot.value, self.group, il.batch_size)
             return slot.view
@@ -291,6 +295,17 @@ class Mediator:
             raise TracingError(f"{self.interleaver.path(idx)} is already skipped in this invoke.")  # type: ignore[union-attr]
         slot.skips = (*slot.skips, (self, value))
 
+    def call_on_model_side(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the model's side (so module wrappers see a model call) and return its
+        result here; an exception it raises is raised here."""
+        il = self.interleaver
+        assert il is not None
+        self.call = fn
+        result, error = il.main.switch(_CALL)
+        if error is not None:
+            raise error
+        return result
+
     def stop(self) -> None:
         il = self.interleaver
         assert il is not None
@@ -299,6 +314,19 @@ class Mediator:
     def wait_barrier(self, barrier: Any) -> None:
         self.barrier = barrier
         self.interleaver.main.switch(_BARRIER)  # type: ignore[union-attr]
+
+    def _raise_skipped(self, idx: int) -> None:
+        il = self.interleaver
+        assert il is not None
+        path = il.path(idx)
+        filename, line = user_location()
+        raise OutOfOrderError(
+            f"`{path}` is skipped in this invoke (its `.skip(...)` came first), so its inputs "
+            f"are no longer used; asked for again at {filename}:{line}. Read or edit "
+            f"`{path}.input` before the skip, and call `.skip(...)` once:\n\n"
+            f"    {path}.input[:] = 0        # first\n"
+            f"    {path}.skip(value)         # then"
+        )
 
     def _raise_passed(self, kind: int, idx: int, it: int) -> None:
         il = self.interleaver

@@ -68,7 +68,22 @@ class ScanningTracer(InterleavingTracer):
             return value
 
         args, kwargs = tree_map(fake, (args, kwargs))
-        super()._run(mediators, args, kwargs, batch_size)
+        # What each module took and gave, readable after the scan (`model.layer.output.shape`
+        # outside the block, as in nnsight); the last scan's values replace earlier ones.
+        model = self.model
+        assert model is not None
+        scanned: dict[int, tuple[Any, Any, Any]] = {}
+
+        def record(module: Any, margs: Any, mkwargs: Any, out: Any) -> None:
+            scanned[id(module)] = (module, (tuple(margs), dict(mkwargs)), out)
+
+        handles = [m.register_forward_hook(record, with_kwargs=True) for m in model._module.modules()]
+        try:
+            super()._run(mediators, args, kwargs, batch_size)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.__dict__["_scanned"] = scanned
 
 
 _MISSING = object()

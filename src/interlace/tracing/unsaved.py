@@ -7,6 +7,9 @@ to a `NotSaved` placeholder, which raises `NotSavedError` (an `UnboundLocalError
 soon as it is used, naming the line that assigned it and showing the `.save()` to add. Its
 `repr` says the same without raising, so a notebook or debugger can still show it.
 
+A name the body saves but whose saving line did not run is left alone (its earlier value, or
+unbound), as nnsight and plain Python leave it (see `unsaved_placeholders`).
+
 The placeholders are made from the block's source and the names that came back, never from
 what the body did at run time, so all three modes bind the same names the same way.
 """
@@ -36,13 +39,6 @@ class NotSaved:
         name, block = self._name, self._block
         node = _last_assignment(block, name)
         where = f"{block.filename}:{node.lineno}" if node is not None else block.filename
-        if name in block.saved_names:
-            return (
-                f"`{name}` has no value: it is saved in the trace at {where}, but that line did not "
-                "run (a branch not taken, a loop that ran zero times, a `tracer.stop()` before it, "
-                "or a generation that ended before that step). Give it a value before the trace "
-                f"if it may not be reached:\n\n    {name} = None\n    with model.trace(...):\n        ..."
-            )
         return (
             f"`{name}` was assigned in the trace at {where} but not saved, so it has no value "
             "after the block: only saved values leave a trace (in every mode). Save it where it "
@@ -92,13 +88,20 @@ del _op
 
 def unsaved_placeholders(block: "Block", values: dict[str, Any]) -> dict[str, NotSaved]:
     """A placeholder for each name the body assigns that is not among `values` (what the
-    trace binds: its saved values)."""
+    trace binds: its saved values).
+
+    A name the source saves (`x = ....save()`) whose saving line did not run (a branch not
+    taken, a `tracer.stop()` before it, a generation that ended first) gets none: it keeps
+    what it had before the block, or stays unbound, as in nnsight and plain Python, so
+    `x = None` before the trace is the default and using an unbound one raises Python's own
+    `UnboundLocalError`/`NameError` (nnsight's tests check exactly that)."""
     hit = _candidates.get(id(block))
     if hit is None or hit[0] is not block:
         if len(_candidates) > 4096:
             _candidates.clear()
         hit = _candidates[id(block)] = (block, _placeholder_names(block))
-    return {name: NotSaved(name, block) for name in hit[1] if name not in values}
+    saved = block.saved_names
+    return {name: NotSaved(name, block) for name in hit[1] if name not in values and name not in saved}
 
 
 _candidates: dict[int, tuple["Block", tuple[str, ...]]] = {}
