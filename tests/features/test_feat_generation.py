@@ -246,15 +246,26 @@ def test_streamer_read_only_at_a_later_step_is_that_steps_token(feat_gpt2, mode)
     assert torch.equal(token, ids[:, -2:-1])
 
 
-@pytest.mark.parametrize("option", ["max_length", "padding", "truncation"])
-def test_tokenizer_options_must_be_explicit(feat_gpt2, option, mode, raises_in_mode):
-    value = {"max_length": 4, "padding": True, "truncation": True}[option]
+def test_max_length_alone_is_ambiguous_and_must_be_explicit(feat_gpt2, mode, raises_in_mode):
+    # nnsight sends it to the tokenizer silently, so `generate(max_length=6)` never caps
+    # generation there: Interlace asks which one is meant.
     with raises_in_mode(TracingError, match="tokenizer_kwargs"):
-        with feat_gpt2.generate(PROMPT_A, max_new_tokens=2, remote=mode, **{option: value}):
+        with feat_gpt2.generate(PROMPT_A, max_new_tokens=2, remote=mode, max_length=4):
             pass
     with raises_in_mode(TracingError, match="tokenizer_kwargs"):
-        with feat_gpt2.trace(PROMPT_A, remote=mode, **{option: value}):
+        with feat_gpt2.trace(PROMPT_A, remote=mode, max_length=4):
             pass
+
+
+def test_tokenizer_options_go_to_the_tokenizer_as_in_nnsight(feat_gpt2, mode):
+    # Options that can only be the tokenizer's reach it (with `truncation`, `max_length` is
+    # the tokenizer's length too), in every mode.
+    with feat_gpt2.trace(PROMPT_A, remote=mode, add_special_tokens=False, truncation=True, max_length=4, padding=True):
+        logits = feat_gpt2.lm_head.output.save()
+    enc = feat_gpt2.tokenizer(PROMPT_A, add_special_tokens=False, truncation=True, max_length=4, return_tensors="pt")
+    with torch.no_grad():
+        expected = feat_gpt2._module(**enc).logits
+    assert n_tokens(feat_gpt2, PROMPT_A) > 4 and torch.allclose(logits, expected, atol=1e-6)
 
 
 def test_tokenizer_option_at_trace_level_with_invokes_is_rejected(feat_gpt2, mode, raises_in_mode):

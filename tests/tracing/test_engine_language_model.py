@@ -147,9 +147,9 @@ def test_left_padding_with_attention_mask(gpt2: interlace.LanguageModel, hf_tok:
 
 def test_tokenizer_option_as_trace_kwarg_is_a_clear_error(gpt2: interlace.LanguageModel) -> None:
     with pytest.raises(interlace.TracingError, match="tokenizer_kwargs") as info:
-        with gpt2.trace("Hello", padding=True):
+        with gpt2.trace("Hello", return_length=True):
             gpt2.lm_head.output.save()
-    assert "padding" in str(info.value)
+    assert "return_length" in str(info.value)
     with pytest.raises(interlace.TracingError, match="max_new_tokens"):
         with gpt2.generate("Hello", max_length=6):
             pass

@@ -72,7 +72,7 @@ def _rebuild_remote_exception(tb_string: str, job_id: str | None, category: str 
     return RemoteException(tb_string, job_id=job_id, category=category)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=256)  # categories come from the server: bounded
 def _remote_exception_class(category: str) -> type[RemoteException]:
     """RemoteException, also an instance of the exception class `category` names (built-in
     or `interlace.errors`), where that class can be combined with it."""

@@ -17,14 +17,24 @@ from .nnsight import CALLS_WITHOUT_INTERLEAVER, CLASS_DEFAULT, NNsight, apply_wi
 
 __all__ = ["LanguageModel"]
 
-#: Keyword arguments meant for the tokenizer. Passing one to trace()/generate() is an error
-#: (the peer routes them silently, so `generate(max_length=6)` never caps generation).
+#: Keyword arguments meant for the tokenizer. Those that can mean nothing else
+#: (`ROUTED_TOKENIZER_OPTIONS`) go to the tokenizer with a text input, as in nnsight; the rest
+#: are an error unless given in `tokenizer_kwargs={...}`: nnsight routes `max_length` to the
+#: tokenizer silently, so `generate(max_length=6)` never caps generation there.
 TOKENIZER_OPTIONS = frozenset(
     {
         "add_special_tokens", "padding", "truncation", "max_length", "stride", "is_split_into_words",
         "pad_to_multiple_of", "padding_side", "return_tensors", "return_token_type_ids",
         "return_attention_mask", "return_overflowing_tokens", "return_special_tokens_mask",
         "return_offsets_mapping", "return_length", "text_pair", "text_target",
+    }
+)
+
+
+ROUTED_TOKENIZER_OPTIONS = frozenset(
+    {
+        "add_special_tokens", "padding", "truncation", "stride", "is_split_into_words",
+        "pad_to_multiple_of", "padding_side", "text_pair", "text_target",
     }
 )
 
@@ -208,8 +218,9 @@ class LanguageModel(NNsight):
 
         Rows are kept unpadded (lists of ids) so several invokes can be padded together.
         """
-        _reject_tokenizer_options(kwargs)
         tokenizer_kwargs = dict(kwargs.pop("tokenizer_kwargs", None) or {})
+        tokenizer_kwargs.update(_routed_tokenizer_options(kwargs))
+        _reject_tokenizer_options(kwargs)
         if not inputs and "input_ids" in kwargs:
             inputs = (kwargs.pop("input_ids"),)
         if len(inputs) != 1:
@@ -381,6 +392,15 @@ class LanguageModel(NNsight):
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("INTERLACE_CACHE_DIR") or Path.home() / ".cache" / "interlace")
+
+
+def _routed_tokenizer_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the options that can only be the tokenizer's (`max_length` too when `truncation`
+    is given: then it is the tokenizer's length, not generation's)."""
+    routed = {name: kwargs.pop(name) for name in list(kwargs) if name in ROUTED_TOKENIZER_OPTIONS}
+    if "truncation" in routed and "max_length" in kwargs:
+        routed["max_length"] = kwargs.pop("max_length")
+    return routed
 
 
 def _reject_tokenizer_options(kwargs: dict[str, Any]) -> None:
