@@ -15,6 +15,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
 
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run, so CI cannot pass once and fail the
+# next on a newly drawn case; `HYPOTHESIS_PROFILE=explore` draws fresh ones when hunting.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", max_examples=500, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -77,7 +77,8 @@ def truth(lm, kind, prompt, options):
     try:
         with torch.no_grad():
             if kind == "generate":
-                gen = {k: v for k, v in options.items() if k in MODEL_OPTIONS["generate"]}
+                # `padding` is the tokenizer's (as in nnsight); one prompt has nothing to pad.
+                gen = {k: v for k, v in options.items() if k in MODEL_OPTIONS["generate"] and k != "padding"}
                 gen.setdefault("max_new_tokens", lm._module.generation_config.max_new_tokens or 20)
                 out = lm._module.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                           pad_token_id=lm.tokenizer.eos_token_id, **gen)

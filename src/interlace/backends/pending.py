@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InterlaceError
+from ..tracing.placeholder import Placeholder
 
 __all__ = ["NotWaited", "ResultNotReadyError", "not_waited_values"]
 
@@ -21,7 +22,8 @@ class ResultNotReadyError(InterlaceError, RuntimeError):
     """A saved name of a `blocking=False` trace was used before its job's result was fetched."""
 
 
-class NotWaited:
+class NotWaited(Placeholder):
+    error = ResultNotReadyError
     __slots__ = ("_name", "_job_id", "_tracer_name")
 
     def __init__(self, name: str, job_id: str, tracer_name: str | None) -> None:
@@ -42,40 +44,8 @@ class NotWaited:
             "(Only saved values come back: the dict has no entry for a name the body did not save.)"
         )
 
-    def _refuse(self, *_: Any, **__: Any) -> Any:
-        raise ResultNotReadyError(self._message())
-
-    def __getattr__(self, attr: str) -> Any:
-        raise ResultNotReadyError(self._message())
-
-    def __setattr__(self, attr: str, value: Any) -> None:
-        raise ResultNotReadyError(self._message())
-
     def __repr__(self) -> str:
         return f"<{self._name}: not fetched yet (blocking=False, job {self._job_id!r}); use .job.result()>"
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        # `torch.allclose(h, x)` and friends: find the placeholder among the arguments.
-        for value in list(args) + list((kwargs or {}).values()):
-            if isinstance(value, NotWaited):
-                value._refuse()
-        return NotImplemented
-
-
-# Every other use of the value raises the same message (str() and format() too: printing a
-# placeholder as if it were the value would hide the problem).
-for _op in (
-    "__str__", "__format__", "__bool__", "__len__", "__iter__", "__contains__", "__getitem__",
-    "__setitem__", "__delitem__", "__call__", "__hash__", "__eq__", "__ne__", "__lt__", "__le__",
-    "__gt__", "__ge__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
-    "__matmul__", "__rmatmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__",
-    "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__invert__",
-    "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__int__", "__float__",
-    "__index__", "__complex__", "__round__", "__array__", "__enter__", "__exit__",
-):
-    setattr(NotWaited, _op, NotWaited._refuse)
-del _op
 
 
 def not_waited_values(tracer: Any, job_id: str) -> dict[str, NotWaited]:

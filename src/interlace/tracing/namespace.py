@@ -18,7 +18,7 @@ from .backward import BACKWARD_HELPER, backward_helper
 from .capture import SAVE_HELPER, Block
 from .frames import NAMESPACE_MARKER
 from .saving import save_in_body
-from .unsaved import NotSaved
+from .placeholder import Placeholder
 
 __all__ = ["BODY_HELPERS", "body_namespace", "new_namespace", "MISSING"]
 
@@ -60,6 +60,6 @@ def new_namespace(block: Block, frame: types.FrameType | None = None) -> dict[st
         value = f_locals.get(name, missing)
         if value is missing:
             value = f_globals.get(name, missing)
-        if value is not missing and type(value) is not NotSaved:  # (no value: `unsaved.py`)
+        if value is not missing and not isinstance(value, Placeholder):  # (no value: `unsaved.py`)
             ns[name] = value
     return ns

@@ -19,7 +19,8 @@ from .interleaver import Interleaver, Mediator, _StopForward, current_mediator
 from .inline import run_one_read
 from .reads import first_read_index, inline_plan
 from .saving import SaveRegistry, pop_registry, push_registry
-from .unsaved import NotSaved, unsaved_placeholders
+from .placeholder import Placeholder
+from .unsaved import unsaved_placeholders
 from .namespace import MISSING, new_namespace
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def frame_lookup(frame: types.FrameType) -> Callable[[str], Any]:
         if value is missing:
             value = f_globals.get(name, missing)
         # A name an earlier trace assigned but did not save has no value (`unsaved.py`).
-        return missing if type(value) is NotSaved else value
+        return missing if isinstance(value, Placeholder) else value
 
     return lookup
 

@@ -21,6 +21,7 @@ import linecache
 from typing import TYPE_CHECKING, Any
 
 from ..errors import NotSavedError
+from .placeholder import Placeholder
 
 if TYPE_CHECKING:
     from .capture import Block
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["NotSaved", "unsaved_placeholders"]
 
 
-class NotSaved:
+class NotSaved(Placeholder):
+    error = NotSavedError
     __slots__ = ("_name", "_block")
 
     def __init__(self, name: str, block: "Block") -> None:
@@ -45,45 +47,8 @@ class NotSaved:
             f"is assigned:\n\n    {_fix(block, name, node)}"
         )
 
-    def _refuse(self, *_: Any, **__: Any) -> Any:
-        raise NotSavedError(self._message()) from None
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__") or attr.startswith("_repr_") or attr.startswith("_ipython"):
-            # Tools probe optional protocols with hasattr (numpy, IPython's display): let
-            # them see an object without them, and fail at the real use.
-            raise AttributeError(attr)
-        raise NotSavedError(self._message()) from None
-
-    def __setattr__(self, attr: str, value: Any) -> None:
-        raise NotSavedError(self._message()) from None
-
     def __repr__(self) -> str:
         return f"<{self._name}: assigned in the trace but not saved; use `{self._name} = ....save()`>"
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        # `torch.allclose(h, x)` and friends: find the placeholder among the arguments.
-        for value in list(args) + list((kwargs or {}).values()):
-            if isinstance(value, NotSaved):
-                value._refuse()
-        return NotImplemented
-
-
-# Every other use raises the same message (str() and format() too: printing a placeholder as
-# if it were the value would hide the problem).
-for _op in (
-    "__str__", "__format__", "__bool__", "__len__", "__iter__", "__contains__", "__getitem__",
-    "__setitem__", "__delitem__", "__call__", "__hash__", "__eq__", "__ne__", "__lt__", "__le__",
-    "__gt__", "__ge__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
-    "__matmul__", "__rmatmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__",
-    "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__invert__",
-    "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__int__", "__float__",
-    "__index__", "__complex__", "__round__", "__enter__", "__exit__", "__iadd__", "__isub__",
-    "__imul__", "__itruediv__", "__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__",
-):
-    setattr(NotSaved, _op, NotSaved._refuse)
-del _op
 
 
 def unsaved_placeholders(block: "Block", values: dict[str, Any]) -> dict[str, NotSaved]:
