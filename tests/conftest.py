@@ -81,6 +81,15 @@ def tiny_gpt2_sdpa_path(tiny_gpt2_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight parallel jobs for cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_mlp() -> torch.nn.Sequential:
     """A fresh layer1 -> act -> layer2 MLP per test, since tests may modify it."""

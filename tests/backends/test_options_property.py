@@ -106,7 +106,6 @@ def outcome(lm, kind, prompt, remote, options):
             return None, error
 
 
-@pytest.mark.usefixtures("_one_thread")
 def test_every_call_agrees_across_modes_or_fails_naming_the_argument(lm, use_server):
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(calls(use_server))
@@ -147,11 +146,3 @@ def test_every_call_agrees_across_modes_or_fails_naming_the_argument(lm, use_ser
 
 def _same(got, want, key):
     return torch.equal(got, want) if key == "out" else torch.allclose(got, want, atol=1e-5)
-
-
-@pytest.fixture
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -18,9 +18,7 @@ by the server, so their tests run locally; GPT-2 tests run in every mode.
 from __future__ import annotations
 
 import traceback
-import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -44,14 +42,6 @@ def line_of(marker: str) -> int:
 @pytest.fixture(scope="module")
 def gpt2(tiny_gpt2_path: Path) -> LanguageModel:
     return LanguageModel(str(tiny_gpt2_path), dispatch=True)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

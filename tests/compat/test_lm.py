@@ -28,14 +28,6 @@ def gpt2(tiny_gpt2_path):
     return interlace.LanguageModel(str(tiny_gpt2_path), dispatch=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --- independent truths -------------------------------------------------------------------------
 
 @contextmanager

@@ -24,14 +24,6 @@ def gpt2(tiny_gpt2_path):
     return interlace.LanguageModel(str(tiny_gpt2_path), dispatch=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @torch.no_grad()
 def plain(model, prompts, **extra):
     """Logits of the plain module for a (left-padded) batch."""

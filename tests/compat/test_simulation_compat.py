@@ -45,14 +45,6 @@ def rmode(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _plain(model: LanguageModel, prompt: str = PROMPT) -> torch.Tensor:
     """h[0]'s output by a plain local trace: the truth the remote runs must equal."""
     with model.trace(prompt):

@@ -4,10 +4,8 @@ each to compute the expected values with raw PyTorch hooks (independent of Inter
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-import torch
 
 import interlace
 from raw_truth import RawLM  # tests/raw_truth.py
@@ -22,15 +20,6 @@ def raw_gpt2(tiny_gpt2_path: Path) -> RawLM:
 def model(tiny_gpt2_path: Path) -> interlace.LanguageModel:
     """`model = LanguageModel("gpt2")` in the seeds: the tiny GPT-2, by path (as the server hosts it)."""
     return interlace.LanguageModel(str(tiny_gpt2_path))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and do not fight parallel jobs for cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,8 @@ loaded plain copy of it for the hand-written raw-hooks truth (see tests/raw_trut
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-import torch
 
 import interlace
 from raw_truth import RawLM  # tests/raw_truth.py
@@ -23,11 +21,3 @@ def lm(tiny_gpt2_path: Path) -> interlace.LanguageModel:
 def raw(tiny_gpt2_path: Path) -> RawLM:
     return RawLM(tiny_gpt2_path)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and do not fight parallel jobs for cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
