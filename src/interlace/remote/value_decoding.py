@@ -75,6 +75,7 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         ("cache", "items root_aliases name_aliases", ""),
         ("cacheentry", "", "output inputs"),
         ("hfoutput", "module name fields", ""),
+        ("kvcache", "layers", ""),
     ]
 }
 
@@ -447,6 +448,26 @@ class ValueDecoder:
             self._segments.pop()
         return cls(**values)
 
+    def _kv_cache(self, node: dict[str, Any]) -> Any:
+        # transformers' own DynamicCache, from the module this process has imported already.
+        module = sys.modules.get("transformers.cache_utils")
+        cls = getattr(module, "DynamicCache", None)
+        if not isinstance(cls, type):
+            raise self._error("a DynamicCache needs transformers, which is not loaded here")
+        layers = self._expect(node["layers"], list, "'layers'")
+        cache = cls()
+        for i, pair in enumerate(layers):
+            self._segments.append(("raw", f".layers[{i}]"))
+            pair = self._expect(pair, list, "a [keys, values] pair")
+            if len(pair) != 2:
+                raise self._error("a cache layer must be a [keys, values] pair")
+            keys, values = self._decode(pair[0]), self._decode(pair[1])
+            if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+                raise self._error("a cache layer's keys and values must be tensors")
+            cache.update(keys, values, i)
+            self._segments.pop()
+        return cache
+
     def _dtype(self, node: dict[str, Any]) -> torch.dtype:
         name = node["name"]
         if type(name) is not str or name not in _TORCH_DTYPES:
@@ -495,4 +516,5 @@ _DECODERS: dict[str, Any] = {
     "cache": ValueDecoder._cache,
     "cacheentry": ValueDecoder._cache_entry,
     "hfoutput": ValueDecoder._hf_output,
+    "kvcache": ValueDecoder._kv_cache,
 }

@@ -35,6 +35,8 @@ cacheentry      optional ``output``: node; optional ``inputs``: node of ``(tuple
 hfoutput        ``module``, ``name``: a Hugging Face ``ModelOutput`` class (a module under
                 ``transformers.`` that the receiver has imported already); ``fields``:
                 {name: node} for the fields that are set (what models return)
+kvcache         ``layers``: [[keys node, values node], ...]: a transformers ``DynamicCache``
+                (in every model output: ``output = model.output.save()``), rebuilt as one
 enum            ``cls``: node from the extension; ``value``: node of ``member.value``
 x:<anything>    owned by the extension
 ==============  ===============================================================
@@ -353,6 +355,18 @@ class ValueEncoder:
         self._active.discard(id(value))
         return {"$t": "hfoutput", "module": cls.__module__, "name": cls.__qualname__, "fields": fields}
 
+    def _kv_cache(self, value: Any) -> Node:
+        # A model's key/value cache is data (two tensors a layer) inside a class with live
+        # methods: sent as the tensors, rebuilt by the receiver from transformers.
+        self._enter(value)
+        layers = []
+        for i, layer in enumerate(value.layers):
+            self._segments.append(("raw", f".layers[{i}]"))
+            layers.append([self._encode(layer.keys), self._encode(layer.values)])
+            self._segments.pop()
+        self._active.discard(id(value))
+        return {"$t": "kvcache", "layers": layers}
+
     def _memoized(self, value: Any, make: Any) -> Node:
         hit = self._memo.get(id(value))
         if hit is None:
@@ -418,6 +432,8 @@ class ValueEncoder:
             return {"$t": "enum", "cls": cls_node, "value": member}
         if is_hf_output_class(type(value)):
             return self._hf_output(value)
+        if is_dynamic_cache(value):
+            return self._kv_cache(value)
         if _is_batch_encoding(type(value)):  # a tokenizer's output travels as its dict of tensors
             return self._dict(dict(value))
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -452,6 +468,16 @@ def is_hf_output_class(cls: Any) -> bool:
     return isinstance(cls, type) and cls.__module__.startswith("transformers.") and any(
         c.__name__ == "ModelOutput" and c.__module__.startswith("transformers.") for c in cls.__mro__
     )
+
+
+def is_dynamic_cache(value: Any) -> bool:
+    """A transformers `DynamicCache` whose layers all hold plain key/value tensors (checked by
+    name, so this module needs no transformers import); other caches are not data."""
+    cls = type(value)
+    if cls.__name__ != "DynamicCache" or cls.__module__ != "transformers.cache_utils":
+        return False
+    return all(type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
+               and isinstance(getattr(layer, "values", None), torch.Tensor) for layer in value.layers)
 
 
 def _is_batch_encoding(cls: type) -> bool:
