@@ -42,7 +42,50 @@ def encode_for_remote(tracer: "Tracer", model_key: str, policy: Policy, *, stric
             problems.append(problem)
     if problems:
         raise RemoteValidationError(problems)
+    warn_outer_mutations(built)
     return payload, built
+
+
+_MUTATORS = frozenset({"append", "extend", "insert", "update", "add", "setdefault"})
+
+
+def warn_outer_mutations(built: BuiltRequest) -> None:
+    """Warn where a remote body changes a container made before the block (`results[k] = ...`,
+    `found.append(...)`): the job changes the server's copy, so the caller's stays as it was
+    (nnsight's behaviour too, but silent there)."""
+    import ast
+
+    block = built.request.block
+    outer = set(built.request.variables)
+    try:
+        tree = ast.parse(block.source)
+    except SyntaxError:
+        return
+    defined = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
+    defined |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments) for a in n.args + n.kwonlyargs + n.posonlyargs}
+    outer -= defined
+    for node in ast.walk(tree):
+        name = None
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name):
+            name, how, store = node.value.id, f"`{node.value.id}[...] = ...`", f"{node.value.id}[key] = value"
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _MUTATORS
+              and isinstance(node.func.value, ast.Name)):
+            name, how = node.func.value.id, f"`{node.func.value.id}.{node.func.attr}(...)`"
+            store = f"{name}.{node.func.attr}(value)"
+        if name is None or name not in outer:
+            continue
+        warnings.warn_explicit(
+            f"{how} changes `{name}`, which was made before this remote block: the job changes the "
+            f"server's copy, so your `{name}` stays as it was. Save the value under a name and store "
+            f"it after the block, or make the container inside the block:\n\n"
+            f"    with model.trace(x, remote=True):\n"
+            f"        value = model.lm_head.output.save()\n"
+            f"    {store}\n\n"
+            f"    with model.trace(x, remote=True):\n"
+            f"        {name} = interlace.save([])\n"
+            f"        {name}.append(model.lm_head.output)",
+            UserWarning, block.filename, block.first_lineno - 1 + node.lineno,
+        )
 
 
 def warn_if_large(payload: bytes, max_upload_mb: float) -> None:

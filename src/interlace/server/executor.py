@@ -137,14 +137,20 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks")
 
 
-def _hook_keys(modules: list[Any]) -> int:
+# Set by transformers (5.x) on a model once it has installed its output-capturing hooks
+# (`output_hidden_states=True` and the like), lazily, in the first forward that asks.
+_HF_HOOKED_FLAG = "_output_capturing_hooks_installed"
+
+
+def _hook_keys(modules: list[Any]) -> tuple[int, set[int]]:
     # Every torch hook handle (module or tensor) takes the next id of one class-wide counter,
     # so an unchanged counter proves no hook was added anywhere, at O(1) cost.
-    return RemovableHandle.next_id
+    return RemovableHandle.next_id, {id(m) for m in modules if m.__dict__.get(_HF_HOOKED_FLAG)}
 
 
-def _remove_new_hooks(modules: list[Any], start_id: int) -> None:
+def _remove_new_hooks(modules: list[Any], keys: tuple[int, set[int]]) -> None:
     """Hooks a job registered die with the job (the validator also refuses `register_*hook`)."""
+    start_id, hooked = keys
     if RemovableHandle.next_id == start_id:
         return
     for m in modules:
@@ -153,6 +159,11 @@ def _remove_new_hooks(modules: list[Any], start_id: int) -> None:
             if table:
                 for key in [k for k in table if isinstance(k, int) and k >= start_id]:
                     del table[key]
+        # The model's own hooks installed during the job went too: let it install them again,
+        # or later runs (the next job's, or the caller's own under the simulation) would get
+        # `hidden_states=()`.
+        if m.__dict__.get(_HF_HOOKED_FLAG) and id(m) not in hooked:
+            del m.__dict__[_HF_HOOKED_FLAG]
 
 
 def weight_fingerprint(modules: list[Any]) -> list[tuple[int, int]]:
