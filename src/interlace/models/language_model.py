@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,6 +12,7 @@ import torch
 
 from ..errors import TracingError
 from ..tracing.interleaver import Interleaver
+from ..tracing.with_detection import enters_with
 from .generation import GenerateTracer, Generator
 from ..tracing.envoy import Envoy
 from .nnsight import CALLS_WITHOUT_INTERLEAVER, CLASS_DEFAULT, NNsight, apply_without_weights
@@ -380,14 +382,47 @@ class LanguageModel(NNsight):
         return self._child("generator") if kind == "generate" else self
 
     def generate(self, *inputs: Any, remote: bool | str = False, backend: Any = None, **kwargs: Any) -> GenerateTracer:
-        """Generate with the `with` body beside every step (`tracer.iter[...]`, `tracer.all()`)."""
+        """Generate with the `with` body beside every step (`tracer.iter[...]`, `tracer.all()`).
+
+        Used without a `with` block (`out = model.generate(x, max_new_tokens=2)`) it generates
+        directly and returns Hugging Face's output, as in nnsight (the rule that tells is in
+        `tracing/with_detection.py`; `tracer = model.generate(x)` entered later by `with
+        tracer:` in the same function still traces).
+        """
+        if not _entered_by_with(self, sys._getframe(1)):
+            return self._direct_call("generate", inputs, remote, backend, kwargs)
         backend = self._backend_for(remote, backend, kwargs)
         return GenerateTracer(self, *inputs, backend=backend, **kwargs)
+
+    def _call_directly(self, kind: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if kind != "generate":
+            return super()._call_directly(kind, args, kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k != "position_ids"}  # as run_generate
+        if "pad_token_id" not in kwargs:
+            tok = self.__dict__["tokenizer"]
+            pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+            if pad is not None:
+                kwargs["pad_token_id"] = pad
+        return self._module.generate(*args, **kwargs)
 
     def _generate(self, kwargs: dict[str, Any], interleaver: Interleaver) -> Any:
         from .generation import run_generate
 
         return run_generate(self, kwargs, interleaver)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _entered_by_with(model: LanguageModel, frame: Any) -> bool:
+    """Whether the `generate` call made from `frame` is a tracer for a `with` (else it runs
+    directly). Interlace's own callers (the server's executor) always get the tracer, and a
+    subclass's `generate` that calls this one is looked through to its own caller."""
+    while frame is not None and frame.f_code.co_name == "generate" and frame.f_locals.get("self") is model:
+        frame = frame.f_back
+    if frame is None or frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep):
+        return True
+    return enters_with(frame)
 
 
 def _cache_dir() -> Path:

@@ -242,9 +242,47 @@ class NNsight(Envoy):
 
         `remote=False` runs here, `remote="local"` runs the full remote path in-process (a
         faithful simulation), `remote=True` runs on an Interlace server.
+
+        `trace=False` (as in nnsight) traces nothing: the input is prepared as a trace would
+        prepare it and the model's output is returned (`out = model.trace(x, trace=False)`).
         """
+        if "trace" in kwargs and kwargs["trace"] is not True:
+            if kwargs.pop("trace") is False:
+                return self._direct_call("trace", inputs, remote, backend, kwargs)
+            raise TypeError("trace= takes True or False: `model.trace(x, trace=False)` returns the model's output.")
+        kwargs.pop("trace", None)
         backend = self._backend_for(remote, backend, kwargs)
         return InterleavingTracer(self, *inputs, backend=backend, **kwargs)
+
+    def _direct_call(self, kind: str, inputs: tuple, remote: Any, backend: Any, kwargs: dict[str, Any]) -> Any:
+        """Run `kind` ("trace" or "generate") on `inputs` here, with no body, and return its
+        output: what `model.trace(x, trace=False)` and a `model.generate(x)` that no `with`
+        enters do (nnsight's direct call). The input is prepared exactly as a trace's."""
+        if remote not in (False, None) or backend is not None:
+            what = "model.trace(x, trace=False)" if kind == "trace" else f"model.{kind}(...)"
+            example = (
+                "    with model.trace(x, remote=True) as tracer:\n        out = tracer.result.save()"
+                if kind == "trace" else
+                "    with model.generate(x, max_new_tokens=2, remote=True) as tracer:\n"
+                "        out = tracer.result.save()"
+            )
+            raise TracingError(
+                f"{what} without a `with` block runs the model directly, which only works here "
+                f"(remote=False), not with remote={remote!r} or a backend. Remote runs need a "
+                f"`with` block; save what you want back:\n\n{example}"
+            )
+        self._before_run()
+        if not self._has_input(inputs, kwargs):
+            raise TracingError(
+                f"model.{kind}(...) without a `with` block needs an input to run the model on: "
+                f"`out = model.{kind}(x{', trace=False' if kind == 'trace' else ''})`."
+            )
+        args, kwargs, _ = self._batch([self._prepare_input(*inputs, **kwargs)])
+        return self._call_directly(kind, args, kwargs)
+
+    def _call_directly(self, kind: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Call the model on prepared inputs with no interleaver (see `_direct_call`)."""
+        return self._call_model(kind, args, kwargs, None)
 
     def session(self, *, remote: bool | str = False, backend: Any = None, **kwargs: Any) -> Session:
         """Group several traces; values flow between them, only saved ones leave the session."""
