@@ -114,9 +114,10 @@ def test_forgotten_save_fails_the_same_way(model):
 
 def test_simulation_executes_a_copy(model):
     outer = []
-    with model.trace(corpus.PROMPT, remote="local"):
-        outer.append(1)
-        h = model.transformer.h[0].output.save()
+    with pytest.warns(UserWarning, match="`outer.append\\(...\\)` changes `outer`, which was made before this remote block"):
+        with model.trace(corpus.PROMPT, remote="local"):
+            outer.append(1)
+            h = model.transformer.h[0].output.save()
     assert outer == [], "the simulated body must run on decoded copies, as on a server"
 
 
