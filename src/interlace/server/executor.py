@@ -97,7 +97,8 @@ def _execute(request: TraceRequest, tensors: dict[str, Any], model: Any, *, poli
         else:
             tracer = model.session()
     except Exception as error:  # noqa: BLE001 - reported to the user as the job's ERROR
-        raise ExecutionFailed(setup_traceback(error, request), type(error).__name__) from None
+        # (No frame of the user's runs there, so it is shown at the `with` line.)
+        raise ExecutionFailed(user_traceback(error, request), type(error).__name__) from None
     tracer.block = block
     if block.as_name:
         ns[block.as_name] = tracer
@@ -249,14 +250,6 @@ def user_traceback(error: BaseException, request: TraceRequest | None = None) ->
             lines.append(f"    {frame.line.strip()}\n")
     if len(lines) == 1 and request is not None:
         lines.extend(_with_line(request))
-    lines.extend(traceback.format_exception_only(type(error), error))
-    return "".join(lines).rstrip("\n")
-
-
-def setup_traceback(error: BaseException, request: TraceRequest) -> str:
-    """A traceback for an error raised while the trace itself was set up from the request's
-    inputs and options: it points at the `with` line, where the user passed them."""
-    lines = ["Traceback (most recent call last):\n", *_with_line(request)]
     lines.extend(traceback.format_exception_only(type(error), error))
     return "".join(lines).rstrip("\n")
 
