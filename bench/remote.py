@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from interlace.backends.client import RemoteClient
-from interlace.server.testing import ServerProcess, fake_payload
+from interlace.testing import ServerProcess, fake_payload
 
 
 def percentile(values: list[float], q: float) -> float:

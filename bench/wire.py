@@ -14,7 +14,9 @@ from typing import Callable
 
 import torch
 
-from interlace.remote.wire import FLAG_ZSTD, decode_message, encode_message
+from interlace.contract.wire.format import FLAG_ZSTD
+from interlace.contract.wire.decode import decode_message
+from interlace.contract.wire.encode import encode_message
 
 __all__ = ["main"]
 

@@ -126,7 +126,7 @@ MODE_IDS = {False: "local-run", "local": "simulated", True: "server"}
 def real_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_path: Path, tiny_llama_path: Path,
                 tiny_gpt2_sdpa_path: Path):
     """One real server (real runner, no fakes) hosting the tiny GPT-2 (eager and sdpa) and Llama, by path."""
-    from interlace.server.testing import ServerProcess
+    from interlace.testing import ServerProcess
 
     proc = ServerProcess(tmp_path_factory.mktemp("real-server"),
                          models=[str(tiny_gpt2_path), str(tiny_llama_path), str(tiny_gpt2_sdpa_path)], fake=False)
@@ -145,13 +145,13 @@ def real_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_path: Path, 
 def use_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """Point the client at the session's real server (host, key, quiet status display)."""
     import interlace
-    from interlace.backends import remote_common
+    from interlace.backends import outbound
 
     server = request.getfixturevalue("real_server")
     monkeypatch.setattr(interlace.CONFIG.API, "HOST", server.url)
     monkeypatch.setattr(interlace.CONFIG.API, "APIKEY", server.key)
     monkeypatch.setattr(interlace.CONFIG.APP, "REMOTE_LOGGING", False)
-    remote_common._policy_cache.clear()
+    outbound._policy_cache.clear()
     return server
 
 

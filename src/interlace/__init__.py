@@ -20,9 +20,9 @@ from .errors import (
     TracingError,
 )
 from .models import LanguageModel, NNsight
-from . import remote  # callable: @interlace.remote (see remote/__init__.py)
-from .remote.options import TraceOptionError
-from .remote.problems import RemoteValidationError
+from . import remote  # callable: @interlace.remote (see remote.py)
+from .contract.options import TraceOptionError
+from .contract.problems import RemoteValidationError
 from .tracing.cache import Cache, CacheEntry
 from .tracing.envoy import Envoy
 from .tracing.saving import save

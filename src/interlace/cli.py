@@ -50,7 +50,7 @@ def _open_db(args: argparse.Namespace):
 def _build_runner(models: list[str], data_dir: Path, max_upload_bytes: int | None = None) -> Any:
     """Load the hosted models and wrap them in the engine's job runner (imported lazily)."""
     if os.environ.get(FAKE_RUNNER_ENV) == "1":
-        from .server.testing import FakeRunner
+        from .testing import FakeRunner
 
         print(f"WARNING: {FAKE_RUNNER_ENV}=1 -> serving the TEST-ONLY fake runner, not real models.",
               file=sys.stderr)
@@ -66,7 +66,7 @@ def _build_runner(models: list[str], data_dir: Path, max_upload_bytes: int | Non
         loaded[DEMO_MODEL_KEY] = interlace.LanguageModel(path, dispatch=True)
     for model in models:
         loaded[model] = interlace.LanguageModel(model, dispatch=True)
-    from .remote.policy import DEFAULT_POLICY
+    from .contract.policy import DEFAULT_POLICY
 
     # One upload limit: the stream check in the app and the request check in the policy agree.
     policy = DEFAULT_POLICY.model_copy(update={"max_upload_bytes": max_upload_bytes}) if max_upload_bytes else DEFAULT_POLICY
@@ -247,7 +247,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def _print_default_policy() -> None:
-    from .remote.policy import DEFAULT_POLICY
+    from .contract.policy import DEFAULT_POLICY
 
     print("Default policy (what remote='local' checks against when no server answers):")
     print(json.dumps(DEFAULT_POLICY.to_json(), indent=2, sort_keys=True))

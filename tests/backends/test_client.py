@@ -13,7 +13,7 @@ from interlace import cli
 from interlace.backends import client as client_module
 from interlace.backends.client import RemoteClient, RemoteException, RemoteRequestError, WaitTimeout
 from interlace.backends.display import JobStatusDisplay
-from interlace.server.testing import Gate, ServerProcess, decode_fake_result, fake_payload, free_port
+from interlace.testing import Gate, ServerProcess, decode_fake_result, fake_payload, free_port
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_non_blocking_submit_then_reattach_from_another_process(client, server, 
     gate.open()
     code = (
         "import sys; from interlace.backends.client import RemoteClient;"
-        "from interlace.server.testing import decode_fake_result;"
+        "from interlace.testing import decode_fake_result;"
         f"sys.stdout.write(decode_fake_result(RemoteClient({server.url!r}, {server.key!r}).job({job.id!r}).result(timeout=20))['echo'])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -13,11 +13,11 @@ import torch
 import interlace
 from interlace._version import __version__
 from interlace.backends.pending import ResultNotReadyError
-from interlace.remote.options import CLIENT_OPTIONS, TraceOptionError
-from interlace.remote.policy import DEFAULT_POLICY
-from interlace.remote.request import build_request, encode_request
-from interlace.server.errors import BadRequest
-from interlace.server.executor import ExecutionFailed, execute_request
+from interlace.contract.options import CLIENT_OPTIONS, TraceOptionError
+from interlace.contract.policy import DEFAULT_POLICY
+from interlace.contract.request import build_request, encode_request
+from interlace.execution.errors import BadRequest
+from interlace.execution.run import ExecutionFailed, execute_request
 from interlace.server.runner import prepare_payload
 
 A = "The Eiffel Tower is in the city of"

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import interlace
-from interlace.remote.options import CLIENT_OPTIONS, TraceOptionError
+from interlace.contract.options import CLIENT_OPTIONS, TraceOptionError
 
 PROMPTS = ("The Eiffel Tower is in the city of", "Madison Square Garden is")
 MODES = (False, "local", True)

@@ -46,8 +46,8 @@ def expected_error(code: str) -> type[BaseException] | None:
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory, monkeypatch_module):
     """A real server on its embedded default: the built-in demo model, as `interlace serve`."""
-    from interlace.backends import remote_common
-    from interlace.server.testing import ServerProcess
+    from interlace.backends import outbound
+    from interlace.testing import ServerProcess
 
     cache = tmp_path_factory.mktemp("docs-cache")
     monkeypatch_module.setenv("INTERLACE_CACHE_DIR", str(cache))
@@ -56,7 +56,7 @@ def demo_server(tmp_path_factory, monkeypatch_module):
         monkeypatch_module.setattr(interlace.CONFIG.API, "HOST", proc.url)
         monkeypatch_module.setattr(interlace.CONFIG.API, "APIKEY", proc.create_key("docs"))
         monkeypatch_module.setattr(interlace.CONFIG.APP, "REMOTE_LOGGING", False)
-        remote_common._policy_cache.clear()
+        outbound._policy_cache.clear()
         yield proc
 
 

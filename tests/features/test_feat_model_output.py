@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interlace.remote.errors import WireFormatError
-from interlace.remote.value_decoding import ValueDecoder
+from interlace.contract.errors import WireFormatError
+from interlace.contract.values.decode import ValueDecoder
 
 PROMPT = "The Eiffel Tower is in the city of"
 

@@ -59,7 +59,7 @@ def test_a_jobs_aliases_do_not_outlive_it(renamed_gpt2, tiny_gpt2_path, mode):
 
 
 def test_an_alias_cannot_name_a_private_attribute(tiny_gpt2_path):
-    from interlace.remote.request import TraceRequest
+    from interlace.contract.request import TraceRequest
 
     with pytest.raises(Exception, match="rename"):
         TraceRequest.model_validate({"model_key": "m", "kind": "trace",

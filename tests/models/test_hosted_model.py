@@ -268,7 +268,7 @@ def test_host_given_to_the_model_is_where_its_traces_go(use_server, tiny_gpt2_pa
 
 def test_server_without_described_models_says_so(tmp_path):
     """A runner that cannot describe its models (the test fake) answers 409, not a 500."""
-    from interlace.server.testing import ThreadedServer
+    from interlace.testing import ThreadedServer
 
     with ThreadedServer(tmp_path, models=["fake"]) as server:
         key = server.create_key("alice")
@@ -316,7 +316,7 @@ def test_hosted_llama_traces_on_the_server(use_server, tiny_llama_path):
 def test_description_round_trip_keeps_class_dtype_and_tokenizer(tiny_gpt2_path):
     """What the server describes (here a bfloat16 copy) is what the client builds."""
     from interlace.models.hosted import build_hosted
-    from interlace.remote.model_meta import describe_model
+    from interlace.contract.model_meta import describe_model
 
     served = LanguageModel(str(tiny_gpt2_path), dispatch=True).bfloat16()
     meta = describe_model(served)

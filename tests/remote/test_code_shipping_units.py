@@ -10,11 +10,14 @@ from hypothesis import strategies as st
 
 import interlace
 from interlace import remote
-from interlace.remote.errors import UnsupportedValueError, WireFormatError
-from interlace.remote.policy import DEFAULT_POLICY
-from interlace.remote.problems import RemoteValidationError
-from interlace.remote.source import CodeDecoder, CodeEncoder, original_filename, remote_filename, restricted_builtins
-from interlace.remote.values import ValueDecoder, ValueEncoder
+from interlace.contract.errors import UnsupportedValueError, WireFormatError
+from interlace.contract.policy import DEFAULT_POLICY
+from interlace.contract.problems import RemoteValidationError
+from interlace.contract.code.decode import CodeDecoder, restricted_builtins
+from interlace.contract.code.encode import CodeEncoder
+from interlace.contract.code.origin import original_filename, remote_filename
+from interlace.contract.values.decode import ValueDecoder
+from interlace.contract.values.encode import ValueEncoder
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import interlace
-from interlace.backends import remote_common
-from interlace.remote.policy import Policy
-from interlace.server.testing import ServerProcess
+from interlace.backends import outbound
+from interlace.contract.policy import Policy
+from interlace.testing import ServerProcess
 
 import corpus_cases as corpus
 
@@ -34,7 +34,7 @@ def configured(server, monkeypatch):
     monkeypatch.setattr(interlace.CONFIG.API, "HOST", server.url)
     monkeypatch.setattr(interlace.CONFIG.API, "APIKEY", server.key)
     monkeypatch.setattr(interlace.CONFIG.APP, "REMOTE_LOGGING", False)
-    remote_common._policy_cache.clear()
+    outbound._policy_cache.clear()
 
 
 def _same(a, b):
@@ -74,7 +74,7 @@ def test_server_rejects_what_the_client_would(server, model, monkeypatch):
     """A client that skips its own checks still gets the same problems from the server (422)."""
     from interlace.backends import remote as remote_backend
 
-    monkeypatch.setattr(remote_common, "validate_request", lambda *a, **k: [])
+    monkeypatch.setattr(outbound, "validate_request", lambda *a, **k: [])
     monkeypatch.setattr(remote_backend, "encode_for_remote", _encode_without_client_checks)
     with pytest.raises(interlace.RemoteValidationError) as info:
         corpus.f_file_io(model, True)
@@ -82,7 +82,7 @@ def test_server_rejects_what_the_client_would(server, model, monkeypatch):
 
 
 def _encode_without_client_checks(tracer, key, policy, *, strict_remote):
-    from interlace.remote.request import build_request, encode_request
+    from interlace.contract.request import build_request, encode_request
 
     built = build_request(tracer, key, policy, strict_remote=strict_remote)
     return encode_request(built), built

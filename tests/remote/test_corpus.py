@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import interlace
-from interlace.backends import remote_common
-from interlace.remote.policy import Policy
+from interlace.backends import outbound
+from interlace.contract.policy import Policy
 
 import corpus_cases as corpus
 
@@ -78,7 +78,7 @@ def _marker_line(case):
 @pytest.mark.parametrize("case,category", corpus.FAILING, ids=lambda x: getattr(x, "__name__", x))
 def test_failing_trace_reports_category_and_line(model, case, category, monkeypatch):
     if category == "payload-too-large":
-        monkeypatch.setattr(remote_common, "policy_for_simulation", lambda: Policy(max_upload_bytes=1_000_000))
+        monkeypatch.setattr(outbound, "policy_for_simulation", lambda: Policy(max_upload_bytes=1_000_000))
         from interlace.backends import simulation
 
         monkeypatch.setattr(simulation, "policy_for_simulation", lambda: Policy(max_upload_bytes=1_000_000))

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from interlace.remote.errors import WireFormatError
-from interlace.remote.request import decode_request, free_names
-from interlace.remote.wire import encode_message
+from interlace.contract.errors import WireFormatError
+from interlace.contract.request import decode_request, free_names
+from interlace.contract.wire.encode import encode_message
 
 
 def _request(**changes):

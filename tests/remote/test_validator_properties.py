@@ -6,10 +6,10 @@ import keyword
 
 from hypothesis import given, settings, strategies as st
 
-from interlace.remote.codecheck import check_source
-from interlace.remote.errors import WireFormatError
-from interlace.remote.policy import DEFAULT_POLICY, FORBIDDEN_CALLS
-from interlace.remote.request import decode_request
+from interlace.contract.codecheck import check_source
+from interlace.contract.errors import WireFormatError
+from interlace.contract.policy import DEFAULT_POLICY, FORBIDDEN_CALLS
+from interlace.contract.request import decode_request
 
 identifiers = st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True).filter(lambda s: not keyword.iskeyword(s))
 

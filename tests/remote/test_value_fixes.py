@@ -24,9 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import interlace
-from interlace.remote.errors import UnsupportedValueError
-from interlace.remote.fixes import fix_for_value, value_fix
-from interlace.remote.values import ValueEncoder
+from interlace.contract.errors import UnsupportedValueError
+from interlace.contract.fixes import fix_for_value, value_fix
+from interlace.contract.values.encode import ValueEncoder
 
 
 class Plain:  # a user class (readable source, not decorated)

@@ -18,9 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from interlace.remote.errors import UnsupportedValueError, WireFormatError
-from interlace.remote.values import ClassRegistry, ValueDecoder, ValueEncoder
-from interlace.remote.wire import decode_message, encode_message
+from interlace.contract.errors import UnsupportedValueError, WireFormatError
+from interlace.contract.values.encode import ClassRegistry, ValueEncoder
+from interlace.contract.values.decode import ValueDecoder
+from interlace.contract.wire.decode import decode_message
+from interlace.contract.wire.encode import encode_message
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 
@@ -429,7 +431,7 @@ def test_decoder_wraps_extension_failures() -> None:
 
 # ------------------------------------------------------------------------- fuzzing
 
-from interlace.remote.value_decoding import _FIELDS  # noqa: E402
+from interlace.contract.values.decode import _FIELDS  # noqa: E402
 
 FIELD_NAMES = sorted({f for req, opt in _FIELDS.values() for f in req | opt} | {"$t", "name"})
 json_leaves = (

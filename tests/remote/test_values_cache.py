@@ -10,9 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from interlace.remote.errors import UnsupportedValueError, WireFormatError
-from interlace.remote.values import ValueDecoder, ValueEncoder
-from interlace.remote.wire import decode_message, encode_message
+from interlace.contract.errors import UnsupportedValueError, WireFormatError
+from interlace.contract.values.decode import ValueDecoder
+from interlace.contract.values.encode import ValueEncoder
+from interlace.contract.wire.decode import decode_message
+from interlace.contract.wire.encode import encode_message
 from interlace.tracing.cache_entries import NOT_CACHED, Cache, CacheEntry
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -133,7 +135,7 @@ def test_result_warnings_travel_and_only_known_categories_are_rebuilt():
     import warnings
 
     from interlace.errors import GenerationEndedWarning
-    from interlace.remote.result import decode_result, encode_result
+    from interlace.contract.result import decode_result, encode_result
 
     class Strange(UserWarning):
         pass

@@ -14,21 +14,17 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interlace.remote.errors import RemoteProtocolError, UnsupportedValueError, WireFormatError
-from interlace.remote.wire import (
-    FLAG_ZSTD,
-    MAGIC,
-    Message,
-    decode_message,
-    encode_message,
-)
-from interlace.remote import wire
+from interlace.contract.errors import RemoteProtocolError, UnsupportedValueError, WireFormatError
+from interlace.contract.wire.format import FLAG_ZSTD, MAGIC, Message
+from interlace.contract.wire.decode import decode_message
+from interlace.contract.wire.encode import encode_message
+from interlace.contract.wire import format as wire_format
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-ALL_DTYPES = sorted({*wire._TO_CODE, *wire._RAW_NAME_OF}, key=str)
+ALL_DTYPES = sorted({*wire_format.TO_CODE, *wire_format.RAW_NAME_OF}, key=str)
 # Sub-byte "shell" dtypes (uint1..7, int1..7) have storage but almost no ops; test the rest
 # with torch ops and all of them with raw bytes.
 OPERABLE = [

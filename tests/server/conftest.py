@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from interlace.server.testing import ServerProcess
+from interlace.testing import ServerProcess
 
 UPLOAD_LIMIT_MB = 0.01  # about 10 KiB: oversize uploads are cheap to test
 

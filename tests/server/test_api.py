@@ -11,7 +11,7 @@ from websockets.sync.client import connect
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from interlace._version import __version__
-from interlace.server.testing import Gate, decode_fake_result, fake_payload
+from interlace.testing import Gate, decode_fake_result, fake_payload
 
 
 @pytest.fixture(scope="module")

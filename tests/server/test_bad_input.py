@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from interlace._version import __version__
-from interlace.server.testing import decode_fake_result, fake_payload
+from interlace.testing import decode_fake_result, fake_payload
 
 @pytest.fixture(scope="module")
 def server(shared_server):

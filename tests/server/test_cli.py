@@ -7,7 +7,7 @@ from interlace.server.auth import KeyStore
 from interlace.server.db import Database
 from interlace.server.service import JobService
 from interlace.server.settings import ServerSettings
-from interlace.server.testing import FakeRunner, fake_payload
+from interlace.testing import FakeRunner, fake_payload
 
 
 def test_keys_create_list_revoke(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 
 from interlace._version import __version__
 from interlace.backends.client import RemoteClient, RemoteRequestError
-from interlace.server.testing import Gate, ServerProcess, ThreadedServer, decode_fake_result, fake_payload
+from interlace.testing import Gate, ServerProcess, ThreadedServer, decode_fake_result, fake_payload
 
 
 def wait_for(predicate, timeout=15.0):

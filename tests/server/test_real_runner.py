@@ -9,8 +9,8 @@ import torch
 
 import interlace
 from interlace._version import __version__
-from interlace.backends import remote_common
-from interlace.server.testing import ServerProcess
+from interlace.backends import outbound
+from interlace.testing import ServerProcess
 
 PROMPT = "The Eiffel Tower is in the city of"
 
@@ -27,7 +27,7 @@ def server(tmp_path, tiny_gpt2_path, monkeypatch):
     monkeypatch.setattr(interlace.CONFIG.API, "HOST", proc.url)
     monkeypatch.setattr(interlace.CONFIG.API, "APIKEY", proc.key)
     monkeypatch.setattr(interlace.CONFIG.APP, "REMOTE_LOGGING", False)
-    remote_common._policy_cache.clear()
+    outbound._policy_cache.clear()
     try:
         yield proc
     finally:

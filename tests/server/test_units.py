@@ -17,7 +17,7 @@ from interlace.server.results import ResultStore
 from interlace.server.service import JobService
 from interlace.server.settings import ServerSettings
 from interlace.server.store import Event, JobStore
-from interlace.server.testing import FakeRunner, fake_payload
+from interlace.testing import FakeRunner, fake_payload
 from interlace.server.types import JobStatus
 
 

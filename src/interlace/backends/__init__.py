@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..remote.options import CLIENT_OPTIONS, TraceOptionError, split_client_options
+from ..contract.options import CLIENT_OPTIONS, TraceOptionError, split_client_options
 from .local import LocalBackend
 from .remote import RemoteBackend, RemoteJob, attach
 from .simulation import LocalSimulationBackend
@@ -21,7 +21,7 @@ REMOTE_ONLY_OPTIONS = frozenset(CLIENT_OPTIONS)
 def select_backend(model: Any, remote: bool | str, kwargs: dict[str, Any]) -> Any:
     """The backend for `model.trace(..., remote=...)`; pops the client-side options it
     consumes (`remote/options.py` splits them), leaving the model's options in `kwargs`."""
-    from ..server.executor import executing_remotely
+    from ..execution.run import executing_remotely
 
     if not (remote is False or remote is None or remote is True or remote == "local"):
         raise ValueError(f"remote must be False, True or 'local', not {remote!r}.")

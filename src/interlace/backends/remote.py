@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..remote.policy import DEFAULT_POLICY, Policy
-from ..remote.problems import RemoteValidationError
-from ..remote.result import decode_result
+from ..contract.policy import DEFAULT_POLICY, Policy
+from ..contract.problems import RemoteValidationError
+from ..contract.result import decode_result
 from .pending import not_waited_values
-from .remote_common import encode_for_remote, model_key_of, warn_if_large
+from .outbound import encode_for_remote, model_key_of, warn_if_large
 
 if TYPE_CHECKING:
     from ..tracing.tracer import Tracer

@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..remote.problems import RemoteValidationError
-from ..remote.source import shipped_model_refs
-from ..remote.result import decode_result
-from .remote_common import encode_for_remote, model_key_of, policy_for_simulation, warn_if_large
+from ..contract.problems import RemoteValidationError
+from ..contract.code.decode import shipped_model_refs
+from ..contract.result import decode_result
+from .outbound import encode_for_remote, model_key_of, policy_for_simulation, warn_if_large
 
 if TYPE_CHECKING:
     from ..tracing.tracer import Tracer
@@ -50,7 +50,7 @@ class LocalSimulationBackend:
         return self._last_payload
 
     def __call__(self, tracer: "Tracer") -> dict[str, Any]:
-        from ..server.errors import BadRequest, JobFailed
+        from ..execution.errors import BadRequest, JobFailed
         from ..server.runner import prepare_payload, run_prepared
         from .client import RemoteException
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import TracingError
-from ..remote.model_meta import FILE_NAME, META_FORMAT, REFUSED_SUFFIXES
+from ..contract.model_meta import FILE_NAME, META_FORMAT, REFUSED_SUFFIXES
 
 __all__ = ["HostedModel", "HostedModelError", "load_hosted", "build_hosted", "no_local_weights_error"]
 

@@ -26,7 +26,7 @@ from .._version import PROTOCOL_VERSION, __version__
 from . import versions
 from .auth import HEADER as KEY_HEADER
 from .auth import User, invalid_key_message, missing_key_message
-from .errors import BadRequest
+from ..execution.errors import BadRequest
 from .service import Conflict, JobService, NotFound
 from .settings import MiB, ServerSettings
 from .store import Event, JobRecord, queued_text

@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import collecting_warnings
-from ..remote.errors import WireFormatError
-from ..remote.options import forbidden_server_option
-from ..remote.policy import DEFAULT_POLICY, Policy
-from ..remote.problems import Problem
-from ..remote.request import TraceRequest, decode_request
-from ..remote.result import UnsendableResult, encode_result
-from ..remote.validate import validate_request
-from .errors import BadRequest, JobFailed
-from .executor import ExecutionFailed, execute_request
+from ..contract.errors import WireFormatError
+from ..contract.options import forbidden_server_option
+from ..contract.policy import DEFAULT_POLICY, Policy
+from ..contract.problems import Problem
+from ..contract.request import TraceRequest, decode_request
+from ..contract.result import UnsendableResult, encode_result
+from ..contract.validate import validate_request
+from ..execution.errors import BadRequest, JobFailed
+from ..execution.run import ExecutionFailed, execute_request
 
 __all__ = ["DefaultJobRunner", "PreparedRequest", "prepare_payload", "run_prepared"]
 
@@ -135,7 +135,7 @@ class DefaultJobRunner:
     def model_meta(self, model_key: str) -> dict[str, Any]:
         """Config and tokenizer files of a hosted model, for clients without its weights
         (GET /v1/models/{key}/meta). Read-only, so it needs no job lock."""
-        from ..remote.model_meta import describe_model
+        from ..contract.model_meta import describe_model
 
         return describe_model(self.models[model_key])
 

@@ -21,9 +21,9 @@ import httpx
 
 from .auth import KeyStore, User
 from .db import Database
-from .errors import BadRequest, JobFailed
+from ..execution.errors import BadRequest, JobFailed
 from .events import EventHub
-from ..remote.model_meta import NotDescribable
+from ..contract.model_meta import NotDescribable
 from .results import ResultStore
 from .settings import ServerSettings
 from .store import Event, JobRecord, JobStore, queued_text

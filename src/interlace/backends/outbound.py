@@ -5,10 +5,10 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from ..remote.policy import DEFAULT_POLICY, Policy
-from ..remote.problems import RemoteValidationError
-from ..remote.request import BuiltRequest, build_request, encode_request
-from ..remote.validate import validate_request
+from ..contract.policy import DEFAULT_POLICY, Policy
+from ..contract.problems import RemoteValidationError
+from ..contract.request import BuiltRequest, build_request, encode_request
+from ..contract.validate import validate_request
 
 if TYPE_CHECKING:
     from ..tracing.tracer import Tracer
@@ -25,7 +25,7 @@ def encode_for_remote(tracer: "Tracer", model_key: str, policy: Policy, *, stric
     if tracer.model is not None and tracer.model.__dict__.get("_default_edits"):
         # Edits live with the local model object; the server's model has none. Refuse rather
         # than let the simulation apply edits that a server run would silently lack.
-        from ..remote.problems import Problem
+        from ..contract.problems import Problem
 
         block = built.request.block
         problems.append(Problem(

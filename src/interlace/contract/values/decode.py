@@ -12,7 +12,6 @@ import binascii
 import dataclasses
 import enum
 import math
-import re
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -21,23 +20,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from interlace.remote.errors import RemoteProtocolError, WireFormatError
-from interlace.tracing.cache_entries import Cache, CacheEntry
+from ..errors import RemoteProtocolError, WireFormatError
+from ...tracing.cache_entries import Cache, CacheEntry
 
-from .values import (  # noqa: E402 - shared grammar constants and helpers
+from .grammar import (
     DEFAULT_MAX_DEPTH,
+    DEVICE_RE,
     Extension,
+    INT_RE,
+    MAX_INT_DIGITS,
+    NAN_BITS,
+    NAN_RE,
+    NP_DTYPE_RE,
+    NP_KINDS,
     Node,
-    _DEVICE_RE,
-    _INT_RE,
-    _MAX_INT_DIGITS,
-    _NAN_BITS,
-    _NAN_RE,
-    _NP_DTYPE_RE,
-    _NP_KINDS,
-    _SPECIAL_FLOATS,
-    _TORCH_DTYPES,
-    _format_path,
+    SPECIAL_FLOATS,
+    TORCH_DTYPES,
+    format_path,
     is_hf_output_class,
 )
 
@@ -129,7 +128,7 @@ class ValueDecoder:
     @property
     def path(self) -> str:
         """Where in the nodes the decoder is now, e.g. ``value['args'][0]``."""
-        return _format_path(self._root, self._segments)
+        return format_path(self._root, self._segments)
 
     def _error(self, message: str) -> WireFormatError:
         return WireFormatError(f"bad value node at {self.path}: {message}")
@@ -274,22 +273,22 @@ class ValueDecoder:
 
     def _big_int(self, node: dict[str, Any]) -> int:
         text = self._expect(node["v"], str, "'v'")
-        if len(text) > _MAX_INT_DIGITS or not _INT_RE.fullmatch(text):
-            raise self._error(f"'v' must be a decimal integer of at most {_MAX_INT_DIGITS} digits")
+        if len(text) > MAX_INT_DIGITS or not INT_RE.fullmatch(text):
+            raise self._error(f"'v' must be a decimal integer of at most {MAX_INT_DIGITS} digits")
         return int(text)
 
     def _special_float(self, node: dict[str, Any]) -> float:
         text = node["v"]
-        if type(text) is str and _NAN_RE.fullmatch(text):
-            value = _NAN_BITS.unpack(bytes.fromhex(text[4:]))[0]
+        if type(text) is str and NAN_RE.fullmatch(text):
+            value = NAN_BITS.unpack(bytes.fromhex(text[4:]))[0]
             if not math.isnan(value):
                 raise self._error(f"float 'v' {text!r} is not a NaN bit pattern")
             return value
-        if type(text) is not str or text not in _SPECIAL_FLOATS:
+        if type(text) is not str or text not in SPECIAL_FLOATS:
             raise self._error(
-                f"float 'v' must be one of {sorted(_SPECIAL_FLOATS)} or 'nan:<16 hex digits>', got {text!r}"
+                f"float 'v' must be one of {sorted(SPECIAL_FLOATS)} or 'nan:<16 hex digits>', got {text!r}"
             )
-        return _SPECIAL_FLOATS[text]
+        return SPECIAL_FLOATS[text]
 
     def _table(self, name: Any) -> torch.Tensor | np.ndarray:
         if type(name) is not str or name not in self.tensors:
@@ -316,13 +315,13 @@ class ValueDecoder:
     def _np_dtype(self, text: Any) -> np.dtype:
         # np.dtype() parses many spellings, including object dtypes that would turn raw bytes
         # into pointers; only plain data dtypes in numpy's own canonical form get through.
-        if type(text) is not str or not _NP_DTYPE_RE.fullmatch(text):
+        if type(text) is not str or not NP_DTYPE_RE.fullmatch(text):
             raise self._error(f"numpy dtype {text!r} is not allowed")
         try:
             dtype = np.dtype(text)
         except (TypeError, ValueError) as exc:
             raise self._error(f"numpy dtype {text!r} is invalid ({exc})") from None
-        if dtype.kind not in _NP_KINDS or dtype.hasobject or dtype.itemsize == 0:
+        if dtype.kind not in NP_KINDS or dtype.hasobject or dtype.itemsize == 0:
             raise self._error(f"numpy dtype {text!r} is not allowed")
         return dtype
 
@@ -470,13 +469,13 @@ class ValueDecoder:
 
     def _dtype(self, node: dict[str, Any]) -> torch.dtype:
         name = node["name"]
-        if type(name) is not str or name not in _TORCH_DTYPES:
+        if type(name) is not str or name not in TORCH_DTYPES:
             raise self._error(f"{name!r} is not a torch dtype here")
-        return _TORCH_DTYPES[name]
+        return TORCH_DTYPES[name]
 
     def _device(self, node: dict[str, Any]) -> torch.device:
         text = node["v"]
-        if type(text) is not str or not _DEVICE_RE.fullmatch(text):
+        if type(text) is not str or not DEVICE_RE.fullmatch(text):
             raise self._error(f"{text!r} is not a device string like 'cpu' or 'cuda:0'")
         try:
             return torch.device(text)

@@ -16,12 +16,11 @@ import linecache
 import sys
 import textwrap
 import traceback
-import types
 import zlib
 from typing import Any, Callable
 
-from .policy import Policy
-from .source import _FUTURE_ANNOTATIONS, _PREFIX, _resolve, original_filename, remote_filename
+from ..policy import Policy
+from .origin import FILE_PREFIX, FUTURE_ANNOTATIONS, REMOTE_MODULE, original_filename, remote_filename, resolve_qualname
 
 __all__ = ["CodeDecoder", "restricted_builtins", "resolve_model_path", "decode_failure_text",
            "user_traceback_text", "shipped_model_refs", "register_lines"]
@@ -57,7 +56,7 @@ class CodeDecoder:
             if not self.policy.allows_module(module):
                 raise _bad(f"module {module!r} is not allowed on this server")
             try:
-                return _resolve(module, qualname)
+                return resolve_qualname(module, qualname)
             except Exception:
                 raise _bad(f"{module}.{qualname} does not exist on the server") from None
         if tag == "x:model":
@@ -96,7 +95,7 @@ class CodeDecoder:
         lineno = int(entry.get("lineno", 1) or 1)
         source = str(entry.get("source", ""))
         filename = remote_filename(str(entry.get("filename", "<unknown>")), _object_part(entry.get("name"), lineno, source))
-        env: dict[str, Any] = {"__builtins__": self.builtins, "__name__": _REMOTE_MODULE}
+        env: dict[str, Any] = {"__builtins__": self.builtins, "__name__": REMOTE_MODULE}
         later: list[tuple[str, str]] = []
         for name, value_node in (entry.get("globals") or {}).items():
             value = decoder.decode(value_node)
@@ -124,19 +123,13 @@ class CodeDecoder:
         return obj
 
 
-# Shipped classes report this module; it exists (empty) so that machinery which looks up a
-# class's module, such as dataclasses resolving string annotations, finds one.
-_REMOTE_MODULE = "__interlace_remote__"
-sys.modules.setdefault(_REMOTE_MODULE, types.ModuleType(_REMOTE_MODULE, "Namespace of code shipped to Interlace."))
-
-
 @contextlib.contextmanager
 def _module_globals(env: dict[str, Any]) -> Any:
     """While a shipped class is defined, its module's namespace holds the class's globals, as
     it would at home: decorators that resolve names through the class's module (dataclasses
     reading a string annotation `ClassVar[int]` under `from __future__ import annotations`)
     see them."""
-    holder = sys.modules[_REMOTE_MODULE].__dict__
+    holder = sys.modules[REMOTE_MODULE].__dict__
     added = [k for k in env if k not in holder]
     holder.update({k: env[k] for k in added})
     try:
@@ -154,7 +147,7 @@ class _Later:
 
 
 def _bad(message: str) -> Exception:
-    from .errors import WireFormatError
+    from ..errors import WireFormatError
 
     return WireFormatError(message)
 
@@ -173,7 +166,7 @@ def _define(entry: dict[str, Any], source: str, filename: str, lineno: int, env:
     else:
         text = padded + source
     register_lines(filename, text)
-    code = compile(text, filename, "exec", flags=_FUTURE_ANNOTATIONS, dont_inherit=True)
+    code = compile(text, filename, "exec", flags=FUTURE_ANNOTATIONS, dont_inherit=True)
     exec(code, env)
     if closure:
         return env.pop("__interlace_factory__")(**closure)
@@ -239,7 +232,7 @@ def user_traceback_text(error: BaseException) -> str:
     the block's registration put in linecache)."""
     lines = ["Traceback (most recent call last):\n"]
     for frame in traceback.extract_tb(error.__traceback__):
-        if not frame.filename.startswith(_PREFIX):
+        if not frame.filename.startswith(FILE_PREFIX):
             continue
         name = "<with block>" if frame.name == "<module>" and "#" not in frame.filename.rpartition(">")[2] else frame.name
         lines.append(f'  File "{original_filename(frame.filename)}", line {frame.lineno}, in {name}\n')
@@ -260,7 +253,7 @@ def decode_failure_text(error: BaseException) -> str:
     seen: set[int] = set()
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if any(f.filename.startswith(_PREFIX) for f in traceback.extract_tb(cause.__traceback__)):
+        if any(f.filename.startswith(FILE_PREFIX) for f in traceback.extract_tb(cause.__traceback__)):
             return (user_traceback_text(cause)
                     + "\n(raised while the server rebuilt a function or class that the trace uses, "
                       "from its source)")

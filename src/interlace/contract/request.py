@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import functools
 import sys
-import types
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -21,9 +20,10 @@ from .errors import UnsupportedValueError, WireFormatError
 from .fixes import fix_for_error
 from .policy import DEFAULT_POLICY, Policy
 from .problems import Problem, first_line, unique
-from .source import CodeEncoder
-from .values import ValueEncoder
-from .wire import decode_message, encode_message
+from .code.encode import CodeEncoder
+from .values.encode import ValueEncoder
+from .wire.decode import decode_message
+from .wire.encode import encode_message
 
 if TYPE_CHECKING:
     from ..tracing.tracer import Tracer

@@ -15,10 +15,11 @@ from typing import Any, Callable
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ..remote.policy import Policy
-from ..remote.request import TraceRequest
-from ..remote.source import CodeDecoder, decode_failure_text, original_filename, remote_filename, resolve_model_path, restricted_builtins
-from ..remote.values import ValueDecoder
+from ..contract.policy import Policy
+from ..contract.request import TraceRequest
+from ..contract.code.decode import CodeDecoder, decode_failure_text, resolve_model_path, restricted_builtins
+from ..contract.code.origin import original_filename, remote_filename
+from ..contract.values.decode import ValueDecoder
 from ..tracing.capture import block_from_source
 from ..tracing.namespace import body_namespace
 from ..tracing.saving import pop_registry, push_registry

@@ -8,8 +8,10 @@ from typing import Any, Sequence
 from ..errors import GenerationEndedWarning
 
 from .errors import UnsupportedValueError, WireFormatError
-from .values import ValueDecoder, ValueEncoder
-from .wire import decode_message, encode_message
+from .values.decode import ValueDecoder
+from .values.encode import ValueEncoder
+from .wire.decode import decode_message
+from .wire.encode import encode_message
 
 __all__ = ["encode_result", "decode_result", "UnsendableResult"]
 

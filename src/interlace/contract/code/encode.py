@@ -15,11 +15,9 @@ under the user's filename and line numbers, so tracebacks point at the user's co
 
 from __future__ import annotations
 
-import __future__
 import ast
 import builtins
 import dis
-import importlib
 import inspect
 import linecache
 import sys
@@ -27,44 +25,13 @@ import textwrap
 import types
 from typing import Any
 
-from .policy import Policy, module_allowed
-from .problems import Problem, first_line
+from ..policy import Policy, module_allowed
+from ..problems import Problem, first_line
+from .origin import FUTURE_ANNOTATIONS, is_envoy, is_remote_decorated, resolve_qualname, user_source_available
 
-__all__ = ["CodeEncoder", "CodeDecoder", "is_remote_decorated", "REMOTE_ATTR", "remote_filename", "original_filename",
-           "restricted_builtins", "resolve_model_path", "decode_failure_text", "shipped_model_refs"]
+__all__ = ["CodeEncoder"]
 
-REMOTE_ATTR = "__interlace_remote__"
 _BUILTIN_NAMES = set(dir(builtins))
-
-
-def is_remote_decorated(obj: Any) -> bool:
-    return REMOTE_ATTR in getattr(obj, "__dict__", {})
-
-
-def remote_filename(filename: str, part: str | None = None) -> str:
-    """Filename under which shipped source is compiled on the server (maps back by stripping).
-
-    The block is compiled as `<interlace-remote:FILE>`; each shipped function or class from the
-    same file gets its own name, `<interlace-remote:FILE>#PART`, so that registering its text
-    in linecache does not replace the block's text (which nested `with` blocks are captured
-    from) or another function's, and every traceback frame finds its own line.
-    """
-    base = filename if filename.startswith(_PREFIX) else f"{_PREFIX}{filename}>"
-    if part is None:
-        return base
-    return base + "#" + "".join(c for c in part if c.isalnum() or c in "_:")
-
-
-def original_filename(filename: str) -> str:
-    """The user's filename for a name made by `remote_filename` (others are returned as is)."""
-    if filename.startswith(_PREFIX):
-        inner, sep, _part = filename[len(_PREFIX):].rpartition(">")
-        if sep:
-            return inner
-    return filename
-
-
-_PREFIX = "<interlace-remote:"
 
 
 class CodeEncoder:
@@ -91,7 +58,7 @@ class CodeEncoder:
     def encode(self, value: Any, encoder: Any) -> Any:
         if isinstance(value, types.ModuleType):
             return self._module(value)
-        if _is_envoy(value):
+        if is_envoy(value):
             return self._model_ref(value)
         if isinstance(value, (types.FunctionType, type)):
             ref = self._reference(value)
@@ -105,7 +72,7 @@ class CodeEncoder:
         if isinstance(value, types.MethodType):
             return {"$t": "x:method", "self": encoder.encode(value.__self__), "name": value.__name__}
         cls = type(value)
-        if cls.__module__ not in ("builtins",) and self._reference(cls) is None and _user_source_available(cls):
+        if cls.__module__ not in ("builtins",) and self._reference(cls) is None and user_source_available(cls):
             state = {k: v for k, v in vars(value).items()} if hasattr(value, "__dict__") else {}
             for slot in getattr(cls, "__slots__", ()):
                 if hasattr(value, slot):
@@ -127,7 +94,7 @@ class CodeEncoder:
             # An edited copy (model.edit()) shares its original's envoys: same model.
             roots = {id(root), id(root.__dict__.get("_edit_origin"))}
             if id(envoy._root) not in roots:
-                from .errors import UnsupportedValueError
+                from ..errors import UnsupportedValueError
 
                 raise UnsupportedValueError(
                     f"`{envoy.path}` belongs to a different model from the one being traced; "
@@ -138,7 +105,7 @@ class CodeEncoder:
     def _module(self, module: types.ModuleType) -> dict[str, Any]:
         name = module.__name__
         if not self.policy.allows_module(name):
-            from .policy import module_category
+            from ..policy import module_category
 
             self._problem(module_category(name), f"module `{name}` is not available on the server",
                           "# compute the value before the trace and pass it in, or use a module\n# the server provides (run `interlace env` to list them)")
@@ -160,7 +127,7 @@ class CodeEncoder:
         if is_remote_decorated(obj):  # user code inside an allowed package name: still ship by source
             return None
         try:
-            if _resolve(module, qualname) is not obj:
+            if resolve_qualname(module, qualname) is not obj:
                 return None
         except Exception:
             return None
@@ -202,7 +169,7 @@ class CodeEncoder:
             entry.update(source="", filename="<unknown>", lineno=0, globals={}, closure={})
             return key
         entry.update(source=source, filename=filename, lineno=lineno)
-        from .codecheck import check_source
+        from ..codecheck import check_source
 
         self.problems.extend(check_source(source, filename, lineno, self.policy, what=f"`{name}`"))
         freevars = obj.__code__.co_freevars if kind != "class" else ()
@@ -231,7 +198,7 @@ class CodeEncoder:
             for base in obj.__bases__:
                 if base is object:
                     continue
-                if self._reference(base) is None and not _user_source_available(base):
+                if self._reference(base) is None and not user_source_available(base):
                     self._problem(
                         "class-base-not-allowed",
                         f"class `{name}` derives from `{base.__module__}.{base.__qualname__}`, which the server cannot import",
@@ -246,7 +213,7 @@ class CodeEncoder:
         try:
             return encoder.encode(value)
         except TypeError as e:  # UnsupportedValueError is a TypeError
-            from .fixes import fix_for_error
+            from ..fixes import fix_for_error
 
             category = "lambda-capture" if kind == "lambda" else "unserializable-variable"
             self._problem(
@@ -295,25 +262,6 @@ def _is_torch_layer(value: Any) -> bool:
     return torch is not None and isinstance(value, torch.nn.Module)
 
 
-def _is_envoy(value: Any) -> bool:
-    from ..tracing.envoy import Envoy
-
-    return isinstance(value, Envoy)
-
-
-def _user_source_available(cls: type) -> bool:
-    """True for the user's own classes: readable source outside the stdlib and installed packages
-    (those must come by reference from a module the server allows, or not at all)."""
-    root = (cls.__module__ or "").split(".")[0]
-    if root in ("builtins",) or root in sys.stdlib_module_names:
-        return False
-    try:
-        path = inspect.getsourcefile(cls) or ""
-    except (OSError, TypeError):
-        return False
-    return "site-packages" not in path and "dist-packages" not in path
-
-
 def _defining_globals(obj: Any) -> dict[str, Any]:
     if isinstance(obj, type):
         module = sys.modules.get(obj.__module__)
@@ -321,19 +269,9 @@ def _defining_globals(obj: Any) -> dict[str, Any]:
     return obj.__globals__
 
 
-def _resolve(module: str, qualname: str) -> Any:
-    value: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        value = getattr(value, part)
-    return value
-
-
-_FUTURE_ANNOTATIONS = __future__.annotations.compiler_flag
-
-
 def _global_names(source: str, kind: str) -> set[str]:
     """Names the source reads from its globals (decorators, defaults, bases and bodies)."""
-    code = compile(source, "<names>", "exec", flags=_FUTURE_ANNOTATIONS, dont_inherit=True)
+    code = compile(source, "<names>", "exec", flags=FUTURE_ANNOTATIONS, dont_inherit=True)
     names: set[str] = set()
     stack = [code]
     while stack:
@@ -410,17 +348,3 @@ def _lambda_source(fn: types.FunctionType) -> tuple[str, str, int]:
     if segment is None:
         raise OSError("lambda source not found")
     return "(" + segment + ")", filename, node.lineno
-
-
-# The decoding half lives in its own module (it reads untrusted requests); re-exported here so
-# `source` stays the one place to import code shipping from.
-from .code_decoding import (  # noqa: E402
-    _REMOTE_MODULE,
-    CodeDecoder,
-    decode_failure_text,
-    register_lines,
-    resolve_model_path,
-    restricted_builtins,
-    shipped_model_refs,
-    user_traceback_text,
-)

@@ -7,7 +7,8 @@ from typing import Any, Callable, TypeVar, overload
 
 from .policy import DEFAULT_POLICY
 from .problems import Problem, RemoteValidationError, first_line
-from .source import _REMOTE_MODULE, REMOTE_ATTR, CodeEncoder
+from .code.encode import CodeEncoder
+from .code.origin import REMOTE_ATTR, REMOTE_MODULE
 
 __all__ = ["remote"]
 
@@ -33,12 +34,12 @@ def remote(obj: Any = None, *, version: str | None = None, library: str | None =
     def decorate(target: Any) -> Any:
         # Mark first so the check treats it (and recursion into itself) as decorated.
         setattr(target, REMOTE_ATTR, {"version": version, "library": library})
-        if getattr(target, "__module__", None) == _REMOTE_MODULE:
+        if getattr(target, "__module__", None) == REMOTE_MODULE:
             # Rebuilt from shipped source on the server (e.g. a decorated helper defined
             # inside a shipped function): the request was checked on receipt, and there is
             # no source file here to check again.
             return target
-        from .values import ValueEncoder
+        from .values.encode import ValueEncoder
 
         code = CodeEncoder(DEFAULT_POLICY)
         try:

@@ -18,6 +18,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .code.origin import is_envoy, user_source_available
+
 __all__ = ["ValueFix", "fix_for_value", "value_hint", "value_fix"]
 
 
@@ -73,13 +75,7 @@ def _is_process_local(value: Any) -> bool:
     if root in _PROCESS_LOCAL_MODULES:
         return True
     name = cls.__name__.lower()
-    return root not in ("builtins",) and any(name.endswith(part) for part in _PROCESS_LOCAL_NAMES) and not _has_user_source(cls)
-
-
-def _has_user_source(cls: type) -> bool:
-    from .source import _user_source_available
-
-    return _user_source_available(cls)
+    return root not in ("builtins",) and any(name.endswith(part) for part in _PROCESS_LOCAL_NAMES) and not user_source_available(cls)
 
 
 def _is_iterator(value: Any) -> bool:
@@ -89,12 +85,6 @@ def _is_iterator(value: Any) -> bool:
 def _is_tensor_like(value: Any) -> bool:
     cls = type(value)
     return any(hasattr(cls, attr) for attr in ("__array__", "__dlpack__", "__array_interface__", "__cuda_array_interface__"))
-
-
-def _is_envoy(value: Any) -> bool:
-    from .source import _is_envoy as is_envoy
-
-    return is_envoy(value)
 
 
 def _file(value: Any) -> ValueFix:
@@ -224,7 +214,7 @@ def _library_object(value: Any) -> ValueFix:
 
 def fix_for_value(value: Any) -> ValueFix:
     """The kind of `value` with its hint and fix (for a value that cannot be sent)."""
-    if _is_envoy(value):
+    if is_envoy(value):
         return _other_model(value)
     if isinstance(value, types.ModuleType):
         return _module(value)
@@ -252,7 +242,7 @@ def fix_for_value(value: Any) -> ValueFix:
     if isinstance(value, (collections.abc.Sequence, collections.abc.ValuesView, collections.abc.ItemsView)):
         return _convert("sequence", "list")
     cls = type(value)
-    user_class = cls.__module__ == "__main__" or _has_user_source(cls)
+    user_class = cls.__module__ == "__main__" or user_source_available(cls)
     if isinstance(value, type) or (callable(value) and not user_class):
         return _callable(value)
     if user_class:

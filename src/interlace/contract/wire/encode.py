@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -46,26 +45,13 @@ import numpy as np
 import torch
 import zstandard
 
-from interlace.remote.errors import UnsupportedValueError
+from ..errors import UnsupportedValueError
+from .format import CODE_WIDTH, FLAG_ZSTD, FORMAT_VERSION, MAGIC, NUMPY_TO_TORCH, RAW_NAME_OF, TO_CODE, U64
 
 __all__ = [
-    "MAGIC",
-    "FORMAT_VERSION",
-    "FLAG_ZSTD",
-    "Message",
     "encode_message",
-    "decode_message",
     "check_tensor",
 ]
-
-MAGIC = b"ILC1"
-FORMAT_VERSION = 1
-FLAG_ZSTD = 0x01
-_KNOWN_FLAGS = FLAG_ZSTD
-
-_U64 = struct.Struct("<Q")
-_ENVELOPE_KEYS = frozenset({"format", "kind", "body", "raw"})
-_RAW_SPEC_KEYS = frozenset({"dtype", "shape"})
 
 # Below this much tensor data, compressing everything costs microseconds: no need to sample.
 _SAMPLE_MIN_BYTES = 1 << 20
@@ -73,81 +59,6 @@ _SAMPLE_COUNT = 16
 _SAMPLE_BYTES = 64 << 10
 # Worker threads only pay off once each gets a few zstd jobs' worth of input.
 _THREADS_MIN_BYTES = 4 << 20
-# A zstd block holds at most 128 KiB and needs at least 4 bytes, so no real frame expands by
-# more than ~32768x; a header claiming more is lying and is rejected before any allocation.
-_MAX_ZSTD_RATIO = 1 << 16
-
-# torch dtype name -> safetensors dtype code, for the dtypes safetensors reads natively.
-_NATIVE_CODES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint64": "U64",
-    "uint32": "U32",
-    "uint16": "U16",
-    "uint8": "U8",
-    "bool": "BOOL",
-    "complex64": "C64",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
-_RAW_NAMES = (
-    "complex128",
-    "complex32",
-    "float8_e4m3fnuz",
-    "float8_e5m2fnuz",
-    "float8_e8m0fnu",
-    "float4_e2m1fn_x2",
-    "bits8",
-    "bits16",
-    "bits1x8",
-    "bits2x4",
-    "bits4x2",
-    *(f"uint{i}" for i in range(1, 8)),
-    *(f"int{i}" for i in range(1, 8)),
-)
-
-
-def _dtype(name: str) -> torch.dtype | None:
-    value = getattr(torch, name, None)
-    return value if isinstance(value, torch.dtype) else None
-
-
-_TO_CODE: dict[torch.dtype, str] = {
-    dt: code for name, code in _NATIVE_CODES.items() if (dt := _dtype(name)) is not None
-}
-_FROM_CODE: dict[str, torch.dtype] = {code: dt for dt, code in _TO_CODE.items()}
-# Keyed by the name in the envelope; looked up in this table only, never with getattr on
-# untrusted text.
-_RAW_DTYPES: dict[str, torch.dtype] = {
-    name: dt for name in _RAW_NAMES if (dt := _dtype(name)) is not None and dt not in _TO_CODE
-}
-_RAW_NAME_OF: dict[torch.dtype, str] = {dt: name for name, dt in _RAW_DTYPES.items()}
-_TENSOR_ITEMSIZE: dict[torch.dtype, int] = {
-    dt: dt.itemsize for dt in [*_TO_CODE, *_RAW_NAME_OF]
-}
-_CODE_WIDTH: dict[str, int] = {code: _TENSOR_ITEMSIZE[dt] for dt, code in _TO_CODE.items()}
-
-# numpy arrays handed to the wire directly (values.py sends raw bytes instead).
-_NUMPY_TO_TORCH: dict[np.dtype, torch.dtype] = {
-    np.dtype(n): getattr(torch, n)
-    for n in ("float64", "float32", "float16", "int64", "int32", "int16", "int8",
-              "uint64", "uint32", "uint16", "uint8", "bool", "complex64", "complex128")
-}
-
-
-@dataclass(frozen=True)
-class Message:
-    """A decoded message: ``kind``, JSON ``body`` and the named tensors (CPU, writable)."""
-
-    kind: str
-    body: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -175,7 +86,7 @@ def check_tensor(tensor: torch.Tensor) -> str | None:
             "meta tensors have no data (the model's weights are not loaded); run the model "
             "for real first, or create the tensor on 'cpu'"
         )
-    if tensor.dtype not in _TO_CODE and tensor.dtype not in _RAW_NAME_OF:
+    if tensor.dtype not in TO_CODE and tensor.dtype not in RAW_NAME_OF:
         return f"dtype {tensor.dtype} is not supported on the wire; convert it with .to(torch.float32)"
     return None
 
@@ -186,7 +97,7 @@ def _entry(name: Any, value: torch.Tensor | np.ndarray) -> _Entry:
             f"tensor name {name!r} is invalid: use a non-empty UTF-8 str other than '__metadata__'"
         )
     if isinstance(value, np.ndarray):
-        torch_dtype = _NUMPY_TO_TORCH.get(value.dtype.newbyteorder("="))
+        torch_dtype = NUMPY_TO_TORCH.get(value.dtype.newbyteorder("="))
         if torch_dtype is None:
             raise UnsupportedValueError(
                 f"tensor {name!r}: numpy dtype {value.dtype} cannot be sent as a tensor; "
@@ -224,10 +135,10 @@ def _entry(name: Any, value: torch.Tensor | np.ndarray) -> _Entry:
             f"tensor {name!r}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}; "
             "put other values in the body via ValueEncoder"
         )
-    code = _TO_CODE.get(torch_dtype)
+    code = TO_CODE.get(torch_dtype)
     if code is not None:
         return _Entry(name, code, shape, data, None)
-    raw = {"dtype": _RAW_NAME_OF[torch_dtype], "shape": shape}
+    raw = {"dtype": RAW_NAME_OF[torch_dtype], "shape": shape}
     return _Entry(name, "U8", [data.nbytes], data, raw)
 
 
@@ -260,7 +171,7 @@ def _safetensors_header(entries: list[_Entry]) -> bytes:
     text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     # safetensors pads the header with spaces so tensor data starts 8-byte aligned.
     text += b" " * (-len(text) % 8)
-    return _U64.pack(len(text)) + text
+    return U64.pack(len(text)) + text
 
 
 def _sample_ratio(views: list[np.ndarray], total: int, level: int) -> float:
@@ -317,14 +228,14 @@ def encode_message(
         raise ValueError(f"level must be an int in [-131072, {zstandard.MAX_COMPRESSION_LEVEL}], got {level!r}")
     entries = [_entry(name, value) for name, value in tensors.items()]
     # Widest elements first (as safetensors does) so each tensor starts aligned in the file.
-    entries.sort(key=lambda e: (-_CODE_WIDTH[e.code], e.name))
+    entries.sort(key=lambda e: (-CODE_WIDTH[e.code], e.name))
     envelope: dict[str, Any] = {"format": FORMAT_VERSION, "kind": kind, "body": body}
     raw = {e.name: e.raw for e in entries if e.raw is not None}
     if raw:
         envelope["raw"] = raw
     env = _dump_json(envelope, "message body")
     views = [e.data for e in entries]
-    parts: list[Any] = [_U64.pack(len(env)), env, _safetensors_header(entries), *views]
+    parts: list[Any] = [U64.pack(len(env)), env, _safetensors_header(entries), *views]
     size = sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in parts)
     if compress and _pays_to_compress(views, size, level, min_saving):
         cctx = zstandard.ZstdCompressor(
@@ -342,7 +253,3 @@ def encode_message(
         return b"".join(out)
     return b"".join([MAGIC, b"\x00", *parts])
 
-
-# Decoding, the strict parser of untrusted bytes, lives in its own module; it imports the
-# format's constants from here.
-from .wire_decoding import decode_message  # noqa: E402

@@ -73,62 +73,26 @@ import base64
 import dataclasses
 import enum
 import math
-import re
-import struct
 from collections import OrderedDict
 from collections.abc import Mapping
 from types import EllipsisType, NotImplementedType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from interlace.remote.errors import UnsupportedValueError, WireFormatError
-from interlace.remote.wire import check_tensor
-from interlace.tracing.cache_entries import NOT_CACHED, Cache, CacheEntry
+from ..errors import UnsupportedValueError, WireFormatError
+from ..wire.encode import check_tensor
+from ...tracing.cache_entries import NOT_CACHED, Cache, CacheEntry
+if TYPE_CHECKING:
+    from .decode import ValueDecoder
+from .grammar import CANONICAL_NAN, DEFAULT_FIX, DEFAULT_MAX_DEPTH, Extension, MAX_INT_DIGITS, MAX_SAFE_INT, NAN_BITS, NP_KINDS, Node, format_path, is_batch_encoding, is_dynamic_cache, is_hf_output_class
 
 __all__ = [
-    "Node",
-    "Extension",
     "ValueEncoder",
-    "ValueDecoder",
     "ClassRegistry",
-    "DEFAULT_MAX_DEPTH",
 ]
 
-Node = Any  # a JSON value: None | bool | int | float | str | list[Node] | dict[str, Node]
-
-DEFAULT_MAX_DEPTH = 200
-_MAX_SAFE_INT = 2**53
-# Python refuses int <-> decimal str conversions beyond this many digits (CVE-2020-10735).
-_MAX_INT_DIGITS = 4300
-_INT_RE = re.compile(r"-?(0|[1-9][0-9]*)")
-_NP_DTYPE_RE = re.compile(r"[<>|=]?[biufcmMSU][0-9]{1,6}(\[[0-9]*[A-Za-z]+\])?")
-_NP_KINDS = frozenset("biufcmMSU")  # everything without pointers or structure
-_DEVICE_RE = re.compile(r"[a-z_]{1,32}(:[0-9]{1,6})?")
-_SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "-0.0": -0.0}
-_NAN_BITS = struct.Struct(">d")
-_CANONICAL_NAN = _NAN_BITS.pack(math.nan)
-_NAN_RE = re.compile(r"nan:[0-9a-f]{16}")
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
-}
-_DEFAULT_FIX = (
-    "convert it to a tensor, list or dict before the trace, or decorate its class with "
-    "@interlace.remote"
-)
-
-
-class Extension(Protocol):
-    """Hooks for values the codec does not know (functions, classes, instances, ...)."""
-
-    def encode(self, value: Any, encoder: ValueEncoder) -> Node | NotImplementedType:
-        """A node for ``value`` (tag ``"x:..."``), or ``NotImplemented`` to decline."""
-        ...
-
-    def decode(self, node: dict[str, Any], decoder: ValueDecoder) -> Any:
-        """The value for a node whose tag starts with ``"x:"``; raise WireFormatError if bad."""
-        ...
 
 
 def _type_name(value: Any) -> str:
@@ -136,25 +100,14 @@ def _type_name(value: Any) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _format_path(root: str, segments: list[tuple[str, Any]]) -> str:
-    out = [root]
-    for kind, key in segments:
-        if kind == "[]":
-            out.append(f"[{key!r}]")
-        elif kind == "key":
-            out.append(f"<key {key!r}>")
-        else:  # "raw": text supplied by the caller, e.g. ".attr" or "<set element>"
-            out.append(key)
-    return "".join(out)
-
 
 def _float_node(value: float) -> Node:
     if math.isfinite(value) and not (value == 0.0 and math.copysign(1.0, value) < 0):
         return value
     if math.isnan(value):
         # NaNs differ in sign and payload (e.g. -nan from negation); keep the bits.
-        bits = _NAN_BITS.pack(value)
-        return {"$t": "float", "v": "nan" if bits == _CANONICAL_NAN else f"nan:{bits.hex()}"}
+        bits = NAN_BITS.pack(value)
+        return {"$t": "float", "v": "nan" if bits == CANONICAL_NAN else f"nan:{bits.hex()}"}
     if math.isinf(value):
         return {"$t": "float", "v": "inf" if value > 0 else "-inf"}
     return {"$t": "float", "v": "-0.0"}
@@ -213,7 +166,7 @@ class ValueEncoder:
     @property
     def path(self) -> str:
         """Where in the value the encoder is now, e.g. ``config['layers'][2]``."""
-        return _format_path(self._root, self._segments)
+        return format_path(self._root, self._segments)
 
     # ------------------------------------------------------------------ internals
     # Recursion goes _encode -> handler -> _encode: two Python frames per level (no
@@ -221,7 +174,7 @@ class ValueEncoder:
     # limit, is what users meet. A raised error leaves _segments as they were at the raise,
     # which is what the message needs; the next top-level call resets them.
 
-    def _error(self, value: Any, reason: str, fix: str | None = _DEFAULT_FIX) -> UnsupportedValueError:
+    def _error(self, value: Any, reason: str, fix: str | None = DEFAULT_FIX) -> UnsupportedValueError:
         # fix=None: the reason already says what to do.
         error = UnsupportedValueError(
             f"cannot send a value of type {_type_name(value)} at {self.path}: {reason}"
@@ -237,15 +190,15 @@ class ValueEncoder:
         if value is None or cls is bool or cls is str:
             return value
         if cls is int:
-            if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+            if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
                 return value
-            if value.bit_length() > _MAX_INT_DIGITS * 3:  # cheap bound before str() refuses
-                raise self._error(value, f"the integer has more than {_MAX_INT_DIGITS} digits",
+            if value.bit_length() > MAX_INT_DIGITS * 3:  # cheap bound before str() refuses
+                raise self._error(value, f"the integer has more than {MAX_INT_DIGITS} digits",
                                   "send it as a string or bytes")
             try:
                 return {"$t": "int", "v": str(value)}
             except ValueError:
-                raise self._error(value, f"the integer has more than {_MAX_INT_DIGITS} digits",
+                raise self._error(value, f"the integer has more than {MAX_INT_DIGITS} digits",
                                   "send it as a string or bytes") from None
         if cls is float:
             return _float_node(value)
@@ -389,7 +342,7 @@ class ValueEncoder:
 
     def _ndarray(self, value: np.ndarray) -> Node:
         dtype = value.dtype
-        if dtype.kind not in _NP_KINDS or dtype.hasobject or dtype.itemsize == 0:
+        if dtype.kind not in NP_KINDS or dtype.hasobject or dtype.itemsize == 0:
             raise self._error(value, f"numpy dtype {dtype} holds objects or structure",
                               "convert it with .astype() to a numeric, bool, str or datetime dtype")
 
@@ -402,7 +355,7 @@ class ValueEncoder:
 
     def _npscalar(self, value: np.generic) -> Node:
         dtype = value.dtype
-        if dtype.kind not in _NP_KINDS or dtype.hasobject or dtype.itemsize == 0:
+        if dtype.kind not in NP_KINDS or dtype.hasobject or dtype.itemsize == 0:
             raise self._error(value, f"numpy scalar of dtype {dtype} cannot be sent",
                               "convert it with .item() first")
         return {"$t": "npscalar", "dtype": dtype.str, "b64": base64.b64encode(value.tobytes()).decode("ascii")}
@@ -434,7 +387,7 @@ class ValueEncoder:
             return self._hf_output(value)
         if is_dynamic_cache(value):
             return self._kv_cache(value)
-        if _is_batch_encoding(type(value)):  # a tokenizer's output travels as its dict of tensors
+        if is_batch_encoding(type(value)):  # a tokenizer's output travels as its dict of tensors
             return self._dict(dict(value))
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             cls_node = self._class_node(value, "dataclass")
@@ -457,35 +410,10 @@ class ValueEncoder:
 def _fix_for(value: Any) -> str:
     # The advice must fit the value (an open file is read, a generator listed, a lock left
     # out of the body); `remote.fixes` sorts values into those kinds.
-    from .fixes import value_hint
+    from ..fixes import value_hint
 
     return value_hint(value)
 
-
-def is_hf_output_class(cls: Any) -> bool:
-    """A Hugging Face `ModelOutput` subclass defined in transformers (checked by name, so
-    this module needs no transformers import)."""
-    return isinstance(cls, type) and cls.__module__.startswith("transformers.") and any(
-        c.__name__ == "ModelOutput" and c.__module__.startswith("transformers.") for c in cls.__mro__
-    )
-
-
-def is_dynamic_cache(value: Any) -> bool:
-    """A transformers `DynamicCache` whose layers all hold plain key/value tensors (checked by
-    name, so this module needs no transformers import); other caches are not data."""
-    cls = type(value)
-    if cls.__name__ != "DynamicCache" or cls.__module__ != "transformers.cache_utils":
-        return False
-    return all(type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
-               and isinstance(getattr(layer, "values", None), torch.Tensor) for layer in value.layers)
-
-
-def _is_batch_encoding(cls: type) -> bool:
-    """Hugging Face's `BatchEncoding` (what a tokenizer returns; checked by name, so this
-    module needs no transformers import)."""
-    return isinstance(cls, type) and issubclass(cls, Mapping) and any(
-        c.__name__ == "BatchEncoding" and c.__module__.startswith("transformers.") for c in cls.__mro__
-    )
 
 
 def _b64(data: bytes | bytearray) -> str:
@@ -551,7 +479,3 @@ class ClassRegistry:
             raise WireFormatError(f"bad value node at {decoder.path}: class {name!r} is not registered here")
         return cls
 
-
-# The decoder lives in its own module (it is the half that reads untrusted input); it is
-# re-exported here so `values` stays the one place to import the codec from.
-from .value_decoding import ValueDecoder  # noqa: E402

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import httpx
 import zstandard
 
-from .errors import BadRequest, JobFailed
+from .execution.errors import BadRequest, JobFailed
 
 
 @dataclass
@@ -195,8 +195,8 @@ class ServerProcess:
                 self.kill()
 
     def create_key(self, name: str | None = None) -> str:
-        from .auth import KeyStore
-        from .db import Database
+        from .server.auth import KeyStore
+        from .server.db import Database
 
         db = Database(self.data_dir / "interlace.db")
         try:
@@ -221,8 +221,8 @@ class ThreadedServer:
     def __init__(self, data_dir: Path | str, *, models: list[str] | None = None, **settings: Any) -> None:
         import uvicorn
 
-        from .app import create_app
-        from .settings import ServerSettings
+        from .server.app import create_app
+        from .server.settings import ServerSettings
 
         self.port = free_port()
         self.settings = ServerSettings(data_dir=Path(data_dir), port=self.port, **settings)

@@ -15,21 +15,21 @@ import numpy as np
 import torch
 import zstandard
 
-from interlace.remote.errors import WireFormatError
+from ..errors import WireFormatError
 
-from .wire import (  # the format's constants and tables, shared with encoding
-    _ENVELOPE_KEYS,
-    _FROM_CODE,
-    _KNOWN_FLAGS,
-    _MAX_ZSTD_RATIO,
-    _RAW_DTYPES,
-    _RAW_SPEC_KEYS,
-    _TENSOR_ITEMSIZE,
-    _U64,
+from .format import (
+    ENVELOPE_KEYS,
     FLAG_ZSTD,
     FORMAT_VERSION,
+    FROM_CODE,
+    KNOWN_FLAGS,
     MAGIC,
+    MAX_ZSTD_RATIO,
     Message,
+    RAW_DTYPES,
+    RAW_SPEC_KEYS,
+    TENSOR_ITEMSIZE,
+    U64,
 )
 
 __all__ = ["decode_message"]
@@ -76,16 +76,16 @@ def _parse_json(data: memoryview, what: str = "envelope") -> Any:
 def _prefixed_json(data: memoryview, missing: str, length_name: str, what: str) -> tuple[Any, memoryview]:
     """Parse a u64 length then that many bytes of JSON (the envelope, the tensor header);
     returns the JSON value and the bytes after it."""
-    if len(data) < _U64.size:
+    if len(data) < U64.size:
         raise WireFormatError(f"the message is truncated: {missing}")
-    (length,) = _U64.unpack_from(data, 0)
-    if length > len(data) - _U64.size:
+    (length,) = U64.unpack_from(data, 0)
+    if length > len(data) - U64.size:
         raise WireFormatError(
             f"the message is truncated: the {length_name} says {length} bytes but only "
-            f"{len(data) - _U64.size} follow"
+            f"{len(data) - U64.size} follow"
         )
-    end = _U64.size + length
-    return _parse_json(data[_U64.size : end], what), data[end:]
+    end = U64.size + length
+    return _parse_json(data[U64.size : end], what), data[end:]
 
 
 def _decompress(frame: memoryview, limit: int | None) -> bytes:
@@ -104,7 +104,7 @@ def _decompress(frame: memoryview, limit: int | None) -> bytes:
             f"the payload decompresses to {size} bytes, over the limit of {limit} bytes; "
             "send fewer or smaller tensors, or raise the receiver's limit"
         )
-    if size > len(frame) * _MAX_ZSTD_RATIO + 1024:
+    if size > len(frame) * MAX_ZSTD_RATIO + 1024:
         raise WireFormatError(
             f"the zstd frame claims {size} bytes from only {len(frame)} compressed bytes; it is corrupt"
         )
@@ -134,7 +134,7 @@ def _check_envelope(env: Any, expected_kind: str | None) -> tuple[str, dict[str,
             f"message format version {fmt} is not supported (this Interlace reads version "
             f"{FORMAT_VERSION}); install matching Interlace versions on client and server"
         )
-    unknown = set(env) - _ENVELOPE_KEYS
+    unknown = set(env) - ENVELOPE_KEYS
     if unknown:
         raise WireFormatError(f"envelope has unknown fields {sorted(unknown)}; client and server versions differ")
     kind = env.get("kind")
@@ -149,9 +149,9 @@ def _check_envelope(env: Any, expected_kind: str | None) -> tuple[str, dict[str,
     if not isinstance(raw, dict):
         raise WireFormatError(f"envelope 'raw' must be a JSON object, got {type(raw).__name__}")
     for name, spec in raw.items():
-        if not isinstance(spec, dict) or set(spec) != _RAW_SPEC_KEYS:
+        if not isinstance(spec, dict) or set(spec) != RAW_SPEC_KEYS:
             raise WireFormatError(f"raw tensor {name!r}: expected {{'dtype', 'shape'}}, got {spec!r}")
-        if spec["dtype"] not in _RAW_DTYPES:
+        if spec["dtype"] not in RAW_DTYPES:
             raise WireFormatError(
                 f"raw tensor {name!r}: dtype {spec['dtype']!r} is unknown here; "
                 "the sender's torch supports it but this one does not"
@@ -168,7 +168,7 @@ def _header_entry(name: str, info: Any, data_len: int) -> tuple[int, int, torch.
     if not isinstance(info, dict) or set(info) != _HEADER_ENTRY_KEYS:
         raise WireFormatError(f"{where}: header entry must have exactly {sorted(_HEADER_ENTRY_KEYS)}, got {info!r}")
     code = info["dtype"]
-    dtype = _FROM_CODE.get(code) if isinstance(code, str) else None
+    dtype = FROM_CODE.get(code) if isinstance(code, str) else None
     if dtype is None:
         raise WireFormatError(f"{where}: dtype {code!r} is not one Interlace sends")
     shape = _check_shape(info["shape"], where)
@@ -181,7 +181,7 @@ def _header_entry(name: str, info: Any, data_len: int) -> tuple[int, int, torch.
     ):
         raise WireFormatError(f"{where}: data_offsets {offsets!r} do not fit in {data_len} data bytes")
     begin, end = offsets
-    if end - begin != math.prod(shape) * _TENSOR_ITEMSIZE[dtype]:
+    if end - begin != math.prod(shape) * TENSOR_ITEMSIZE[dtype]:
         raise WireFormatError(f"{where}: {end - begin} bytes do not match shape {shape} of {dtype}")
     return begin, end, dtype, shape
 
@@ -226,9 +226,9 @@ def _load_tensors(section: memoryview, raw: dict[str, Any]) -> dict[str, torch.T
             raise WireFormatError(f"raw tensor {name!r} is listed in the envelope but missing from the tensors")
         if stored.dtype is not torch.uint8 or stored.dim() != 1:
             raise WireFormatError(f"raw tensor {name!r} must be stored as 1-D U8 bytes")
-        dtype = _RAW_DTYPES[spec["dtype"]]
+        dtype = RAW_DTYPES[spec["dtype"]]
         shape = spec["shape"]
-        if stored.numel() != math.prod(shape) * _TENSOR_ITEMSIZE[dtype]:
+        if stored.numel() != math.prod(shape) * TENSOR_ITEMSIZE[dtype]:
             raise WireFormatError(f"raw tensor {name!r}: {stored.numel()} bytes do not match shape {shape} of {dtype}")
         tensors[name] = stored.view(dtype).reshape(shape) if stored.numel() else torch.empty(shape, dtype=dtype)
     return tensors
@@ -278,7 +278,7 @@ def _decode(
             "check that the URL points at an Interlace server and versions match"
         )
     flags = view[len(MAGIC)]
-    if flags & ~_KNOWN_FLAGS:
+    if flags & ~KNOWN_FLAGS:
         raise WireFormatError(
             f"unknown flags 0x{flags:02x}; the sender uses a newer wire format, upgrade Interlace"
         )
