@@ -145,13 +145,11 @@ def real_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_path: Path, 
 def use_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """Point the client at the session's real server (host, key, quiet status display)."""
     import interlace
-    from interlace.backends import outbound
 
     server = request.getfixturevalue("real_server")
     monkeypatch.setattr(interlace.CONFIG.API, "HOST", server.url)
     monkeypatch.setattr(interlace.CONFIG.API, "APIKEY", server.key)
     monkeypatch.setattr(interlace.CONFIG.APP, "REMOTE_LOGGING", False)
-    outbound._policy_cache.clear()
     return server
 
 

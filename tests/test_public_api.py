@@ -1,4 +1,5 @@
-"""The package's public surface: `interlace.__all__` declares exactly what the top level defines.
+"""The package's public surface: `interlace.__all__` declares exactly what the top level defines,
+and each package face (`interlace.tracing`, `.contract`, ...) declares a `__all__` it keeps.
 
 Other parts of the project add names over time; this test does not pin the full list. It
 checks that nothing public is undeclared (a leak) and nothing declared is missing, plus the
@@ -7,7 +8,10 @@ core engine names that must always be there.
 
 from __future__ import annotations
 
+import importlib
 import types
+
+import pytest
 
 import interlace
 
@@ -82,3 +86,28 @@ def test_error_hierarchy() -> None:
     assert issubclass(interlace.MissedProviderError, interlace.InterlaceError)
     assert issubclass(interlace.LanguageModel, interlace.NNsight)
     assert issubclass(interlace.NNsight, interlace.Envoy)
+
+
+# -- the package faces ----------------------------------------------------------------------
+
+#: Each package's `__init__.py` is its face: `__all__` lists what other layers may use.
+FACES = [
+    "interlace.tracing",
+    "interlace.contract",
+    "interlace.execution",
+    "interlace.backends",
+    "interlace.server",
+    "interlace.models",
+]
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_package_face_declares_all(face: str) -> None:
+    module = importlib.import_module(face)
+    declared = getattr(module, "__all__", None)
+    assert isinstance(declared, (list, tuple)), f"{face} has no `__all__` (its face: what other layers may use)"
+    assert all(isinstance(name, str) for name in declared), f"{face}.__all__ holds a non-string"
+    duplicates = sorted({name for name in declared if list(declared).count(name) > 1})
+    assert not duplicates, f"{face}.__all__ lists twice: {duplicates}"
+    missing = [name for name in declared if not hasattr(module, name)]
+    assert not missing, f"{face}.__all__ lists names it does not define: {missing}"

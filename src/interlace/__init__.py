@@ -5,7 +5,6 @@ Run a traced block here (`remote=False`), in a faithful in-process simulation of
 """
 
 from ._version import __version__
-from .backends.client import RemoteException
 from .backends.pending import ResultNotReadyError
 from .backends.remote import RemoteJob, attach
 from .config import CONFIG
@@ -16,8 +15,12 @@ from .errors import (
     ModuleNotCalledError,
     NotSavedError,
     OutOfOrderError,
+    RemoteException,
+    RemoteRequestError,
+    ServerUnreachableError,
     SourceNotFoundError,
     TracingError,
+    WaitTimeout,
 )
 from .models import LanguageModel, NNsight
 from . import remote  # callable: @interlace.remote (see remote.py)
@@ -46,9 +49,12 @@ __all__ = [
     "NotSavedError",
     "OutOfOrderError",
     "RemoteException",
+    "RemoteRequestError",
     "RemoteValidationError",
     "ResultNotReadyError",
+    "ServerUnreachableError",
     "SourceNotFoundError",
     "TraceOptionError",
     "TracingError",
+    "WaitTimeout",
 ]

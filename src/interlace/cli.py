@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 from ._version import PROTOCOL_VERSION, __version__
 
+__all__ = ["main", "build_parser", "FAKE_RUNNER_ENV"]
+
 FAKE_RUNNER_ENV = "INTERLACE_TEST_FAKE_RUNNER"
 
 

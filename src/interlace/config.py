@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+__all__ = ["CONFIG", "Config", "ApiConfig", "AppConfig", "DEFAULT_HOST", "config_dir", "config_path"]
+
 DEFAULT_HOST = "http://127.0.0.1:8000"
 
 

@@ -1,11 +1,48 @@
-"""Exceptions users see. Each message names the problem and shows the fix."""
+"""Exceptions users see. Each message names the problem and shows the fix.
+
+Every exception that reaches a user is an `InterlaceError`, so `except interlace.InterlaceError:`
+catches whatever Interlace raises, in every mode. Where Python has a matching built-in, the
+class is one too (shown in brackets), so the `except ValueError:` a user would write for plain
+Python (or for nnsight) keeps working::
+
+    InterlaceError
+    ├── TracingError [ValueError]                a trace used in a way that cannot work
+    │   ├── SourceNotFoundError                  the `with` block's source cannot be read
+    │   ├── NotSavedError [UnboundLocalError]    a name used after the block, never saved
+    │   └── HostedModelError                     models/hosted.py: a model known only by its key
+    ├── MissedProviderError                      a module value that was never delivered
+    │   ├── OutOfOrderError                      asked for after its module ran
+    │   └── ModuleNotCalledError                 the forward never called the module
+    ├── TraceOptionError [TypeError]             contract/options.py: a keyword this mode refuses
+    ├── RemoteValidationError                    contract/problems.py: the request breaks the policy
+    ├── UnsupportedValueError [TypeError]        contract/errors.py: a value the wire cannot carry
+    ├── RemoteProtocolError                      contract/errors.py: what client and server exchange
+    │   └── WireFormatError                      bytes that do not follow the wire format
+    ├── RemoteRequestError                       the server refused a request (HTTP 4xx/5xx)
+    ├── RemoteException                          a job failed on the server (`tb_string`)
+    │   └── Remote<Name> [<Name>]                ... and its code raised <Name> (IndexError, ...)
+    ├── ServerUnreachableError [ConnectionError] no server answers at the configured host
+    ├── WaitTimeout [TimeoutError]               `wait(timeout=)` ran out; the job goes on
+    └── ResultNotReadyError [RuntimeError]       backends/pending.py: a `blocking=False` value used early
+
+    Warning
+    └── UserWarning
+        └── GenerationEndedWarning               generation stopped before a step the body awaited
+
+Classes live here unless they need a layer above this one (a `Problem`, a placeholder): those
+are defined where the data is, and listed above with their module. Exceptions that never leave
+Interlace (the server's `ApiError`, `execution.errors.BadRequest`/`JobFailed`, which become
+HTTP answers and job states) are not part of this tree.
+"""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import threading
 import warnings
-from typing import Iterator
+from functools import lru_cache
+from typing import Any, Iterator
 
 __all__ = [
     "InterlaceError",
@@ -15,6 +52,10 @@ __all__ = [
     "SourceNotFoundError",
     "NotSavedError",
     "TracingError",
+    "RemoteException",
+    "RemoteRequestError",
+    "ServerUnreachableError",
+    "WaitTimeout",
     "GenerationEndedWarning",
 ]
 
@@ -48,6 +89,79 @@ class SourceNotFoundError(TracingError):
 class NotSavedError(TracingError, UnboundLocalError):
     """A name the trace body assigned, used after the block, but never saved (so it has no
     value outside the trace). An `UnboundLocalError` too, which is what Python would raise."""
+
+
+# -- a job on a server ---------------------------------------------------------------------------
+
+
+class RemoteRequestError(InterlaceError):
+    """The server refused a request (4xx/5xx). `problems` lists validation problems (422)."""
+
+    def __init__(self, status_code: int, detail: str, problems: list[dict[str, Any]] | None = None) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        self.problems = problems
+        text = f"HTTP {status_code}: {detail}"
+        for problem in problems or ():
+            where = f"{problem.get('filename')}:{problem.get('lineno')}: " if problem.get("filename") else ""
+            fix = f" (fix: {problem['fix']})" if problem.get("fix") else ""
+            text += f"\n  - {where}{problem.get('message', problem)}{fix}"
+        super().__init__(text)
+
+
+class ServerUnreachableError(InterlaceError, ConnectionError):
+    """No Interlace server answers at the client's host (the message names it and the fix). A
+    `ConnectionError` too, which is what `except ConnectionError:` written for it expects."""
+
+
+class WaitTimeout(InterlaceError, TimeoutError):
+    """`Job.wait(timeout=...)` ran out; the job itself goes on."""
+
+
+class RemoteException(InterlaceError):
+    """A job failed on the server; `tb_string` is the server's account (a traceback).
+
+    When the job's code raised a built-in exception or one of Interlace's own (`category` is
+    its name), the RemoteException is an instance of that class too, so the `except
+    IndexError:` or `except interlace.OutOfOrderError:` written for a local run also catches
+    it remotely (nnsight's `remote='local'` raises the original type).
+    """
+
+    def __new__(cls, tb_string: str = "", *args: Any, category: str | None = None, **kwargs: Any) -> "RemoteException":
+        if cls is RemoteException and category:
+            cls = _remote_exception_class(category)
+        return super().__new__(cls, tb_string)
+
+    def __init__(self, tb_string: str, *, job_id: str | None = None, category: str | None = None) -> None:
+        Exception.__init__(self, tb_string)
+        self.tb_string = tb_string
+        self.job_id = job_id
+        self.category = category
+
+    def __str__(self) -> str:
+        return self.tb_string
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_remote_exception, (self.tb_string, self.job_id, self.category), self.__dict__)
+
+
+def _rebuild_remote_exception(tb_string: str, job_id: str | None, category: str | None) -> RemoteException:
+    return RemoteException(tb_string, job_id=job_id, category=category)
+
+
+@lru_cache(maxsize=256)  # categories come from the server: bounded
+def _remote_exception_class(category: str) -> type[RemoteException]:
+    """RemoteException, also an instance of the exception class `category` names (built-in
+    or one of this module's), where that class can be combined with it."""
+    original = globals().get(category) if category in __all__ else getattr(builtins, category, None)
+    if not (isinstance(original, type) and issubclass(original, Exception)) or issubclass(original, RemoteException):
+        return RemoteException
+    try:
+        combined = type(f"Remote{category}", (RemoteException, original), {"__module__": "interlace"})
+        combined("probe")  # classes whose constructor needs more (UnicodeDecodeError) are left out
+    except TypeError:
+        return RemoteException
+    return combined
 
 
 class GenerationEndedWarning(UserWarning):

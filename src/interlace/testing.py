@@ -1,13 +1,43 @@
-"""TEST ONLY: a fake `JobRunner` and a server-in-a-subprocess harness, so server and client
-tests need no model and no engine.
+"""Test servers for code that talks to Interlace: a fake job runner and two ways to serve it.
 
-`interlace serve` uses it only when the environment variable INTERLACE_TEST_FAKE_RUNNER=1 is
-set (see `interlace.cli`); never enable that on a real server.
+Like Starlette's `testclient`, this is a public helper for your tests (and Interlace's own):
+it serves the real HTTP app, with the real job store, auth and workers, but the jobs are
+run by `FakeRunner`, which needs no model and no engine, so a test can script what a job
+does (sleep, log, fail, hold until told, return N bytes) and check what the client sees.
 
-Payload: JSON {"model_key": str, "sleep": float, "hold": path, "echo": any, "fail": str,
-"log": [str], "result_bytes": int, "random_bytes": int}. "hold" makes the job wait until that
-file exists (a gate the test opens with `Gate.open()`), so tests order events by state, never by
-wall-clock margins that a loaded machine can overrun. Result: zstd-compressed JSON {"echo": ..., "pad": "x" * result_bytes}.
+- `ThreadedServer`: the app in a thread of this process; starts in a fraction of a second.
+- `ServerProcess`: `interlace serve` in a subprocess, for tests that kill or restart the
+  server (`fake=False` serves real models from `models=[...]` instead of the fake runner).
+- `FakeRunner`, `fake_payload`, `decode_fake_result`: the job a test submits and its result.
+- `Gate`: a file a job waits on, so a test orders events by state, never by timing.
+
+Example (pytest, with its `tmp_path` fixture)::
+
+    import time
+
+    import httpx
+
+    from interlace import __version__
+    from interlace.testing import ThreadedServer, decode_fake_result, fake_payload
+
+    def test_a_job_round_trip(tmp_path):
+        with ThreadedServer(tmp_path) as server:
+            headers = {"X-Interlace-Key": server.create_key("alice"), "X-Interlace-Version": __version__}
+            with httpx.Client(base_url=server.url, headers=headers) as http:
+                job = http.post("/v1/jobs", content=fake_payload(echo=[1, 2], log=["hi"])).json()
+                while http.get(f"/v1/jobs/{job['id']}").json()["status"] != "COMPLETED":
+                    time.sleep(0.01)
+                result = http.get(f"/v1/jobs/{job['id']}/result").content
+        assert decode_fake_result(result)["echo"] == [1, 2]
+
+The fake payload is JSON: {"model_key": str, "sleep": float, "hold": path, "echo": any,
+"fail": str, "log": [str], "result_bytes": int, "random_bytes": int} (see `FakeRunner`).
+Its result is zstd-compressed JSON {"echo": ..., "pad": "x" * result_bytes} (plus "random",
+base64, with `random_bytes`).
+
+`interlace serve` runs the fake runner only when the environment variable
+INTERLACE_TEST_FAKE_RUNNER=1 is set (see `interlace.cli`); it serves no model, so never set
+that on a real server.
 """
 
 from __future__ import annotations
@@ -30,14 +60,40 @@ import zstandard
 
 from .execution.errors import BadRequest, JobFailed
 
+__all__ = [
+    "HOLD_LIMIT_S",
+    "FakeJob",
+    "FakeRunner",
+    "Gate",
+    "ServerProcess",
+    "ThreadedServer",
+    "decode_fake_result",
+    "fake_payload",
+    "free_port",
+]
+
 
 @dataclass
 class FakeJob:
+    """A fake payload accepted by `FakeRunner.prepare`: its model key and the whole spec."""
+
     model_key: str
     spec: dict[str, Any] = field(default_factory=dict)
 
 
 class FakeRunner:
+    """A job runner (the server's `JobRunner` protocol) that runs scripted jobs, not models.
+
+    It hosts the model keys `models` (default `["fake"]`) and runs payloads made by
+    `fake_payload(model_key, **spec)`. `prepare` rejects what a real runner would: bytes that
+    are not a JSON object (400), a spec with wrong types (422, with problems) and an unknown
+    model key (404). `run` then, in this order: sends each line of `log` as a log line, sleeps
+    `sleep` seconds, waits for the file `hold` to exist (see `Gate`; at most `HOLD_LIMIT_S`),
+    fails with the text `fail` as a user error, else returns the result `decode_fake_result`
+    reads: `{"echo": echo, "pad": "x" * result_bytes}`, plus `random_bytes` of incompressible
+    data (base64) under "random".
+    """
+
     def __init__(self, models: list[str] | None = None) -> None:
         self._models = list(models or ["fake"])
 
@@ -83,7 +139,9 @@ class FakeRunner:
         return {"runner": "fake", "note": "test-only runner"}
 
 
-HOLD_LIMIT_S = 300.0  # a forgotten gate fails the job instead of hanging the suite
+#: Seconds a job waits on a `Gate` at most: a gate the test forgets to open fails the job
+#: instead of hanging the test run.
+HOLD_LIMIT_S = 300.0
 
 
 def _wait_for_file(path: Path) -> None:
@@ -95,8 +153,12 @@ def _wait_for_file(path: Path) -> None:
 
 
 class Gate:
-    """A file the fake runner waits on (`fake_payload(hold=gate.path)`): jobs stay RUNNING until
-    the test calls `open()`, across processes and server restarts."""
+    """A file the fake runner waits on: a job submitted with `fake_payload(hold=gate.path)`
+    stays RUNNING until the test calls `gate.open()`.
+
+    The gate is a file (`directory/name`), so it holds across processes and server restarts:
+    a test can submit, kill the server, restart it and only then let the job finish.
+    """
 
     def __init__(self, directory: Path | str, name: str = "gate") -> None:
         self.path = str(Path(directory) / name)
@@ -106,21 +168,33 @@ class Gate:
 
 
 def decode_fake_result(data: bytes) -> dict[str, Any]:
+    """The result of a `FakeRunner` job, from the bytes `GET /v1/jobs/{id}/result` returns."""
     return json.loads(zstandard.ZstdDecompressor().decompress(data))
 
 
 def fake_payload(model_key: str = "fake", **spec: Any) -> bytes:
+    """The request body of a `FakeRunner` job (`POST /v1/jobs`); `spec` as `FakeRunner` reads it."""
     return json.dumps({"model_key": model_key, **spec}).encode()
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the servers here pick one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 class ServerProcess:
-    """A real `interlace serve` in a subprocess with the fake runner, for tests and benches."""
+    """A real `interlace serve` in a subprocess, for tests and benches; a context manager.
+
+    With `fake=True` (the default) the server runs `FakeRunner` for the keys `models`
+    (default `["fake"]`); with `fake=False` it loads and serves the real models named in
+    `models` (hub ids or paths). `args` are more `interlace serve` options (`["--max-upload-mb",
+    "1"]`). The data (database, results) and `server.log` live in `data_dir`, so a second
+    `ServerProcess` on the same `data_dir` is the same server restarted. `start()` waits until
+    the server answers; `stop()` shuts it down, `kill()` crashes it (SIGKILL), `log()` is its
+    output so far, and `create_key(name)` makes an API key in its database.
+    """
 
     def __init__(
         self,
@@ -212,10 +286,12 @@ class ServerProcess:
 
 
 class ThreadedServer:
-    """A real uvicorn server on a free loopback port, in a thread of this process (fake runner).
+    """The real server app on a free loopback port, in a thread of this process; a context manager.
 
-    Starts in a fraction of a second (no interpreter start-up), for tests that need HTTP but
-    not a process to kill; use `ServerProcess` for crash tests.
+    Jobs are run by `FakeRunner(models)`. Other keyword arguments are `ServerSettings` fields
+    (`result_ttl=1`, `result_store=url`, ...). It starts in a fraction of a second (no
+    interpreter start-up), for tests that need HTTP but no process to kill; use
+    `ServerProcess` for crash and restart tests. `create_key(name)` makes an API key.
     """
 
     def __init__(self, data_dir: Path | str, *, models: list[str] | None = None, **settings: Any) -> None:

@@ -9,9 +9,17 @@ import sys
 
 import pytest
 
+import interlace
 from interlace import cli
 from interlace.backends import client as client_module
-from interlace.backends.client import RemoteClient, RemoteException, RemoteRequestError, WaitTimeout
+from interlace.backends.client import (
+    RemoteClient,
+    RemoteException,
+    RemoteRequestError,
+    ServerUnreachableError,
+    WaitTimeout,
+    fetch_policy,
+)
 from interlace.backends.display import JobStatusDisplay
 from interlace.testing import Gate, ServerProcess, decode_fake_result, fake_payload, free_port
 
@@ -110,6 +118,23 @@ def test_connection_error_names_host_and_fix():
     with pytest.raises(ConnectionError) as info:
         remote.submit(b"{}")
     assert remote.host in str(info.value) and "interlace serve" in str(info.value)
+    assert isinstance(info.value, ServerUnreachableError) and isinstance(info.value, interlace.InterlaceError)
+
+
+def test_interlace_error_catches_a_failed_job_and_a_refused_request(client, server):
+    caught = []
+    for attempt in (
+        lambda: client.submit(fake_payload(fail="IndexError: list index out of range")).result(timeout=10),
+        lambda: RemoteClient(server.url, "il_bad_key").submit(fake_payload()),
+        lambda: client.submit(b'{"sleep": "x"}'),
+    ):
+        try:
+            attempt()
+        except interlace.InterlaceError as error:
+            caught.append(error)
+    assert [type(e).__name__ for e in caught] == ["RemoteException", "RemoteRequestError", "RemoteRequestError"]
+    assert isinstance(caught[0], interlace.RemoteException)
+    assert [e.status_code for e in caught[1:]] == [401, 422]
 
 
 def test_bad_key_and_version_are_explained(server, monkeypatch):
@@ -180,3 +205,19 @@ def test_shared_client_is_reused(server):
     assert shared_client(server.url, server.key) is first
     assert shared_client(server.url, "il_other_key") is not first
     assert first.policy(cached=True) is first.policy(cached=True)
+
+
+def test_fetch_policy_asks_the_shared_client_once(server):
+    policy = fetch_policy(server.url, server.key)
+    assert policy is not None and policy["runner"] == "fake"
+    assert fetch_policy(server.url, server.key) is policy  # cached by the host's shared client
+    assert client_module.shared_client(server.url, server.key).policy(cached=True) is policy
+
+
+def test_fetch_policy_is_none_without_a_server_and_asks_once(monkeypatch):
+    host = f"http://127.0.0.1:{free_port()}"
+    assert fetch_policy(host, timeout=0.2) is None
+    asked = []
+    monkeypatch.setattr(RemoteClient, "policy", lambda self, **kw: asked.append(kw))
+    assert fetch_policy(host, timeout=0.2) is None and asked == []  # the silence is remembered
+    assert fetch_policy("not-a-url") is None

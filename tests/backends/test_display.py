@@ -115,3 +115,16 @@ def test_notebook_html_updates_one_display():
 def test_ansi_to_html():
     markup = ansi_to_html("\x1b[32m\x1b[1mOK\x1b[0m <x>")
     assert "#2ecc71" in markup and "font-weight:bold" in markup and "&lt;x&gt;" in markup
+
+
+def test_styles_cover_exactly_the_states_the_server_sends():
+    """One list of states (`contract.http.JobStatus`): the display knows no state the server
+    never sends (nnsight's DISPATCHED, STREAM) and misses none it does."""
+    from interlace.backends import display as display_module
+    from interlace.contract.http import PENDING, TERMINAL, JobStatus
+
+    assert set(display_module.STYLES) == {s.value for s in JobStatus}
+    assert display_module.ACTIVE <= PENDING and not display_module.ACTIVE & TERMINAL
+    out = io.StringIO()
+    JobStatusDisplay(stream=out, color=False).update("j", "EXPIRED", "gone")
+    assert out.getvalue().startswith("✗ [j] EXPIRED")

@@ -15,10 +15,14 @@ from interlace._version import __version__
 from interlace.backends.pending import ResultNotReadyError
 from interlace.contract.options import CLIENT_OPTIONS, TraceOptionError
 from interlace.contract.policy import DEFAULT_POLICY
-from interlace.contract.request import build_request, encode_request
+from interlace.backends.outbound import build_request
+from interlace.contract.request import encode_request
+from interlace.tracing.backend import CapturedTrace
+from interlace.tracing.namespace import FrameNames
 from interlace.execution.errors import BadRequest
-from interlace.execution.run import ExecutionFailed, execute_request
-from interlace.server.runner import prepare_payload
+from interlace.execution.errors import JobFailed
+from interlace.execution.run import execute_request
+from interlace.execution.receive import prepare_payload
 
 A = "The Eiffel Tower is in the city of"
 B = "Madison Square Garden is"
@@ -96,9 +100,8 @@ def _forged_payload(lm, **kwargs):
     """A request carrying `kwargs` as model options, as a broken or hostile client might send."""
     with lm.trace(A, remote="local") as tracer:
         pass
-    tracer.kwargs = {}
-    tracer._frame = __import__("sys")._getframe()
-    built = build_request(tracer, "m", DEFAULT_POLICY)
+    trace = CapturedTrace("trace", tracer.block, (A,), {}, FrameNames(__import__("sys")._getframe()), lm, tracer)
+    built = build_request(trace, "m", DEFAULT_POLICY)
     built.request = built.request.model_copy(update={"kwargs": kwargs})
     return encode_request(built), built.request
 
@@ -143,9 +146,9 @@ def test_an_option_the_model_rejects_at_setup_is_the_users_error(lm):
     """Setting up the trace from the request's options is user territory: a TypeError there
     is reported at the user's `with` line, never as an internal server error."""
     _, request = _forged_payload(lm, max_upload_mb=5)  # past prepare (a runner calling directly)
-    with pytest.raises(ExecutionFailed) as info:
+    with pytest.raises(JobFailed) as info:
         execute_request(request, {}, lm, policy=DEFAULT_POLICY, log=lambda line: None)
-    text = info.value.text
+    text = info.value.traceback_text
     assert "max_upload_mb" in text and "with lm.trace(A, remote=\"local\") as tracer:" in text
     assert info.value.category == "TraceOptionError"
 

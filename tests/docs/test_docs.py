@@ -46,7 +46,6 @@ def expected_error(code: str) -> type[BaseException] | None:
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory, monkeypatch_module):
     """A real server on its embedded default: the built-in demo model, as `interlace serve`."""
-    from interlace.backends import outbound
     from interlace.testing import ServerProcess
 
     cache = tmp_path_factory.mktemp("docs-cache")
@@ -56,7 +55,6 @@ def demo_server(tmp_path_factory, monkeypatch_module):
         monkeypatch_module.setattr(interlace.CONFIG.API, "HOST", proc.url)
         monkeypatch_module.setattr(interlace.CONFIG.API, "APIKEY", proc.create_key("docs"))
         monkeypatch_module.setattr(interlace.CONFIG.APP, "REMOTE_LOGGING", False)
-        outbound._policy_cache.clear()
         yield proc
 
 

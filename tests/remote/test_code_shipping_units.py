@@ -187,7 +187,7 @@ def test_decorated_class_rebuilt_on_the_server_is_not_checked_again():
 
 
 def test_a_bad_model_ref_in_a_request_fails_the_job_with_a_clear_message(monkeypatch):
-    from interlace.server import runner
+    from interlace.execution import run as runner
 
     real = runner.execute_request
 

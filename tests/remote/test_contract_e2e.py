@@ -34,7 +34,6 @@ def configured(server, monkeypatch):
     monkeypatch.setattr(interlace.CONFIG.API, "HOST", server.url)
     monkeypatch.setattr(interlace.CONFIG.API, "APIKEY", server.key)
     monkeypatch.setattr(interlace.CONFIG.APP, "REMOTE_LOGGING", False)
-    outbound._policy_cache.clear()
 
 
 def _same(a, b):
@@ -81,10 +80,11 @@ def test_server_rejects_what_the_client_would(server, model, monkeypatch):
     assert "file-io" in info.value.categories
 
 
-def _encode_without_client_checks(tracer, key, policy, *, strict_remote):
-    from interlace.contract.request import build_request, encode_request
+def _encode_without_client_checks(trace, key, policy, *, strict_remote):
+    from interlace.backends.outbound import build_request
+    from interlace.contract.request import encode_request
 
-    built = build_request(tracer, key, policy, strict_remote=strict_remote)
+    built = build_request(trace, key, policy, strict_remote=strict_remote)
     return encode_request(built), built
 
 

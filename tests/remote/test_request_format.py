@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from interlace.contract.errors import WireFormatError
-from interlace.contract.request import decode_request, free_names
+from interlace.contract.request import decode_request
+from interlace.tracing.outer_names import free_names
 from interlace.contract.wire.encode import encode_message
 
 

@@ -9,7 +9,6 @@ import torch
 
 import interlace
 from interlace._version import __version__
-from interlace.backends import outbound
 from interlace.testing import ServerProcess
 
 PROMPT = "The Eiffel Tower is in the city of"
@@ -27,7 +26,6 @@ def server(tmp_path, tiny_gpt2_path, monkeypatch):
     monkeypatch.setattr(interlace.CONFIG.API, "HOST", proc.url)
     monkeypatch.setattr(interlace.CONFIG.API, "APIKEY", proc.key)
     monkeypatch.setattr(interlace.CONFIG.APP, "REMOTE_LOGGING", False)
-    outbound._policy_cache.clear()
     try:
         yield proc
     finally:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from interlace.contract.http import JobStatus
 from interlace.server import versions
 from interlace.server.auth import KeyStore
 from interlace.server.db import Database
@@ -18,7 +19,6 @@ from interlace.server.service import JobService
 from interlace.server.settings import ServerSettings
 from interlace.server.store import Event, JobStore
 from interlace.testing import FakeRunner, fake_payload
-from interlace.server.types import JobStatus
 
 
 @pytest.fixture
@@ -168,3 +168,30 @@ def test_recovery_removes_orphan_payload_files(tmp_path):
     (tmp_path / "payloads" / "half-written.tmp").write_bytes(b"x")
     service.recover()
     assert sorted(p.name for p in (tmp_path / "payloads").iterdir()) == [f"{job_id}.bin"]
+
+
+def test_the_app_serves_the_protocols_paths(tmp_path):
+    """The routes are the paths of `contract.http`, which the client uses too: one home."""
+    from interlace.contract import http
+    from interlace.server.app import create_app
+
+    app = create_app(ServerSettings(data_dir=tmp_path), FakeRunner(["fake"]))
+    app.state.service.db.close()
+    routes = {(getattr(r, "path", None), frozenset(getattr(r, "methods", None) or {"WS"})) for r in app.routes}
+    for path, method in [(http.INFO, "GET"), (http.POLICY, "GET"), (http.JOBS, "POST"), (http.JOBS, "GET"),
+                         (http.JOB, "GET"), (http.JOB, "DELETE"), (http.JOB_EVENTS, "GET"), (http.JOB_RESULT, "GET"),
+                         (http.JOB_EVENTS, "WS"), (http.MODEL_META.replace("}", ":path}"), "GET")]:
+        assert any(p == path and method in methods for p, methods in routes), (path, method)
+    spec = app.openapi()
+    after = [p["name"] for p in spec["paths"][http.JOB_EVENTS]["get"]["parameters"] if p["in"] == "query"]
+    assert after == [http.AFTER_QUERY]
+    assert http.path(http.MODEL_META, model_key="org/model") == "/v1/models/org%2Fmodel/meta"
+    assert http.path(http.JOB_EVENTS, job_id="3f2c") == "/v1/jobs/3f2c/events"
+
+
+def test_auth_messages_name_the_header_and_the_fix():
+    from interlace.contract.http import KEY_HEADER
+    from interlace.server.auth import MSG_INVALID_KEY, MSG_MISSING_KEY
+
+    for message in (MSG_MISSING_KEY, MSG_INVALID_KEY):
+        assert KEY_HEADER in message and "interlace keys create --name" in message

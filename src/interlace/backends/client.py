@@ -7,22 +7,23 @@
 
 `wait` follows the job's WebSocket; when it drops (server restart, network) it reconnects with
 backoff, asking only for events after the last one seen, and falls back to HTTP polling if
-WebSockets keep failing. Payloads and results are opaque bytes here; encoding is done by
-`interlace.remote`.
+WebSockets keep failing. Those decisions are made once, without I/O, in `follow.py`; here
+`_JobIO` and `_AsyncJobIO` only carry them out, blocking or with asyncio. Payloads and results
+are opaque bytes here; encoding is done by `interlace.contract`. The protocol (headers, paths,
+job states) is `interlace.contract.http`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import json
+import contextlib
 import os
 import ssl
 import threading
 import time
 from functools import lru_cache
-from typing import Any
-from urllib.parse import quote
+from typing import Any, Final, Iterator
 
 import httpx
 import websockets
@@ -31,79 +32,45 @@ from websockets.sync.client import connect as sconnect
 
 from .._version import __version__
 from ..config import CONFIG
+from ..contract.http import (
+    AFTER_QUERY,
+    CALLBACK_HEADER,
+    INFO,
+    JOB,
+    JOB_EVENTS,
+    JOB_RESULT,
+    JOBS,
+    KEY_HEADER,
+    MODEL_META,
+    POLICY,
+    VERSION_HEADER,
+    path,
+)
+from ..errors import RemoteException, RemoteRequestError, ServerUnreachableError, WaitTimeout
 from .display import JobStatusDisplay
+from .follow import Follow, Head, arun, refusal, run
 
-KEY_HEADER = "X-Interlace-Key"
-VERSION_HEADER = "X-Interlace-Version"
-CALLBACK_HEADER = "X-Interlace-Callback"
-FINAL = frozenset({"COMPLETED", "ERROR", "CANCELLED", "EXPIRED"})
-PROGRESS_MIN_BYTES = 1024 * 1024  # show a download bar above this size
-CHUNK = 256 * 1024
+__all__ = [
+    "RemoteClient",
+    "Job",
+    "shared_client",
+    "fetch_policy",
+    "RemoteException",
+    "RemoteRequestError",
+    "ServerUnreachableError",
+    "WaitTimeout",
+]
 
+CHUNK = 256 * 1024  # download chunk
 
-class RemoteException(Exception):
-    """A job failed on the server; `tb_string` is the server's account (a traceback).
+MSG_UNREACHABLE: Final = (
+    "Could not reach the Interlace server at {host} ({error}). "
+    "Start one with `interlace serve` (it listens on http://127.0.0.1:8000 by default), or "
+    "point the client at yours with INTERLACE_HOST or interlace.CONFIG.API.HOST."
+)
 
-    When the job's code raised a built-in exception or one of Interlace's own (`category` is
-    its name), the RemoteException is an instance of that class too, so the `except
-    IndexError:` or `except interlace.OutOfOrderError:` written for a local run also catches
-    it remotely (nnsight's `remote='local'` raises the original type).
-    """
-
-    def __new__(cls, tb_string: str = "", *args: Any, category: str | None = None, **kwargs: Any) -> "RemoteException":
-        if cls is RemoteException and category:
-            cls = _remote_exception_class(category)
-        return super().__new__(cls, tb_string)
-
-    def __init__(self, tb_string: str, *, job_id: str | None = None, category: str | None = None) -> None:
-        Exception.__init__(self, tb_string)
-        self.tb_string = tb_string
-        self.job_id = job_id
-        self.category = category
-
-    def __str__(self) -> str:
-        return self.tb_string
-
-    def __reduce__(self) -> Any:
-        return (_rebuild_remote_exception, (self.tb_string, self.job_id, self.category), self.__dict__)
-
-
-def _rebuild_remote_exception(tb_string: str, job_id: str | None, category: str | None) -> RemoteException:
-    return RemoteException(tb_string, job_id=job_id, category=category)
-
-
-@lru_cache(maxsize=256)  # categories come from the server: bounded
-def _remote_exception_class(category: str) -> type[RemoteException]:
-    """RemoteException, also an instance of the exception class `category` names (built-in
-    or `interlace.errors`), where that class can be combined with it."""
-    import builtins
-
-    from .. import errors
-
-    original = getattr(errors, category, None) or getattr(builtins, category, None)
-    if not (isinstance(original, type) and issubclass(original, Exception)) or issubclass(original, RemoteException):
-        return RemoteException
-    try:
-        combined = type(f"Remote{category}", (RemoteException, original), {"__module__": "interlace"})
-        combined("probe")  # classes whose constructor needs more (UnicodeDecodeError) are left out
-    except TypeError:
-        return RemoteException
-    return combined
-
-
-class RemoteRequestError(Exception):
-    """The server refused a request (4xx/5xx). `problems` lists validation problems (422)."""
-
-    def __init__(self, status_code: int, detail: str, problems: list[dict[str, Any]] | None = None) -> None:
-        self.status_code = status_code
-        self.detail = detail
-        self.problems = problems
-        text = f"HTTP {status_code}: {detail}"
-        for problem in problems or ():
-            where = f"{problem.get('filename')}:{problem.get('lineno')}: " if problem.get("filename") else ""
-            fix = f" (fix: {problem['fix']})" if problem.get("fix") else ""
-            text += f"\n  - {where}{problem.get('message', problem)}{fix}"
-        super().__init__(text)
+# Errors that mean no server answered (as opposed to one that answered badly).
+_NOT_REACHED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
 @lru_cache(maxsize=1)
@@ -114,15 +81,7 @@ def _tls_context() -> ssl.SSLContext:
 
 
 def _error_from(response: httpx.Response) -> RemoteRequestError:
-    try:
-        body = response.json()
-        detail = body.get("detail") if isinstance(body, dict) else None
-        problems = body.get("problems") if isinstance(body, dict) else None
-    except ValueError:
-        detail, problems = None, None
-    if not isinstance(detail, str):
-        detail = response.text.strip() or response.reason_phrase
-    return RemoteRequestError(response.status_code, detail, problems)
+    return refusal(response.status_code, response.content, response.reason_phrase)
 
 
 class RemoteClient:
@@ -154,6 +113,7 @@ class RemoteClient:
         self._ahttp: httpx.AsyncClient | None = None
         self._ahttp_loop: asyncio.AbstractEventLoop | None = None
         self._policy: dict[str, Any] | None = None
+        self._policy_unanswered = False  # `fetch_policy` found no server: do not ask again
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -171,12 +131,17 @@ class RemoteClient:
             options["ssl"] = _tls_context()
         return options
 
-    def _unreachable(self, exc: BaseException) -> ConnectionError:
-        return ConnectionError(
-            f"Could not reach the Interlace server at {self.host} ({type(exc).__name__}: {exc}). "
-            "Start one with `interlace serve` (it listens on http://127.0.0.1:8000 by default), or "
-            "point the client at yours with INTERLACE_HOST or interlace.CONFIG.API.HOST."
-        )
+    def _events_url(self, job_id: str, after: int) -> str:
+        return f"{self.ws_host}{path(JOB_EVENTS, job_id=job_id)}?{AFTER_QUERY}={after}"
+
+    @contextlib.contextmanager
+    def _reaching(self, *errors: type[Exception]) -> Iterator[None]:
+        """Turn `errors` (the ones that mean no server answered) into one that says so."""
+        try:
+            yield
+        except errors as exc:
+            raise ServerUnreachableError(MSG_UNREACHABLE.format(
+                host=self.host, error=f"{type(exc).__name__}: {exc}")) from None
 
     @property
     def http(self) -> httpx.Client:
@@ -187,11 +152,9 @@ class RemoteClient:
                                       verify=_tls_context())
         return self._http
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-            raise self._unreachable(exc) from None
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        with self._reaching(*_NOT_REACHED):
+            response = self.http.request(method, url, **kwargs)
         if response.status_code >= 400:
             raise _error_from(response)
         return response
@@ -205,11 +168,9 @@ class RemoteClient:
             self._ahttp_loop = loop
         return self._ahttp
 
-    async def _arequest(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._ahttp_client().request(method, path, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-            raise self._unreachable(exc) from None
+    async def _arequest(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        with self._reaching(*_NOT_REACHED):
+            response = await self._ahttp_client().request(method, url, **kwargs)
         if response.status_code >= 400:
             raise _error_from(response)
         return response
@@ -255,11 +216,11 @@ class RemoteClient:
 
     def submit(self, payload: bytes, *, callback: str | None = None) -> "Job":
         """Send the payload; returns once the server has stored and queued the job."""
-        body = self._request("POST", "/v1/jobs", **self._submit_args(payload, callback)).json()
+        body = self._request("POST", JOBS, **self._submit_args(payload, callback)).json()
         return Job(self, body["id"], body)
 
     async def asubmit(self, payload: bytes, *, callback: str | None = None) -> "Job":
-        body = (await self._arequest("POST", "/v1/jobs", **self._submit_args(payload, callback))).json()
+        body = (await self._arequest("POST", JOBS, **self._submit_args(payload, callback))).json()
         return Job(self, body["id"], body)
 
     def job(self, job_id: str) -> "Job":
@@ -270,27 +231,38 @@ class RemoteClient:
         params: dict[str, Any] = {"limit": limit}
         if status:
             params["status"] = status
-        return self._request("GET", "/v1/jobs", params=params).json()["jobs"]
+        return self._request("GET", JOBS, params=params).json()["jobs"]
 
     def info(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/info").json()
+        return self._request("GET", INFO).json()
 
-    def policy(self, *, cached: bool = False) -> dict[str, Any]:
-        """The server's execution policy; `cached=True` fetches it once per client."""
+    def policy(self, *, cached: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """The server's execution policy; `cached=True` fetches it once per client. This is the
+        one way Interlace asks a server for its policy (`fetch_policy` builds on it)."""
         if cached and self._policy is not None:
             return self._policy
-        self._policy = self._request("GET", "/v1/policy").json()
+        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        self._policy = self._request("GET", POLICY, **options).json()
         return self._policy
 
     def model_meta(self, model_key: str) -> dict[str, Any]:
         """A hosted model's config and tokenizer files, to build it without weights (needs a key)."""
-        return self._request("GET", f"/v1/models/{quote(model_key, safe='')}/meta").json()
+        return self._request("GET", path(MODEL_META, model_key=model_key)).json()
 
     def _display(self, display: JobStatusDisplay | bool | None) -> JobStatusDisplay:
         if isinstance(display, JobStatusDisplay):
             return display
         enabled = CONFIG.APP.REMOTE_LOGGING if display is None else bool(display)
         return JobStatusDisplay(enabled=enabled, verbose=self.verbose)
+
+    def _follow(self, job_id: str, display: JobStatusDisplay, timeout: float | None) -> Follow:
+        return Follow(
+            job_id, display,
+            deadline=None if timeout is None else time.monotonic() + timeout,
+            reconnect_timeout=self.reconnect_timeout, tick=self.TICK,
+            backoff=(self.BACKOFF_START, self.BACKOFF_MAX),
+            ws_failures_before_polling=self.WS_FAILURES_BEFORE_POLLING,
+        )
 
 
 _shared: dict[tuple[str, str | None], RemoteClient] = {}
@@ -320,39 +292,24 @@ def shared_client(host: str | None = None, api_key: str | None = None) -> Remote
         return client
 
 
-class _Tracker:
-    """Feeds events to the display, drops duplicates (by seq) and spots the final one."""
+def fetch_policy(host: str | None = None, api_key: str | None = None, *, timeout: float = 0.5) -> dict[str, Any] | None:
+    """The policy of the server at `host` (default: INTERLACE_HOST, else CONFIG.API.HOST), or
+    None when no server answers within `timeout` seconds (or the host is not a URL).
 
-    def __init__(self, job_id: str, display: JobStatusDisplay) -> None:
-        self.job_id = job_id
-        self.display = display
-        self.last_seq = 0
-        self.final: dict[str, Any] | None = None
-
-    def feed(self, event: dict[str, Any]) -> dict[str, Any] | None:
-        seq = event.get("seq")
-        if seq is not None:
-            if seq <= self.last_seq:
-                return None
-            self.last_seq = seq
-        status = event.get("status", "")
-        # An ERROR's description is the traceback: it is raised, not squeezed into the line.
-        shown = "" if status == "ERROR" else event.get("description") or ""
-        self.display.update(self.job_id, status, shown)
-        if status in FINAL:
-            self.final = event
-        return self.final
-
-    def feed_poll(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        for event in body.get("events", []):
-            if self.feed(event):
-                return self.final
-        status = body.get("status", {})
-        if status.get("status") in FINAL and self.final is None:
-            # Events can be trimmed (expiry); the job's row is the last word.
-            self.final = {"id": self.job_id, "seq": None, **status}
-            self.display.update(self.job_id, status["status"], "")
-        return self.final
+    Asked through `shared_client`, so with its TLS context and headers, and once per host and
+    key for the process: the answer, or the silence, is remembered by that client.
+    """
+    try:
+        client = shared_client(host, api_key)
+    except ValueError:  # not an http(s) URL: there is no server to ask
+        return None
+    if client._policy is None and not client._policy_unanswered:
+        try:
+            client.policy(timeout=timeout)
+        except (ConnectionError, RemoteRequestError, httpx.HTTPError, ValueError):
+            client._policy_unanswered = True
+    policy = client._policy
+    return policy if isinstance(policy, dict) else None
 
 
 class Job:
@@ -371,244 +328,163 @@ class Job:
 
     def status(self) -> dict[str, Any]:
         """Poll the job's status JSON (status, description, queue_position, times, ...)."""
-        self.last_status = self.client._request("GET", f"/v1/jobs/{quote(self.id)}").json()
+        self.last_status = self.client._request("GET", path(JOB, job_id=self.id)).json()
         return self.last_status
 
     async def astatus(self) -> dict[str, Any]:
-        self.last_status = (await self.client._arequest("GET", f"/v1/jobs/{quote(self.id)}")).json()
+        self.last_status = (await self.client._arequest("GET", path(JOB, job_id=self.id))).json()
         return self.last_status
 
     def cancel(self) -> dict[str, Any]:
         """Cancel a job that has not started; raises RemoteRequestError(409) otherwise."""
-        self.last_status = self.client._request("DELETE", f"/v1/jobs/{quote(self.id)}").json()
+        self.last_status = self.client._request("DELETE", path(JOB, job_id=self.id)).json()
         return self.last_status
 
     def result(self, timeout: float | None = None) -> bytes:
         """Wait quietly for the job and return its result bytes."""
         return self.wait(display=False, timeout=timeout)
 
-    # -- waiting (sync) -------------------------------------------------------------------
+    # -- waiting --------------------------------------------------------------------------
 
     def wait(self, display: JobStatusDisplay | bool | None = None, *, timeout: float | None = None) -> bytes:
         """Follow the job to its end and return the result bytes.
 
         display: None (default) shows the status line if CONFIG.APP.REMOTE_LOGGING; True/False
         force it on/off; or pass your own JobStatusDisplay. Raises RemoteException if the job
-        fails, TimeoutError after `timeout` seconds (the job keeps running on the server),
-        ConnectionError if the server stays unreachable for `client.reconnect_timeout`.
+        fails, WaitTimeout (a TimeoutError) after `timeout` seconds (the job keeps running on
+        the server), ServerUnreachableError (a ConnectionError) if the server stays
+        unreachable for `client.reconnect_timeout`.
         """
-        shown = self.client._display(display)
-        tracker = _Tracker(self.id, shown)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        follow = self.client._follow(self.id, self.client._display(display), timeout)
         try:
-            final = self._follow(tracker, deadline)
-            return self._finish(final, lambda: self._download(shown))
+            return run(follow.wait(), _JobIO(self.client, self.id))
         finally:
-            shown.finish()
-
-    def _follow(self, tracker: _Tracker, deadline: float | None) -> dict[str, Any]:
-        client = self.client
-        delay = client.BACKOFF_START
-        ws_failures = 0
-        down_since: float | None = None
-        while True:
-            ws_failed = False
-            if ws_failures < client.WS_FAILURES_BEFORE_POLLING:
-                try:
-                    if self._follow_ws(tracker, deadline):
-                        return tracker.final  # type: ignore[return-value]
-                    ws_failures, delay = 0, client.BACKOFF_START  # closed early (restart): reconnect
-                except WaitTimeout:
-                    raise
-                except (OSError, websockets.exceptions.WebSocketException):
-                    ws_failed = True
-            try:
-                body = client._request("GET", f"/v1/jobs/{quote(self.id)}/events",
-                                       params={"after": tracker.last_seq}).json()
-                down_since = None
-                # Count WebSocket failures only while HTTP works: a server that is down (restart)
-                # must not push us into polling for good.
-                ws_failures += ws_failed
-                if tracker.feed_poll(body):
-                    return tracker.final  # type: ignore[return-value]
-            except ConnectionError:
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > client.reconnect_timeout:
-                    raise
-            _check_deadline(self.id, deadline)
-            _sleep_refreshing(delay, tracker.display, deadline)
-            delay = min(delay * 2, client.BACKOFF_MAX)
-
-    def _follow_ws(self, tracker: _Tracker, deadline: float | None) -> bool:
-        """Follow the WebSocket until the final event (True) or until it closes (False)."""
-        client = self.client
-        url = f"{client.ws_host}/v1/jobs/{quote(self.id)}/events?after={tracker.last_seq}"
-        with sconnect(url, **client._ws_options()) as ws:
-            while True:
-                try:
-                    raw = ws.recv(timeout=_recv_wait(tracker.display, deadline, client.TICK))
-                except TimeoutError:
-                    _check_deadline(self.id, deadline)
-                    tracker.display.update()
-                    continue
-                except websockets.exceptions.ConnectionClosedOK:
-                    return False
-                if tracker.feed(_parse_ws(raw)):
-                    return True
-
-    def _download(self, shown: JobStatusDisplay) -> bytes:
-        client = self.client
-        try:
-            with client.http.stream("GET", f"/v1/jobs/{quote(self.id)}/result") as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise _error_from(response)
-                total = int(response.headers.get("content-length") or 0)
-                if total <= PROGRESS_MIN_BYTES:
-                    return response.read()
-                parts: list[bytes] = []
-                with shown.download(total) as advance:
-                    for chunk in response.iter_bytes(CHUNK):
-                        parts.append(chunk)
-                        advance(len(chunk))
-                return b"".join(parts)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise client._unreachable(exc) from exc
-
-    def _finish(self, final: dict[str, Any], download: Any) -> Any:
-        status = final.get("status")
-        self.last_status = final
-        if status == "COMPLETED":
-            return download()
-        if status == "ERROR":
-            raise RemoteException(final.get("description") or "The job failed on the server.",
-                                  job_id=self.id, category=final.get("error_category"))
-        if status == "CANCELLED":
-            raise RemoteException(f"Job {self.id} was cancelled before it ran.", job_id=self.id,
-                                  category="cancelled")
-        raise RemoteRequestError(410, final.get("description") or f"The result of job {self.id} expired.")
-
-    # -- waiting (async) ------------------------------------------------------------------
+            self._ended(follow)
 
     async def await_result(self, display: JobStatusDisplay | bool | None = None, *,
                            timeout: float | None = None) -> bytes:
-        """Async twin of `wait`."""
-        shown = self.client._display(display)
-        tracker = _Tracker(self.id, shown)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """`wait`, with asyncio."""
+        follow = self.client._follow(self.id, self.client._display(display), timeout)
         try:
-            final = await self._afollow(tracker, deadline)
-            if final.get("status") == "COMPLETED":
-                self.last_status = final
-                return await self._adownload(shown)
-            return self._finish(final, None)
+            return await arun(follow.wait(), _AsyncJobIO(self.client, self.id))
         finally:
-            shown.finish()
+            self._ended(follow)
 
-    async def _afollow(self, tracker: _Tracker, deadline: float | None) -> dict[str, Any]:
-        client = self.client
-        delay = client.BACKOFF_START
-        ws_failures = 0
-        down_since: float | None = None
-        while True:
-            ws_failed = False
-            if ws_failures < client.WS_FAILURES_BEFORE_POLLING:
-                try:
-                    if await self._afollow_ws(tracker, deadline):
-                        return tracker.final  # type: ignore[return-value]
-                    ws_failures, delay = 0, client.BACKOFF_START
-                except WaitTimeout:
-                    raise
-                except (OSError, websockets.exceptions.WebSocketException):
-                    ws_failed = True
-            try:
-                body = (await client._arequest("GET", f"/v1/jobs/{quote(self.id)}/events",
-                                               params={"after": tracker.last_seq})).json()
-                down_since = None
-                # Count WebSocket failures only while HTTP works: a server that is down (restart)
-                # must not push us into polling for good.
-                ws_failures += ws_failed
-                if tracker.feed_poll(body):
-                    return tracker.final  # type: ignore[return-value]
-            except ConnectionError:
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > client.reconnect_timeout:
-                    raise
-            _check_deadline(self.id, deadline)
-            await asyncio.sleep(delay)
-            tracker.display.update()
-            delay = min(delay * 2, client.BACKOFF_MAX)
+    def _ended(self, follow: Follow) -> None:
+        if follow.final is not None:
+            self.last_status = follow.final
+        follow.display.finish()
 
-    async def _afollow_ws(self, tracker: _Tracker, deadline: float | None) -> bool:
-        client = self.client
-        url = f"{client.ws_host}/v1/jobs/{quote(self.id)}/events?after={tracker.last_seq}"
-        async with aconnect(url, **client._ws_options()) as ws:
-            while True:
-                try:
-                    raw = await asyncio.wait_for(ws.recv(), _recv_wait(tracker.display, deadline, client.TICK))
-                except asyncio.TimeoutError:
-                    _check_deadline(self.id, deadline)
-                    tracker.display.update()
-                    continue
-                except websockets.exceptions.ConnectionClosedOK:
-                    return False
-                if tracker.feed(_parse_ws(raw)):
-                    return True
 
-    async def _adownload(self, shown: JobStatusDisplay) -> bytes:
-        client = self.client
+class _JobIO:
+    """The blocking I/O of following one job (`follow.JobIO`)."""
+
+    def __init__(self, client: RemoteClient, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self._ws: Any = None
+        self._ws_open = contextlib.ExitStack()
+        self._open = contextlib.ExitStack()  # the result's streamed answer
+        self._response: Any = None
+        self._chunks: Iterator[bytes] | None = None
+
+    def _drop_ws(self) -> None:
+        self._ws = None
+        with contextlib.suppress(Exception):  # a broken socket may fail to close; it is gone either way
+            self._ws_open.close()
+
+    def listen(self, after: int) -> None:
+        self._drop_ws()
+        url = self.client._events_url(self.job_id, after)
+        self._ws = self._ws_open.enter_context(sconnect(url, **self.client._ws_options()))
+
+    def receive(self, timeout: float | None) -> str | bytes | None:
         try:
-            async with client._ahttp_client().stream("GET", f"/v1/jobs/{quote(self.id)}/result") as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise _error_from(response)
-                total = int(response.headers.get("content-length") or 0)
-                if total <= PROGRESS_MIN_BYTES:
-                    return await response.aread()
-                parts: list[bytes] = []
-                with shown.download(total) as advance:
-                    async for chunk in response.aiter_bytes(CHUNK):
-                        parts.append(chunk)
-                        advance(len(chunk))
-                return b"".join(parts)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise client._unreachable(exc) from exc
+            return self._ws.recv(timeout=timeout)
+        except websockets.exceptions.ConnectionClosedOK:
+            self._drop_ws()
+            return None
+
+    def poll(self, after: int) -> dict[str, Any]:
+        self._drop_ws()
+        return self.client._request("GET", path(JOB_EVENTS, job_id=self.job_id), params={AFTER_QUERY: after}).json()
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def fetch(self) -> Head:
+        self._drop_ws()
+        with self.client._reaching(httpx.ConnectError, httpx.ConnectTimeout):
+            response = self._open.enter_context(self.client.http.stream("GET", path(JOB_RESULT, job_id=self.job_id)))
+        self._response = response
+        return Head(response.status_code, int(response.headers.get("content-length") or 0), response.reason_phrase)
+
+    def read(self) -> bytes:
+        return self._response.read()
+
+    def chunk(self) -> bytes:
+        if self._chunks is None:
+            self._chunks = self._response.iter_bytes(CHUNK)
+        return next(self._chunks, b"")
+
+    def close(self) -> None:
+        self._drop_ws()
+        self._open.close()
 
 
-# -- helpers -----------------------------------------------------------------------------------
+class _AsyncJobIO:
+    """The asyncio I/O of following one job (`follow.AsyncJobIO`)."""
 
+    def __init__(self, client: RemoteClient, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self._ws: Any = None
+        self._ws_open = contextlib.AsyncExitStack()
+        self._open = contextlib.AsyncExitStack()  # the result's streamed answer
+        self._response: Any = None
+        self._chunks: Any = None
 
-def _parse_ws(raw: str | bytes) -> dict[str, Any]:
-    message = json.loads(raw)
-    if "error" in message:  # the server refused the stream (401/404/426): not retryable
-        raise RemoteRequestError(int(message.get("code", 400)), message["error"])
-    return message
+    async def _drop_ws(self) -> None:
+        self._ws = None
+        with contextlib.suppress(Exception):  # a broken socket may fail to close; it is gone either way
+            await self._ws_open.aclose()
 
+    async def listen(self, after: int) -> None:
+        await self._drop_ws()
+        url = self.client._events_url(self.job_id, after)
+        self._ws = await self._ws_open.enter_async_context(aconnect(url, **self.client._ws_options()))
 
-def _recv_wait(display: JobStatusDisplay, deadline: float | None, tick: float) -> float | None:
-    wait = tick if display.enabled else None
-    if deadline is not None:
-        left = max(0.0, deadline - time.monotonic())
-        wait = left if wait is None else min(wait, left)
-    return wait
+    async def receive(self, timeout: float | None) -> str | bytes | None:
+        try:
+            return await asyncio.wait_for(self._ws.recv(), timeout)
+        except websockets.exceptions.ConnectionClosedOK:
+            await self._drop_ws()
+            return None
 
+    async def poll(self, after: int) -> dict[str, Any]:
+        await self._drop_ws()
+        url = path(JOB_EVENTS, job_id=self.job_id)
+        return (await self.client._arequest("GET", url, params={AFTER_QUERY: after})).json()
 
-class WaitTimeout(TimeoutError):
-    """`Job.wait(timeout=...)` ran out; the job itself goes on."""
+    async def pause(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
+    async def fetch(self) -> Head:
+        await self._drop_ws()
+        stream = self.client._ahttp_client().stream("GET", path(JOB_RESULT, job_id=self.job_id))
+        with self.client._reaching(httpx.ConnectError, httpx.ConnectTimeout):
+            response = await self._open.enter_async_context(stream)
+        self._response = response
+        return Head(response.status_code, int(response.headers.get("content-length") or 0), response.reason_phrase)
 
-def _check_deadline(job_id: str, deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise WaitTimeout(
-            f"Job {job_id} did not finish in time; it keeps running on the server. Re-attach later "
-            f"with RemoteClient().job({job_id!r}).wait()."
-        )
+    async def read(self) -> bytes:
+        return await self._response.aread()
 
+    async def chunk(self) -> bytes:
+        if self._chunks is None:
+            self._chunks = self._response.aiter_bytes(CHUNK)
+        return await anext(self._chunks, b"")
 
-def _sleep_refreshing(delay: float, display: JobStatusDisplay, deadline: float | None) -> None:
-    end = time.monotonic() + delay
-    if deadline is not None:
-        end = min(end, deadline)
-    while (left := end - time.monotonic()) > 0:
-        time.sleep(min(left, 0.1))
-        display.update()
+    async def close(self) -> None:
+        await self._drop_ws()
+        await self._open.aclose()

@@ -18,25 +18,27 @@ import time
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator
 
+from ..contract.http import TERMINAL, JobStatus
+
+__all__ = ["JobStatusDisplay", "ansi_to_html", "format_elapsed", "in_notebook", "supports_color"]
+
 RESET, BOLD, DIM = "\x1b[0m", "\x1b[1m", "\x1b[2m"
 COLOR_CODES = {"red": "\x1b[31m", "green": "\x1b[32m", "yellow": "\x1b[33m", "blue": "\x1b[34m",
                "magenta": "\x1b[35m", "cyan": "\x1b[36m", "white": "\x1b[37m"}
-# status -> (icon, colour)
+# status -> (icon, colour), for every status the server sends (`contract.http.JobStatus`)
 STYLES = {
-    "RECEIVED": ("◉", "cyan"),
-    "QUEUED": ("◎", "yellow"),
-    "DISPATCHED": ("◈", "magenta"),
-    "RUNNING": ("●", "blue"),
-    "COMPLETED": ("✓", "green"),
-    "ERROR": ("✗", "red"),
-    "CANCELLED": ("✗", "yellow"),
-    "EXPIRED": ("✗", "yellow"),
-    "LOG": ("ℹ", "dim"),
-    "STREAM": ("⇄", "cyan"),
+    JobStatus.RECEIVED.value: ("◉", "cyan"),
+    JobStatus.QUEUED.value: ("◎", "yellow"),
+    JobStatus.RUNNING.value: ("●", "blue"),
+    JobStatus.COMPLETED.value: ("✓", "green"),
+    JobStatus.ERROR.value: ("✗", "red"),
+    JobStatus.CANCELLED.value: ("✗", "yellow"),
+    JobStatus.EXPIRED.value: ("✗", "yellow"),
+    JobStatus.LOG.value: ("ℹ", "dim"),
 }
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
-ACTIVE = frozenset({"QUEUED", "DISPATCHED", "RUNNING"})
-FINAL = frozenset({"COMPLETED", "ERROR", "CANCELLED", "EXPIRED"})
+# States a job waits in: shown with a spinner.
+ACTIVE = frozenset({JobStatus.QUEUED.value, JobStatus.RUNNING.value})
 HTML_COLORS = {"red": "#e74c3c", "green": "#2ecc71", "yellow": "#f39c12", "blue": "#3498db",
                "magenta": "#9b59b6", "cyan": "#00bcd4", "white": "#ecf0f1"}
 CLEAR = "\r\x1b[K"
@@ -144,14 +146,14 @@ class JobStatusDisplay:
             return
         now = time.monotonic()
         if not status_name:  # refresh: animate the spinner, advance the clock
-            if self.last_response is None or self.last_response[1] in FINAL:
+            if self.last_response is None or self.last_response[1] in TERMINAL:
                 return
             job_id, status_name, description = self.last_response
             new_state = new_text = False
-        elif status_name == "LOG":
+        elif status_name == JobStatus.LOG:
             # LOG neither resets the timer nor becomes the last status: a refresh shows the
             # state the job is in again.
-            self._emit(self._render(job_id, "LOG", description, now), final=True, new_state=True, new_text=True)
+            self._emit(self._render(job_id, JobStatus.LOG.value, description, now), final=True, new_state=True, new_text=True)
             return
         else:
             last = self.last_response
@@ -162,7 +164,7 @@ class JobStatusDisplay:
             if new_state:
                 self.status_start_time = now
             self.last_response = (job_id, status_name, description)
-        self._emit(self._render(job_id, status_name, description, now), final=status_name in FINAL,
+        self._emit(self._render(job_id, status_name, description, now), final=status_name in TERMINAL,
                    new_state=new_state, new_text=new_text)
 
     def finish(self) -> None:
@@ -204,11 +206,11 @@ class JobStatusDisplay:
         else:
             prefix = f"{color}{icon}{reset}"
         parts = [f"{prefix} {dim}[{job_id}]{reset} {color}{bold}{status.ljust(10)}{reset}"]
-        if status == "LOG":
+        if status == JobStatus.LOG:
             if description:
                 parts.append(f" {description}")
             return "".join(parts)
-        start = self.job_start_time if status in FINAL else self.status_start_time
+        start = self.job_start_time if status in TERMINAL else self.status_start_time
         elapsed = format_elapsed(now - (start if start is not None else now), precise=self.verbose)
         parts.append(f" {dim}({elapsed}){reset}")
         if description:

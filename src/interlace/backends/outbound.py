@@ -1,32 +1,46 @@
-"""What `remote='local'` and `remote=True` share on the client side."""
+"""The outbound step both remote modes share: a captured trace becomes checked request bytes.
+
+`build_request` encodes what the body needs (it reads the caller's names through the captured
+trace's lookup, so it belongs to the client); `encode_for_remote` adds the checks only the
+client can make and then the server's own (`contract.validate`), so a request the server would
+refuse is refused here first, with every problem at the user's line.
+"""
 
 from __future__ import annotations
 
+import ast
+import builtins
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..contract.code.encode import CodeEncoder
+from ..contract.codecheck import check_source
+from ..contract.errors import UnsupportedValueError
+from ..contract.fixes import fix_for_error
 from ..contract.policy import DEFAULT_POLICY, Policy
-from ..contract.problems import RemoteValidationError
-from ..contract.request import BuiltRequest, build_request, encode_request
+from ..contract.problems import Problem, RemoteValidationError, first_line, unique
+from ..contract.request import BlockSpec, BuiltRequest, TraceRequest, encode_request
 from ..contract.validate import validate_request
+from ..contract.values.encode import ValueEncoder
+from ..tracing.backend import CapturedTrace
+from ..tracing.envoy import Envoy
+from ..tracing.namespace import MISSING
+from ..tracing.outer_names import first_uses, free_names
+from ..tracing.source import source_paths
+from .client import fetch_policy
 
-if TYPE_CHECKING:
-    from ..tracing.tracer import Tracer
-
-__all__ = ["encode_for_remote", "model_key_of", "policy_for_simulation", "warn_if_large"]
+__all__ = ["build_request", "encode_for_remote", "model_key_of", "policy_for_simulation", "warn_if_large", "warn_outer_mutations"]
 
 
-def encode_for_remote(tracer: "Tracer", model_key: str, policy: Policy, *, strict_remote: bool) -> tuple[bytes, BuiltRequest]:
+def encode_for_remote(trace: CapturedTrace, model_key: str, policy: Policy, *, strict_remote: bool) -> tuple[bytes, BuiltRequest]:
     """Serialize the trace and check it against `policy`; raises RemoteValidationError with
     every problem (those only the client can see, then the server's own checks)."""
-    built = build_request(tracer, model_key, policy, strict_remote=strict_remote)
+    built = build_request(trace, model_key, policy, strict_remote=strict_remote)
     payload = encode_request(built)
     problems = list(built.problems)
-    if tracer.model is not None and tracer.model.__dict__.get("_default_edits"):
+    if trace.model is not None and trace.model.__dict__.get("_default_edits"):
         # Edits live with the local model object; the server's model has none. Refuse rather
         # than let the simulation apply edits that a server run would silently lack.
-        from ..contract.problems import Problem
-
         block = built.request.block
         problems.append(Problem(
             category="invalid-request", filename=block.filename, lineno=block.first_lineno,
@@ -46,6 +60,93 @@ def encode_for_remote(tracer: "Tracer", model_key: str, policy: Policy, *, stric
     return payload, built
 
 
+def build_request(trace: CapturedTrace, model_key: str, policy: Policy = DEFAULT_POLICY, *, strict_remote: bool = False) -> BuiltRequest:
+    """Encode what the captured body needs. Problems are collected, not raised."""
+    block = trace.block
+    code = CodeEncoder(policy, strict_remote=strict_remote, model=trace.model)
+    encoder = ValueEncoder(extension=code)
+    problems: list[Problem] = []
+    lookup = trace.lookup
+    first_use = first_uses(block.source, block.first_lineno)
+    variables: dict[str, Any] = {}
+    model_refs: dict[str, str] = {}
+    root = trace.model
+    for name in sorted(free_names(block.source) - ({block.as_name} if block.as_name else set())):
+        value = lookup(name)
+        if value is MISSING:
+            continue
+        line = first_use.get(name, block.first_lineno)
+        code.where = (block.filename, line)
+        if isinstance(value, Envoy):
+            # An edited copy (model.edit()) shares its original's envoys: same model.
+            roots = {id(root), id(root.__dict__.get("_edit_origin"))} if root is not None else set()
+            if id(value._root) in roots:
+                model_refs[name] = value.path
+            else:
+                problems.append(Problem(
+                    category="unserializable-variable", filename=block.filename, lineno=line,
+                    message=f"`{name}` is a different model from the one being traced; only the traced model is on the server",
+                    fix=f"# use the traced model's modules, or run a separate trace on {name}",
+                ))
+            continue
+        if not _is_builtin_name(name, value):
+            try:
+                variables[name] = encoder.encode(value)
+            except UnsupportedValueError as e:
+                problems.append(Problem(
+                    category="unserializable-variable", filename=block.filename, lineno=line,
+                    message=f"`{name}` ({type(value).__name__}) cannot be sent to the server: {first_line(e)}",
+                    fix=fix_for_error(name, e, value),
+                ))
+    code.where = (block.filename, block.first_lineno)
+    try:
+        args = [encoder.encode(a) for a in trace.args]
+        kwargs = {k: encoder.encode(v) for k, v in trace.kwargs.items()}
+    except UnsupportedValueError as e:
+        args, kwargs = [], {}
+        problems.append(Problem(
+            category="unserializable-input", filename=block.filename, lineno=block.first_lineno,
+            message=f"the trace's inputs cannot be sent: {first_line(e)}",
+            fix="# pass text, token ids (lists or tensors) or a dict of tensors:\nwith model.trace(\"text\", remote=True):\n    ...",
+        ))
+    problems.extend(code.problems)
+    problems.extend(check_source(block.source, block.filename, block.first_lineno, policy, shipped=list(variables) + list(model_refs)))
+    request = TraceRequest(
+        model_key=model_key,
+        kind=trace.kind,  # type: ignore[arg-type]
+        args=args,
+        kwargs=kwargs,
+        block=BlockSpec(filename=block.filename, first_lineno=block.first_lineno, source=block.source, as_name=block.as_name),
+        variables=variables,
+        objects=code.objects,
+        model_refs=model_refs,
+        remote_objects=code.remote_names,
+        strict_remote=strict_remote,
+        source_modules=_source_modules(trace, code.objects),
+        rename=dict(getattr(trace.model, "__dict__", {}).get("_rename") or {}),
+    )
+    return BuiltRequest(request, dict(encoder.tensors), unique(problems))
+
+
+def _source_modules(trace: CapturedTrace, objects: dict[str, Any]) -> list[str]:
+    """Paths of the traced model's modules with a built `.source`, when the shipped code may
+    use `.source` at all (building it on the server makes the hosted model wrap every module)."""
+    root = trace.model
+    texts = [trace.block.source] + [str(spec.get("source", "")) for spec in objects.values()]  # CodeEncoder.objects: dicts
+    if root is None or not any("source" in text for text in texts):
+        return []
+    return source_paths(root)
+
+
+
+
+def _is_builtin_name(name: str, value: Any) -> bool:
+    return getattr(builtins, name, _SENTINEL) is value
+
+
+_SENTINEL = object()
+
+
 _MUTATORS = frozenset({"append", "extend", "insert", "update", "add", "setdefault"})
 
 
@@ -53,8 +154,6 @@ def warn_outer_mutations(built: BuiltRequest) -> None:
     """Warn where a remote body changes a container made before the block (`results[k] = ...`,
     `found.append(...)`): the job changes the server's copy, so the caller's stays as it was
     (nnsight's behaviour too, but silent there)."""
-    import ast
-
     block = built.request.block
     outer = set(built.request.variables)
     try:
@@ -116,24 +215,18 @@ def model_key_of(model: Any, *, simulation: bool = False) -> str:
     )
 
 
-_policy_cache: dict[str, Policy] = {}
+_validated: tuple[Any, Policy] = (None, DEFAULT_POLICY)
 
 
 def policy_for_simulation() -> Policy:
-    """The configured server's policy if it answers quickly, else the default policy."""
-    from ..config import CONFIG
+    """The configured server's policy if it answers quickly, else the default policy.
 
-    host = CONFIG.API.HOST
-    if host in _policy_cache:
-        return _policy_cache[host]
-    policy = DEFAULT_POLICY
-    try:
-        import httpx
-
-        response = httpx.get(host.rstrip("/") + "/v1/policy", timeout=0.5)
-        if response.status_code == 200:
-            policy = Policy.model_validate(response.json())
-    except Exception:  # no server configured or reachable: the default policy applies
-        policy = DEFAULT_POLICY
-    _policy_cache[host] = policy
-    return policy
+    Asked through the HTTP client's one policy fetch (`client.fetch_policy`: its TLS context
+    and headers, remembered per host and key), so the simulation checks what that server checks."""
+    global _validated
+    found = fetch_policy()
+    if found is None:
+        return DEFAULT_POLICY
+    if _validated[0] is not found:  # validate each fetched answer once
+        _validated = (found, Policy.model_validate(found))
+    return _validated[1]

@@ -10,9 +10,10 @@ notebook or debugger can still show it.
 
 from __future__ import annotations
 
-from typing import Any
 
 from ..errors import InterlaceError
+from ..tracing.backend import CapturedTrace
+from ..tracing.namespace import MISSING
 from ..tracing.placeholder import Placeholder
 
 __all__ = ["NotWaited", "ResultNotReadyError", "not_waited_values"]
@@ -48,16 +49,11 @@ class NotWaited(Placeholder):
         return f"<{self._name}: not fetched yet (blocking=False, job {self._job_id!r}); use .job.result()>"
 
 
-def not_waited_values(tracer: Any, job_id: str) -> dict[str, NotWaited]:
+def not_waited_values(trace: CapturedTrace, job_id: str) -> dict[str, NotWaited]:
     """Placeholders for the names a non-blocking trace would have bound: those the body
     visibly saves, and those it assigns that the caller does not have yet."""
-    from ..tracing.tracer import frame_lookup, _MISSING
-
-    block = tracer.block
-    frame = tracer._frame
+    block = trace.block
     names = set(block.saved_names)
-    if frame is not None:
-        lookup = frame_lookup(frame)
-        names |= {n for n in block.stored_names if lookup(n) is _MISSING}
+    names |= {n for n in block.stored_names if trace.lookup(n) is MISSING}
     names.discard(block.as_name)
     return {name: NotWaited(name, job_id, block.as_name) for name in sorted(names)}

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..contract.policy import DEFAULT_POLICY, Policy
 from ..contract.problems import RemoteValidationError
 from ..contract.result import decode_result
+from ..tracing.backend import CapturedTrace, TraceOutcome
 from .pending import not_waited_values
 from .outbound import encode_for_remote, model_key_of, warn_if_large
-
-if TYPE_CHECKING:
-    from ..tracing.tracer import Tracer
 
 __all__ = ["RemoteBackend", "RemoteJob", "attach"]
 
@@ -87,7 +85,7 @@ class RemoteBackend:
         self.max_upload_mb = max_upload_mb
         self.job_id: str | None = None  # as nnsight's: the id of the last job submitted
 
-    def __call__(self, tracer: "Tracer") -> dict[str, Any]:
+    def __call__(self, trace: CapturedTrace) -> TraceOutcome:
         from .client import RemoteRequestError, shared_client
 
         client = shared_client(self.host, self.api_key)
@@ -95,8 +93,8 @@ class RemoteBackend:
             policy = Policy.model_validate(client.policy(cached=True))
         except RemoteRequestError:
             policy = DEFAULT_POLICY
-        key = self.model_key or model_key_of(self.model if self.model is not None else tracer.model)
-        payload, _ = encode_for_remote(tracer, key, policy, strict_remote=self.strict_remote)
+        key = self.model_key or model_key_of(self.model if self.model is not None else trace.model)
+        payload, _ = encode_for_remote(trace, key, policy, strict_remote=self.strict_remote)
         warn_if_large(payload, self.max_upload_mb)
         try:
             job = client.submit(payload, callback=self.callback)
@@ -105,9 +103,8 @@ class RemoteBackend:
                 raise RemoteValidationError(e.problems) from None
             raise
         remote_job = RemoteJob(job)
-        tracer.job = remote_job
         self.job_id = remote_job.id
         if not self.blocking:
             # Nothing to bind yet; each saved name says how to fetch its value when used.
-            return not_waited_values(tracer, remote_job.id)
-        return decode_result(job.wait(display=True if self.verbose else None))
+            return TraceOutcome(not_waited_values(trace, remote_job.id), remote_job, pending=True)
+        return TraceOutcome(decode_result(job.wait(display=True if self.verbose else None)), remote_job)

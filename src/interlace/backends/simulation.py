@@ -1,23 +1,26 @@
 """`remote='local'`: the full remote path, in-process, against the local model.
 
-Serialize (client) → validate → deserialize into a fresh namespace → execute with the
-server's executor → encode and decode the result. Each step is the function the client and
-the server use, so what passes here passes remotely and what fails remotely fails here, with
-the same message.
+Serialize (`outbound.py`) → receive: decode and validate (`execution.receive`) → run beside
+the model and encode the result (`execution.run`) → decode the result (`contract.result`).
+Each step is the function the client and the server use, so what passes here passes remotely
+and what fails remotely fails here, with the same message. It is to the server what httpx's
+ASGITransport is to a web app: the real thing, in process.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..contract.problems import RemoteValidationError
+from ..errors import RemoteException
 from ..contract.code.decode import shipped_model_refs
 from ..contract.result import decode_result
+from ..execution.errors import BadRequest, JobFailed
+from ..execution.receive import prepare_payload
+from ..execution.run import run_prepared
+from ..tracing.backend import CapturedTrace
 from .outbound import encode_for_remote, model_key_of, policy_for_simulation, warn_if_large
-
-if TYPE_CHECKING:
-    from ..tracing.tracer import Tracer
 
 __all__ = ["LocalSimulationBackend"]
 
@@ -49,14 +52,10 @@ class LocalSimulationBackend:
     def get_last_payload(self) -> bytes | None:
         return self._last_payload
 
-    def __call__(self, tracer: "Tracer") -> dict[str, Any]:
-        from ..execution.errors import BadRequest, JobFailed
-        from ..server.runner import prepare_payload, run_prepared
-        from .client import RemoteException
-
+    def __call__(self, trace: CapturedTrace) -> dict[str, Any]:
         policy = self.policy or policy_for_simulation()
         key = model_key_of(self.model, simulation=True)
-        payload, built = encode_for_remote(tracer, key, policy, strict_remote=self.strict_remote)
+        payload, built = encode_for_remote(trace, key, policy, strict_remote=self.strict_remote)
         self.last_payload_size = len(payload)
         self._last_payload = payload
         if self.verbose:

@@ -9,14 +9,18 @@ Two directions, two errors:
 - ``UnsupportedValueError`` is raised while *encoding* a local Python value that the wire
   cannot carry. It subclasses ``TypeError`` because the cause is the type of a user value,
   and its message names the type, the path inside the value and the fix.
+
+Both are `interlace.InterlaceError`s (the tree is in `interlace/errors.py`).
 """
 
 from __future__ import annotations
 
+from ..errors import InterlaceError
+
 __all__ = ["RemoteProtocolError", "WireFormatError", "UnsupportedValueError"]
 
 
-class RemoteProtocolError(Exception):
+class RemoteProtocolError(InterlaceError):
     """Base class for errors in what the client and the server exchange."""
 
 
@@ -24,5 +28,5 @@ class WireFormatError(RemoteProtocolError):
     """Bytes or JSON nodes that do not follow the Interlace wire format."""
 
 
-class UnsupportedValueError(TypeError):
+class UnsupportedValueError(InterlaceError, TypeError):
     """A Python value that cannot be sent over the wire (names type, path and fix)."""

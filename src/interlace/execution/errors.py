@@ -1,4 +1,4 @@
-"""Errors that cross the runner seam (see `types.JobRunner`).
+"""The shapes a failure takes at the execution seam (see `server/types.JobRunner`).
 
 `BadRequest` is raised while a payload is received (`JobRunner.prepare`) and becomes an HTTP
 4xx answer; `JobFailed` is raised while a job runs (`JobRunner.run`) and becomes the job's
@@ -8,6 +8,8 @@ ERROR status. Both carry text meant for the user, so they must say what to fix.
 from __future__ import annotations
 
 from typing import Any
+
+__all__ = ["ALLOWED_BAD_REQUEST_STATUS", "BadRequest", "JobFailed"]
 
 ALLOWED_BAD_REQUEST_STATUS = (400, 404, 409, 413, 422)
 
@@ -51,3 +53,4 @@ class JobFailed(Exception):
         super().__init__(traceback_text)
         self.traceback_text = traceback_text
         self.category = category
+

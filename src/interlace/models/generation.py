@@ -9,7 +9,7 @@ the token chosen at step k.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -17,10 +17,21 @@ from ..errors import TracingError
 from ..tracing.interleaver import Interleaver
 from ..tracing.tracer import InterleavingTracer
 
-if TYPE_CHECKING:
-    from .language_model import LanguageModel
+__all__ = ["GenerationHost", "Generator", "Streamer", "GenerateTracer", "run_generate", "generation_steps"]
 
-__all__ = ["Generator", "Streamer", "GenerateTracer", "run_generate", "generation_steps"]
+
+class GenerationHost(Protocol):
+    """What generation needs of the model it runs on; `LanguageModel` is the one there is.
+
+    Named here so that this module depends only on the shape, not on `language_model.py`,
+    which imports this one. Beside these, `run_generate` reads two entries of the model's
+    `__dict__` (as the engine does, past `Envoy.__getattr__`): `"_generator"` (the
+    `Generator` the model mounted) and `"tokenizer"` (may be None).
+    """
+
+    _module: torch.nn.Module
+
+    def _module_index(self, module: torch.nn.Module) -> int: ...
 
 
 class Streamer(torch.nn.Module):
@@ -82,7 +93,7 @@ class _StreamerAdapter:
             self.user_streamer.end()
 
 
-def run_generate(model: "LanguageModel", kwargs: dict[str, Any], interleaver: Interleaver) -> Any:
+def run_generate(model: GenerationHost, kwargs: dict[str, Any], interleaver: Interleaver) -> Any:
     kwargs = dict(kwargs)
     kwargs.pop("position_ids", None)  # generate derives positions from the attention mask
     generator: Generator = model.__dict__["_generator"]
@@ -103,7 +114,7 @@ def run_generate(model: "LanguageModel", kwargs: dict[str, Any], interleaver: In
     return output
 
 
-def generation_steps(model: "LanguageModel", kwargs: dict[str, Any], prompt_length: int | None) -> int:
+def generation_steps(model: GenerationHost, kwargs: dict[str, Any], prompt_length: int | None) -> int:
     """How many forwards `generate` makes at most, decided as Hugging Face decides it.
 
     `max_new_tokens` (the call's, else the generation config's) wins; else the config's

@@ -13,7 +13,7 @@ import torch
 from ..errors import TracingError
 from ..tracing.interleaver import Interleaver
 from ..tracing.with_detection import enters_with
-from .generation import GenerateTracer, Generator
+from .generation import GenerateTracer, Generator, run_generate
 from ..tracing.envoy import Envoy
 from .nnsight import CALLS_WITHOUT_INTERLEAVER, CLASS_DEFAULT, NNsight, apply_without_weights
 
@@ -406,8 +406,6 @@ class LanguageModel(NNsight):
         return self._module.generate(*args, **kwargs)
 
     def _generate(self, kwargs: dict[str, Any], interleaver: Interleaver) -> Any:
-        from .generation import run_generate
-
         return run_generate(self, kwargs, interleaver)
 
 

@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..backends import select_backend
 from ..errors import TracingError
 from ..tracing.envoy import Envoy, mount_clashes
 from ..tracing.interleaver import Interleaver, Mediator, ModuleHooks, OrderTable
@@ -339,13 +340,6 @@ class NNsight(Envoy):
             from .hosted import no_local_weights_error
 
             raise no_local_weights_error(d["_hosted"].key, remote or False)
-        if remote is False and _LOCAL_BACKEND is not None and (not kwargs or _REMOTE_ONLY_OPTIONS.isdisjoint(kwargs)):
-            # What select_backend returns for a local trace without remote options, without
-            # its per-call imports (a few us of every trace's fixed cost). It keeps no state,
-            # so every trace shares one.
-            return _LOCAL_BACKEND
-        from ..backends import select_backend
-
         return select_backend(self, remote, kwargs)
 
     # -- torch.nn.Module methods that return the module (see SELF_RETURNING_METHODS) -----------
@@ -569,18 +563,6 @@ def _returns_wrapper(name: str) -> Any:
 for _name in SELF_RETURNING_METHODS:
     setattr(NNsight, _name, _returns_wrapper(_name))
 del _name
-
-
-def _local_backend() -> tuple[Any, frozenset[str]]:
-    try:
-        from ..backends import REMOTE_ONLY_OPTIONS
-        from ..backends.local import LocalBackend
-    except ImportError:  # pragma: no cover - partial installs
-        return None, frozenset()
-    return LocalBackend(), REMOTE_ONLY_OPTIONS
-
-
-_LOCAL_BACKEND, _REMOTE_ONLY_OPTIONS = _local_backend()
 
 
 def _cat(values: list[Any]) -> Any:

@@ -15,36 +15,61 @@ import time
 from contextlib import asynccontextmanager, suppress
 from functools import lru_cache, partial
 from importlib import metadata
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Final
 from urllib.parse import urlparse
 
 import anyio
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .._version import PROTOCOL_VERSION, __version__
-from . import versions
-from .auth import HEADER as KEY_HEADER
-from .auth import User, invalid_key_message, missing_key_message
+from ..contract.http import (
+    AFTER_QUERY,
+    CALLBACK_HEADER,
+    INFO,
+    JOB,
+    JOB_EVENTS,
+    JOB_RESULT,
+    JOBS,
+    KEY_HEADER,
+    MODEL_META,
+    POLICY,
+    VERSION_HEADER,
+    VERSION_QUERY,
+    WS_AUTH_FIELDS,
+    WS_CLOSE_BASE,
+    JobStatus,
+)
 from ..execution.errors import BadRequest
+from . import versions
+from .auth import MSG_INVALID_KEY, MSG_MISSING_KEY, User
 from .service import Conflict, JobService, NotFound
 from .settings import MiB, ServerSettings
 from .store import Event, JobRecord, queued_text
-from .types import JobRunner, JobStatus
+from .types import JobRunner
+
+__all__ = ["create_app", "ApiError", "INLINE_BYTES"]
 
 log = logging.getLogger("interlace.server")
 
-CALLBACK_HEADER = "X-Interlace-Callback"
 # Payloads up to this size are validated on the event loop; larger ones in a thread.
 INLINE_BYTES = 1 * MiB
 WS_AUTH_TIMEOUT = 10.0
 
-DESCRIPTION = """Run traces on hosted models. Submit with `POST /v1/jobs` (payload bytes),
-follow `WS /v1/jobs/{id}/events` (or poll `GET /v1/jobs/{id}`), download
-`GET /v1/jobs/{id}/result`. `GET /v1/models/{key}/meta` describes a hosted model (config and
-tokenizer, no weights) for clients that build it without weights. Job and model endpoints need
-the `X-Interlace-Key` header; create a key on the
-server machine with `interlace keys create --name YOU`. Full protocol: docs/http-api.md."""
+DESCRIPTION = f"""Run traces on hosted models. Submit with `POST {JOBS}` (payload bytes),
+follow `WS {JOB_EVENTS.format(job_id="{id}")}` (or poll `GET {JOB.format(job_id="{id}")}`), download
+`GET {JOB_RESULT.format(job_id="{id}")}`. `GET {MODEL_META.format(model_key="{key}")}` describes a hosted
+model (config and tokenizer, no weights) for clients that build it without weights. Job and model
+endpoints need the `{KEY_HEADER}` header; create a key on the server machine with
+`interlace keys create --name YOU`. Full protocol: docs/http-api.md."""
+
+MSG_EMPTY_BODY: Final = ("The request body is empty; send the encoded payload bytes "
+                         "(Content-Type: application/octet-stream).")
+MSG_TOO_LARGE: Final = (
+    "The payload is {amount} bytes; this server accepts at most {limit} bytes ({limit_mib:.0f} MiB). "
+    "Send smaller inputs or save fewer values, or ask the operator to raise "
+    "`interlace serve --max-upload-mb`."
+)
 
 
 class ApiError(Exception):
@@ -108,20 +133,20 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         return JSONResponse(_error_body(str(exc), None), status_code=409)
 
     def authenticate(request: Request) -> User:
-        problem = versions.incompatibility(request.headers.get(versions.HEADER))
+        problem = versions.incompatibility(request.headers.get(VERSION_HEADER))
         if problem:
             raise ApiError(426, problem)
         key = request.headers.get(KEY_HEADER)
         if not key:
-            raise ApiError(401, missing_key_message())
+            raise ApiError(401, MSG_MISSING_KEY)
         user = service.keys.verify(key)
         if user is None:
-            raise ApiError(401, invalid_key_message())
+            raise ApiError(401, MSG_INVALID_KEY)
         return user
 
     # -- public ---------------------------------------------------------------------------
 
-    @app.get("/v1/info", summary="Server version, supported client versions, hosted models (no key needed)")
+    @app.get(INFO, summary="Server version, supported client versions, hosted models (no key needed)")
     async def info() -> JSONResponse:
         return JSONResponse({
             "server": "interlace",
@@ -135,12 +160,12 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
             "packages": _package_versions(),
         })
 
-    @app.get("/v1/policy", summary="The server's execution policy (what payloads may do)")
+    @app.get(POLICY, summary="The server's execution policy (what payloads may do)")
     async def policy() -> JSONResponse:
         return JSONResponse(service.runner.policy())
 
     @app.get(
-        "/v1/models/{model_key:path}/meta",
+        MODEL_META.replace("{model_key}", "{model_key:path}"),  # a key may hold a literal /
         summary="A hosted model's config and tokenizer files (no weights), to build it on the meta device",
         responses={401: {"description": "missing or bad key"},
                    404: {"description": "model not hosted (the answer names the hosted models)"},
@@ -155,7 +180,7 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
     # -- jobs -----------------------------------------------------------------------------
 
     @app.post(
-        "/v1/jobs",
+        JOBS,
         status_code=202,
         summary="Submit a job: the body is the encoded payload",
         openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
@@ -170,10 +195,9 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         callback = _check_callback(request.headers.get(CALLBACK_HEADER))
         body = await _read_limited(request, settings.max_upload_bytes)
         if not body:
-            raise ApiError(400, "The request body is empty; send the encoded payload bytes "
-                                "(Content-Type: application/octet-stream).")
+            raise ApiError(400, MSG_EMPTY_BODY)
         accept = partial(service.accept, user, body, callback=callback,
-                         client_version=request.headers.get(versions.HEADER))
+                         client_version=request.headers.get(VERSION_HEADER))
         if len(body) <= INLINE_BYTES:
             job_id, position = accept()
         else:
@@ -181,30 +205,30 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         return JSONResponse({"id": job_id, "status": JobStatus.QUEUED.value, "queue_position": position},
                             status_code=202)
 
-    @app.get("/v1/jobs", summary="Your jobs, newest first")
+    @app.get(JOBS, summary="Your jobs, newest first")
     async def list_jobs(request: Request, limit: int = 100, status: str | None = None) -> JSONResponse:
         user = authenticate(request)
         records = service.store.list_jobs(user.name, status=status, limit=max(1, min(limit, 1000)))
         return JSONResponse({"jobs": [service.status_json(r) for r in records]})
 
-    @app.get("/v1/jobs/{job_id}", summary="A job's status (poll)")
+    @app.get(JOB, summary="A job's status (poll)")
     async def job_status(request: Request, job_id: str) -> JSONResponse:
         user = authenticate(request)
         return JSONResponse(service.status_json(service.owned(user, job_id)))
 
-    @app.get("/v1/jobs/{job_id}/events", summary="A job's recorded events after `after` (polling fallback)")
-    async def job_events(request: Request, job_id: str, after: int = 0) -> JSONResponse:
+    @app.get(JOB_EVENTS, summary="A job's recorded events after `after` (polling fallback)")
+    async def job_events(request: Request, job_id: str, after: int = Query(0, alias=AFTER_QUERY)) -> JSONResponse:
         user = authenticate(request)
         record = service.owned(user, job_id)
         events = service.store.events_after(job_id, after)
         return JSONResponse({"status": service.status_json(record), "events": [e.to_json() for e in events]})
 
-    @app.delete("/v1/jobs/{job_id}", summary="Cancel a queued job")
+    @app.delete(JOB, summary="Cancel a queued job")
     async def cancel(request: Request, job_id: str) -> JSONResponse:
         user = authenticate(request)
         return JSONResponse(service.status_json(service.cancel(user, job_id)))
 
-    @app.get("/v1/jobs/{job_id}/result", summary="Download the result bytes of a COMPLETED job")
+    @app.get(JOB_RESULT, summary="Download the result bytes of a COMPLETED job")
     async def result(request: Request, job_id: str) -> Response:
         user = authenticate(request)
         record = service.owned(user, job_id)
@@ -227,8 +251,8 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         return StreamingResponse(store.iter_chunks(job_id), media_type="application/octet-stream",
                                  headers={"Content-Length": str(size)})
 
-    @app.websocket("/v1/jobs/{job_id}/events")
-    async def events_ws(ws: WebSocket, job_id: str, after: int = 0) -> None:
+    @app.websocket(JOB_EVENTS)
+    async def events_ws(ws: WebSocket, job_id: str, after: int = Query(0, alias=AFTER_QUERY)) -> None:
         await ws.accept()
         try:
             await _stream_events(service, ws, job_id, after)
@@ -267,9 +291,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 def _too_large_text(size: int, limit: int, at_least: bool = False) -> str:
     amount = f"more than {limit}" if at_least else str(size)
-    return (f"The payload is {amount} bytes; this server accepts at most {limit} bytes "
-            f"({limit / MiB:.0f} MiB). Send smaller inputs or save fewer values, or ask the operator "
-            "to raise `interlace serve --max-upload-mb`.")
+    return MSG_TOO_LARGE.format(amount=amount, limit=limit, limit_mib=limit / MiB)
 
 
 def _gone_text(job_id: str) -> str:
@@ -286,10 +308,10 @@ def _check_downloadable(record: JobRecord) -> None:
         return
     if status == JobStatus.ERROR.value:
         raise ApiError(409, f"Job {record.id} ended in ERROR and has no result; "
-                            f"GET /v1/jobs/{record.id} shows the error.")
+                            f"GET {JOB.format(job_id=record.id)} shows the error.")
     if status == JobStatus.CANCELLED.value:
         raise ApiError(409, f"Job {record.id} was cancelled; it has no result.")
-    raise ApiError(409, f"Job {record.id} is {status}, not finished; follow /v1/jobs/{record.id}/events "
+    raise ApiError(409, f"Job {record.id} is {status}, not finished; follow {JOB_EVENTS.format(job_id=record.id)} "
                         "and download once it is COMPLETED.")
 
 
@@ -305,12 +327,12 @@ async def _sweep_forever(service: JobService, interval: float) -> None:
 async def _ws_fail(ws: WebSocket, code: int, message: str) -> None:
     # The JSON message carries the full text; the close reason is capped at 123 bytes.
     await ws.send_text(json.dumps({"error": message, "code": code}))
-    await ws.close(code=4000 + code, reason=message.encode()[:120].decode(errors="ignore"))
+    await ws.close(code=WS_CLOSE_BASE + code, reason=message.encode()[:120].decode(errors="ignore"))
 
 
 async def _stream_events(service: JobService, ws: WebSocket, job_id: str, after: int) -> None:
     key = ws.headers.get(KEY_HEADER)
-    version = ws.headers.get(versions.HEADER) or ws.query_params.get("version")
+    version = ws.headers.get(VERSION_HEADER) or ws.query_params.get(VERSION_QUERY)
     if not key:
         # Browsers cannot set headers on a WebSocket: accept the key as the first message,
         # {"key": "...", "version": "..."}.
@@ -319,16 +341,17 @@ async def _stream_events(service: JobService, ws: WebSocket, job_id: str, after:
         except (asyncio.TimeoutError, ValueError, KeyError):
             first = {}
         if isinstance(first, dict):
-            key = first.get("key")
-            version = version or first.get("version")
+            key_field, version_field = WS_AUTH_FIELDS
+            key = first.get(key_field)
+            version = version or first.get(version_field)
     problem = versions.incompatibility(version)
     if problem:
         return await _ws_fail(ws, 426, problem)
     if not key:
-        return await _ws_fail(ws, 401, missing_key_message())
+        return await _ws_fail(ws, 401, MSG_MISSING_KEY)
     user = service.keys.verify(key)
     if user is None:
-        return await _ws_fail(ws, 401, invalid_key_message())
+        return await _ws_fail(ws, 401, MSG_INVALID_KEY)
     record = service.store.get_owned(job_id, user.name)
     if record is None:
         return await _ws_fail(ws, 404, f"No job {job_id!r} for this API key's user.")

@@ -13,12 +13,21 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Final
 
+from ..contract.http import KEY_HEADER
 from .db import Database
 
+__all__ = ["KEY_PREFIX", "KeyInfo", "User", "KeyStore", "MSG_MISSING_KEY", "MSG_INVALID_KEY"]
+
 KEY_PREFIX = "il_"
-HEADER = "X-Interlace-Key"
 CREATE_HINT = "Create a key on the server machine with `interlace keys create --name YOUR_NAME`"
+
+MSG_MISSING_KEY: Final = (
+    f"This endpoint needs an API key in the {KEY_HEADER} header. {CREATE_HINT}, then set it on the "
+    "client with INTERLACE_API_KEY=<key> or interlace.CONFIG.set_default_api_key('<key>')."
+)
+MSG_INVALID_KEY: Final = f"The API key in the {KEY_HEADER} header is unknown or revoked. {CREATE_HINT} and use the new key."
 
 
 @dataclass(frozen=True)
@@ -89,14 +98,3 @@ class KeyStore:
         if not hmac.compare_digest(_digest(row["salt"], secret), row["hash"]):
             return None
         return User(name=row["name"], key_id=key_id)
-
-
-def missing_key_message() -> str:
-    return (
-        f"This endpoint needs an API key in the {HEADER} header. {CREATE_HINT}, then set it on the "
-        "client with INTERLACE_API_KEY=<key> or interlace.CONFIG.set_default_api_key('<key>')."
-    )
-
-
-def invalid_key_message() -> str:
-    return f"The API key in the {HEADER} header is unknown or revoked. {CREATE_HINT} and use the new key."

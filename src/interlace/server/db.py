@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+__all__ = ["Database", "SCHEMA_VERSION"]
+
 SCHEMA_VERSION = 1
 
 SCHEMA = """

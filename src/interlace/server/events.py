@@ -15,6 +15,8 @@ from collections import defaultdict
 
 from .store import Event
 
+__all__ = ["EventHub", "Subscription", "SUBSCRIBER_BUFFER"]
+
 SUBSCRIBER_BUFFER = 1000
 
 

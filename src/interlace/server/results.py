@@ -15,6 +15,8 @@ from typing import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+__all__ = ["ResultStore"]
+
 CHUNK = 256 * 1024
 
 

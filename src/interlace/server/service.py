@@ -27,8 +27,11 @@ from ..contract.model_meta import NotDescribable
 from .results import ResultStore
 from .settings import ServerSettings
 from .store import Event, JobRecord, JobStore, queued_text
-from .types import JobRunner, JobStatus
+from ..contract.http import JobStatus
+from .types import JobRunner
 from .workers import QueuedJob, WorkerPool
+
+__all__ = ["JobService", "NotFound", "Conflict"]
 
 log = logging.getLogger("interlace.server")
 

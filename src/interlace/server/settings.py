@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+__all__ = ["ServerSettings", "MiB", "default_data_dir", "is_loopback", "LOOPBACK_HOSTS"]
+
 MiB = 1024 * 1024
 
 

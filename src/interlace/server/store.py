@@ -12,8 +12,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from ..contract.http import PENDING, TERMINAL, JobStatus
 from .db import Database
-from .types import PENDING, TERMINAL, JobStatus
+
+__all__ = ["Event", "JobRecord", "JobStore", "queued_text"]
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
-"""The seam between the server and the engine, and the shapes the server speaks in.
+"""The seam between the server and the engine.
 
 The server never looks inside payloads or results: a `JobRunner` decodes and validates a
 payload on receipt (`prepare`) and executes it later (`run`). The server persists the raw
-payload bytes, so after a restart it simply calls `prepare` again.
+payload bytes, so after a restart it simply calls `prepare` again. The job states the server
+speaks in are the protocol's: `interlace.contract.http.JobStatus`.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import Any, Callable, Protocol, runtime_checkable
+
+__all__ = ["PreparedJob", "JobRunner", "LogFn"]
 
 
 @runtime_checkable
@@ -40,21 +42,5 @@ class JobRunner(Protocol):
         """JSON-able server policy (limits, allowed modules), served at GET /v1/policy."""
         ...
 
-
-class JobStatus(str, enum.Enum):
-    RECEIVED = "RECEIVED"
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    LOG = "LOG"  # an event, never a stored job state
-    COMPLETED = "COMPLETED"
-    ERROR = "ERROR"
-    CANCELLED = "CANCELLED"
-    EXPIRED = "EXPIRED"
-
-
-# A job in one of these states will not change again except by expiry.
-TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.CANCELLED, JobStatus.EXPIRED})
-# States the worker pool still owes work for; requeued after a restart.
-PENDING = frozenset({JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING})
 
 LogFn = Callable[[str], None]

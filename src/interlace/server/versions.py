@@ -1,4 +1,4 @@
-"""Client/server version compatibility (header X-Interlace-Version).
+"""Which client versions this server accepts (the client sends `contract.http.VERSION_HEADER`).
 
 A client is accepted when its major version equals the server's. The rule is deliberately
 simple so the 426 message can state the range exactly.
@@ -7,11 +7,23 @@ simple so the 426 message can state the range exactly.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from .._version import __version__
+from ..contract.http import VERSION_HEADER
 
-HEADER = "X-Interlace-Version"
+__all__ = ["parse", "supported_range", "incompatibility", "MSG_UNREADABLE_VERSION", "MSG_UNSUPPORTED_VERSION"]
+
 _VERSION = re.compile(r"^\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
+
+MSG_UNREADABLE_VERSION: Final = (
+    "Unreadable {header} {client_version!r}; send the client's version, e.g. {server_version!r}. "
+    "This server (interlace {server_version}) accepts clients {wanted}."
+)
+MSG_UNSUPPORTED_VERSION: Final = (
+    "Client version {client_version} is not supported by this server (interlace {server_version}), "
+    "which accepts clients {wanted}. Install a matching client: pip install 'interlace{wanted}'."
+)
 
 
 def parse(version: str) -> tuple[int, int, int] | None:
@@ -36,13 +48,9 @@ def incompatibility(client_version: str | None, server_version: str = __version_
     server = parse(server_version)
     wanted = supported_range(server_version)
     if client is None:
-        return (
-            f"Unreadable {HEADER} {client_version!r}; send the client's version, e.g. {server_version!r}. "
-            f"This server (interlace {server_version}) accepts clients {wanted}."
-        )
+        return MSG_UNREADABLE_VERSION.format(header=VERSION_HEADER, client_version=client_version,
+                                             server_version=server_version, wanted=wanted)
     if server is not None and client[0] != server[0]:
-        return (
-            f"Client version {client_version} is not supported by this server (interlace {server_version}), "
-            f"which accepts clients {wanted}. Install a matching client: pip install 'interlace{wanted}'."
-        )
+        return MSG_UNSUPPORTED_VERSION.format(client_version=client_version, server_version=server_version,
+                                              wanted=wanted)
     return None

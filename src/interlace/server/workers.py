@@ -15,6 +15,8 @@ from typing import Callable
 
 from .types import PreparedJob
 
+__all__ = ["QueuedJob", "ModelWorker", "WorkerPool"]
+
 log = logging.getLogger("interlace.server")
 
 

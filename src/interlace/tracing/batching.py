@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BatchGroup", "narrow", "splice", "whole"]
+__all__ = ["BatchGroup", "map_tensors", "narrow", "splice", "whole"]
 
 BatchGroup = tuple[int, int] | None
 
@@ -25,7 +25,7 @@ def narrow(value: Any, group: BatchGroup, total: int) -> Any:
     if whole(group, total):
         return value
     start, size = group  # type: ignore[misc]
-    return _map(value, lambda t: t.narrow(0, start, size) if t.dim() and t.shape[0] == total else t)
+    return map_tensors(value, lambda t: t.narrow(0, start, size) if t.dim() and t.shape[0] == total else t)
 
 
 def splice(original: Any, replacement: Any, group: BatchGroup, total: int) -> Any:
@@ -53,16 +53,18 @@ def splice(original: Any, replacement: Any, group: BatchGroup, total: int) -> An
     return one(original, replacement)
 
 
-def _map(value: Any, fn: Any) -> Any:
+def map_tensors(value: Any, fn: Any) -> Any:
+    """`value` with `fn` applied to every tensor in it (through tuples, named tuples, lists
+    and dicts, keeping their types)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple):
-        items = [_map(v, fn) for v in value]
+        items = [map_tensors(v, fn) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, list):
-        return [_map(v, fn) for v in value]
+        return [map_tensors(v, fn) for v in value]
     if isinstance(value, dict):
-        mapped = {k: _map(v, fn) for k, v in value.items()}
+        mapped = {k: map_tensors(v, fn) for k, v in value.items()}
         if type(value) is dict:
             return mapped
         try:  # ModelOutput and other dict subclasses

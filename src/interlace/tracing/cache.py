@@ -18,24 +18,30 @@ server like any saved dict.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 import torch
 
 from ..errors import TracingError, warn
-from .batching import _map, narrow
+from .batching import map_tensors, narrow
 from .cache_entries import NOT_CACHED, Cache, CacheEntry
-from .interleaver import current_mediator
+from .mediator import current_mediator
 from .saving import save
 
 if TYPE_CHECKING:
-    from ..models.nnsight import NNsight
-    from .tracer import InterleavingTracer
+    from .host import Host
 
-__all__ = ["Cache", "CacheEntry", "start_cache"]
+__all__ = ["Cache", "CacheEntry", "CacheOwner", "start_cache"]
 
 
-def _resolve(model: "NNsight", modules: Iterable[Any] | None) -> list[int]:
+class CacheOwner(Protocol):
+    """The tracer a cache starts from (`tracer.InterleavingTracer`), as far as the cache uses it."""
+
+    model: Host | None
+    kind: str  # "generate" keeps every step's entry in a list
+
+
+def _resolve(model: "Host", modules: Iterable[Any] | None) -> list[int]:
     from .envoy import Envoy
 
     if modules is None:
@@ -106,7 +112,7 @@ def _rebuild_mapping(original: dict, mapped: dict) -> dict:
 
 
 def start_cache(
-    tracer: "InterleavingTracer",
+    tracer: CacheOwner,
     modules: Iterable[Any] | None = None,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | None = None,
@@ -144,11 +150,11 @@ def start_cache(
 
     def observe(idx: int, n: int, args: tuple, kwargs: dict, out: Any) -> None:
         total = il.batch_size
-        value = _map(narrow(_as_data(out), group, total), convert) if include_output else NOT_CACHED
+        value = map_tensors(narrow(_as_data(out), group, total), convert) if include_output else NOT_CACHED
         inputs = NOT_CACHED
         if include_inputs and n >= begun.get(idx, 0):  # (a call begun before the cache: no inputs)
             args, kwargs = _as_data(tuple(args)), _as_data(dict(kwargs))
-            inputs = _map((tuple(narrow(args, group, total)), dict(narrow(kwargs, group, total))), convert)
+            inputs = map_tensors((tuple(narrow(args, group, total)), dict(narrow(kwargs, group, total))), convert)
         entry = CacheEntry(value, inputs)
         path = paths[idx]
         old = dict.get(cache, path)

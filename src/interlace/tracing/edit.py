@@ -37,11 +37,11 @@ import torch
 
 from ..errors import TracingError
 from .capture import Block, block_from_source
-from .interleaver import Mediator
+from .mediator import Mediator
 from .tracer import Tracer, new_namespace
 
 if TYPE_CHECKING:
-    from ..models.nnsight import NNsight
+    from .host import Host
 
 __all__ = ["Edit", "EditingTracer", "edit_mediators", "export_edits", "import_edits", "shallow_copy"]
 
@@ -61,7 +61,7 @@ class EditingTracer(Tracer):
 
     kind = "edit"
 
-    def __init__(self, model: "NNsight", inplace: bool = False) -> None:
+    def __init__(self, model: "Host", inplace: bool = False) -> None:
         super().__init__(model)
         self.target = model if inplace else shallow_copy(model)
 
@@ -82,7 +82,7 @@ class EditingTracer(Tracer):
         return {self.block.as_name: self.target} if self.block.as_name else {}
 
 
-def edit_mediators(model: "NNsight", ns: dict[str, Any]) -> list[Mediator]:
+def edit_mediators(model: "Host", ns: dict[str, Any]) -> list[Mediator]:
     """One whole-batch mediator per recorded edit, each with a fresh copy of its namespace."""
     edits = model.__dict__.get("_default_edits") or []
     return [Mediator(e.block.code, dict(e.namespace), None, 0, label=f"edit {i}") for i, e in enumerate(edits)]
@@ -93,7 +93,7 @@ def edit_mediators(model: "NNsight", ns: dict[str, Any]) -> list[Mediator]:
 _OWN_KEYS = ("_default_edits", "_active", "_before_run", "_begin_run", "_end_run", "_edit_origin")
 
 
-def shallow_copy(model: "NNsight") -> "NNsight":
+def shallow_copy(model: "Host") -> "Host":
     """A root envoy sharing `model`'s modules and child envoys, with its own list of edits."""
     copy = object.__new__(type(model))
     d = copy.__dict__
@@ -128,7 +128,7 @@ def shallow_copy(model: "NNsight") -> "NNsight":
 # -- export / import ----------------------------------------------------------------------------
 
 
-def export_edits(model: "NNsight", path: str | Path) -> Path:
+def export_edits(model: "Host", path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -152,7 +152,7 @@ def export_edits(model: "NNsight", path: str | Path) -> Path:
     return path
 
 
-def import_edits(model: "NNsight", path: str | Path) -> int:
+def import_edits(model: "Host", path: str | Path) -> int:
     """Append the edits stored in `path` to `model`'s edits; returns how many."""
     from safetensors import safe_open
 
@@ -205,7 +205,7 @@ def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor], name: str) -
     )
 
 
-def _decode(node: dict[str, Any], model: "NNsight", tensors: dict[str, torch.Tensor]) -> Any:
+def _decode(node: dict[str, Any], model: "Host", tensors: dict[str, torch.Tensor]) -> Any:
     kind = node["kind"]
     if kind == "json":
         return node["value"]

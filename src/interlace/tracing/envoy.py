@@ -1,22 +1,25 @@
-"""Envoys: a mirror of the module tree through which a traced body reads and edits values."""
+"""Envoys: a mirror of the module tree through which a traced body reads and edits values
+(`Envoy`), and of the calls inside a module's forward (`SourceEnvoy`, `OperationEnvoy`)."""
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from inspect import getattr_static
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
-
-from ..errors import TracingError
 from greenlet import getcurrent
 
-from .interleaver import INPUT, OUTPUT, Mediator, current_mediator
+from ..errors import OutOfOrderError, TracingError
+from .mediator import INPUT, OUTPUT, Mediator, current_mediator
+from .source import Accessor, Site, accessor_for, accessors, function_of, op_index
 
 if TYPE_CHECKING:
-    from ..models.nnsight import NNsight
+    from .host import Host
+    from .interleaver import Interleaver
 
-__all__ = ["Envoy"]
+__all__ = ["Envoy", "OperationEnvoy", "SourceEnvoy", "make_envoy", "mount_clashes", "source_envoy"]
 
 
 def _outside_trace(path: str, what: str) -> TracingError:
@@ -38,9 +41,9 @@ class Envoy:
 
     _module: torch.nn.Module
     _path: str
-    _root: "NNsight"
+    _root: "Host"
 
-    def __init__(self, module: torch.nn.Module, path: str, root: "NNsight | None" = None) -> None:
+    def __init__(self, module: torch.nn.Module, path: str, root: "Host | None" = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root if root is not None else self)
@@ -255,8 +258,6 @@ class Envoy:
         (`attn.source.self_c_attn_0.output`); print it to list them (see `tracing/source.py`)."""
         if "source" in self._module._modules:  # a child module named `source` wins
             return self._child("source")
-        from .source import source_envoy
-
         return source_envoy(self)
 
     def skip(self, value: Any) -> None:
@@ -302,6 +303,179 @@ class _ScannedValues:
 
     def __getattr__(self, name: str) -> Any:  # (`step` for next(), ...): outside a trace
         raise _outside_trace(self.path, self.what)
+
+
+# -- `.source`: the calls inside a forward, as envoys (the rewriting is in source.py) -----------
+
+
+class SourceEnvoy:
+    """`module.source` (or `op.source`): one attribute per call in the function; print it for
+    the list."""
+
+    def __init__(self, owner: Envoy, accessor: Accessor) -> None:
+        object.__setattr__(self, "_envoy", owner)
+        object.__setattr__(self, "_accessor", accessor)
+        object.__setattr__(self, "_ops", {})
+
+    @property
+    def operations(self) -> list[str]:
+        return [name for name, _ in self._accessor.ops]
+
+    def __getattr__(self, name: str) -> "OperationEnvoy":
+        if name.startswith("__"):
+            raise AttributeError(name)
+        ops = self.__dict__["_ops"]
+        op = ops.get(name)
+        if op is None:
+            site = self._accessor.by_name.get(name)
+            path = self._accessor.path
+            if site is None:
+                close = difflib.get_close_matches(name, self.operations, n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise AttributeError(
+                    f"{path}.source has no operation {name!r}.{hint} Print `{path}.source` to list them."
+                )
+            op = ops[name] = OperationEnvoy(site, self._envoy)
+        return op
+
+    def __dir__(self) -> list[str]:
+        return self.operations
+
+    def __repr__(self) -> str:
+        accessor = self._accessor
+        by_line: dict[int, list[str]] = {}
+        for name, line in accessor.ops:
+            by_line.setdefault(line, []).append(name)
+        width = max((len(", ".join(v)) for v in by_line.values()), default=0)
+        out = [f"{accessor.path}.source ({accessor.label})"]
+        for i, text in enumerate(accessor.lines):
+            line = accessor.first + i
+            label = ", ".join(by_line.get(line, []))
+            out.append(f"{label:>{width}} {line:4d} {'->' if label else '  '} {text.rstrip()}")
+        return "\n".join(out)
+
+
+class OperationEnvoy(Envoy):
+    """One call in a forward: `.output`, `.input`, `.inputs` (get and set), `.skip(value)`, and
+    `.source` (inside a trace) for the calls inside the function it calls."""
+
+    def __init__(self, site: Site, owner: Envoy) -> None:
+        object.__setattr__(self, "_module", owner._module)
+        object.__setattr__(self, "_path", site.path)
+        object.__setattr__(self, "_root", owner._root)
+        object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_site", site)
+
+    def _running(self, what: str = "output.save()") -> Mediator:
+        mediator = current_mediator()
+        if mediator is None or mediator.interleaver is None:
+            raise TracingError(
+                f"`{self._path}` can only be used inside a traced block that runs the model:\n\n"
+                f"    with model.trace(inputs):\n        value = {self._path}.{what}"
+            )
+        return mediator
+
+    def _idx(self) -> int:
+        return op_index(self._running().interleaver, self._site)  # type: ignore[arg-type]
+
+    def _locate(self, what: str) -> tuple[Mediator, int, int | None]:
+        mediator = self._running()
+        return mediator, op_index(mediator.interleaver, self._site), None  # type: ignore[arg-type]
+
+    @property
+    def output(self) -> Any:
+        """What the operation returned (this invoke's rows). Assign to replace it."""
+        mediator, idx, it = self._locate("output")
+        return mediator.request(OUTPUT, idx, it)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        mediator, idx, it = self._locate("output")
+        mediator.swap(OUTPUT, idx, value, it)
+
+    @property
+    def source(self) -> SourceEnvoy:
+        """The calls inside the function this operation calls at the current step (waits for
+        that call, so use it before anything that runs later in the forward)."""
+        mediator = self._running("source.<operation>.output.save()")
+        il: Interleaver = mediator.interleaver  # type: ignore[assignment]
+        idx = op_index(il, self._site)
+        try:
+            mediator.request(INPUT, idx)
+        except OutOfOrderError:
+            raise OutOfOrderError(
+                f"`{self._path}.source` was used after {self._path} had started running in this "
+                "step, so the calls inside it can no longer be reached. `.source` of an operation "
+                "waits for the operation's call: use it before reading anything that runs inside "
+                f"or after that call, e.g.\n\n    inner = {self._path}.source\n"
+                f"    value = inner.<operation>.output.save()"
+            ) from None
+        callee = getattr(il, "callee", None)
+        assert callee is not None and callee[0] == idx, "op.source served outside its op's call"
+        accessor, built = self._inner_accessor(callee[2])
+        if built and callee[1]:
+            # Built at the op's call n of this run: its ops count as if they had run once in
+            # each earlier call, so step k of a nested op stays the op's k-th call.
+            for site in accessor.sites:
+                j = op_index(il, site)
+                il.started[j] = il.finished[j] = callee[1]
+        cache = self.__dict__.setdefault("_sources", {})
+        envoy = cache.get(id(accessor))
+        if envoy is None or envoy._accessor is not accessor:
+            envoy = cache[id(accessor)] = SourceEnvoy(self, accessor)
+        return envoy
+
+    def _inner_accessor(self, callee: Any) -> tuple[Accessor, bool]:
+        """The rewritten copy of `callee` for this op (built now if new: then True)."""
+        site = self._site
+        if isinstance(callee, torch.nn.Module):
+            try:
+                where = self._root.__dict__["_paths_list"][self._root._module_index(callee)]
+            except (TracingError, IndexError):
+                where = None
+            fix = f"\n\n    {where}.source.<operation>.output" if where else ""
+            raise TracingError(
+                f"{self._path} calls a module ({where or type(callee).__name__}), not a function: use "
+                f"that module's own `.source` instead of `{self._path}.source`.{fix}"
+            )
+        function = function_of(callee)
+        if function is None:
+            name = getattr(callee, "__qualname__", None) or getattr(callee, "__name__", None) or type(callee).__name__
+            raise TracingError(
+                f"`{self._path}.source` cannot look inside {name}: it is not a Python function "
+                f"(a built-in or C function has no source). Read `{self._path}.output` or "
+                f"`{self._path}.inputs` instead."
+            )
+        inner = site.inner
+        if inner is None:
+            inner = site.inner = {}
+        accessor = inner.get(function)
+        if accessor is not None:
+            return accessor, False
+        label = f"{function.__module__}.{function.__qualname__}"
+        accessor = inner[function] = Accessor(function, label, self._path, site.accessor.roots)
+        return accessor, True
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"{self._path} is an operation; it has .output, .input, .inputs, .skip(value) and "
+            f".source, not {name!r}."
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TracingError(f"{self._path} is an operation inside a forward and cannot be called directly.")
+
+    def __repr__(self) -> str:
+        return f"<operation {self._path}>"
+
+
+def source_envoy(envoy: Envoy) -> SourceEnvoy:
+    """`envoy.source` for the module's forward (kept on the envoy while its rewrite stands)."""
+    cached = envoy.__dict__.get("_source_envoy")
+    if cached is None or cached._accessor is not accessors.get(envoy._module):
+        cached = SourceEnvoy(envoy, accessor_for(envoy))
+        envoy.__dict__["_source_envoy"] = cached
+    return cached
 
 
 def make_envoy(root: Any, module: torch.nn.Module, path: str) -> Envoy:

@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING, Any, Callable
 from greenlet import getcurrent
 
 from .batching import narrow
-from .mediator import _DONE, _WAIT, OUTPUT, Mediator, _Slot
-from .reads import READ_NAME
+from .mediator import DONE, OUTPUT, WAIT, Mediator, Slot
 
-__all__ = ["InlineBodies", "run_one_read"]
+__all__ = ["READ_NAME", "InlineBodies", "run_one_read"]
+
+#: The name under which an inline statement finds the value it reads (`exec_inline` binds it;
+#: `reads.body_segments` compiles statements that load it).
+READ_NAME = "__interlace_read__"
 
 
 def exec_inline(main: Any, mediator: Mediator, code: Any, value: Any) -> None:
@@ -148,7 +151,7 @@ class InlineBodies:
         else:
             queue.append(mediator)
 
-    def _go_on_inline(self, mediator: Mediator, slot: _Slot | None) -> Any:
+    def _go_on_inline(self, mediator: Mediator, slot: Slot | None) -> Any:
         """Run the statement of an inline body that the value in `slot` completes (none when
         `slot` is None), the statements after it that read nothing, then wait for the next
         read; returns the signal, as a greenlet would."""
@@ -176,14 +179,14 @@ class InlineBodies:
                         mediator.loop_pos = position
                         ns[segment.loop[2]] = call
                         self._await_inline(mediator, reads, call)
-                        return _WAIT
+                        return WAIT
                     mediator.iter_depth = 0
                 mediator.seg += 1
             seg = mediator.seg
             if seg == len(plan):
                 mediator.done = True
                 mediator.plan = None
-                return _DONE
+                return DONE
             segment, reads, steps = plan[seg]
             if not reads:  # reads nothing (an empty accumulator): runs now
                 exec_inline(self.main, mediator, segment.code, None)
@@ -209,4 +212,4 @@ class InlineBodies:
             if steps is not None:
                 ns[segment.loop[2]] = call
             self._await_inline(mediator, reads, call)
-            return _WAIT
+            return WAIT

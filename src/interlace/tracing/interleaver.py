@@ -58,29 +58,30 @@ from greenlet import getcurrent
 
 from ..errors import GenerationEndedWarning, ModuleNotCalledError, TracingError, warn
 from .batching import narrow, whole
-from .mediator import (  # noqa: F401 - INPUT, OUTPUT, Mediator, current_mediator re-exported
-    _BARRIER,
-    _CALL,
-    _DONE,
-    _ERROR,
-    _KIND_NAME,
-    _NOTHING,
-    _STOP,
-    _WAIT,
+from .inline import InlineBodies
+from .mediator import (  # noqa: F401 - INPUT, OUTPUT, Mediator, StopForward, current_mediator re-exported
+    BARRIER,
+    CALL,
+    DONE,
+    ERROR,
     INPUT,
+    KIND_NAME,
+    NOTHING,
     OUTPUT,
+    STOP,
+    WAIT,
+    GenerationEnded,
     Mediator,
-    _by_index,
-    _GenerationEnded,
-    _Slot,
-    _StopForward,
-    _take_worker,
+    Slot,
+    StopForward,
+    by_index,
     current_mediator,
 )
-from .inline import InlineBodies
-from .wrapping import ModuleHooks, OrderTable, _wrapper  # noqa: F401 - re-exported
+from .mediator import take_worker as _take_worker  # (tests count the workers taken through this name)
+from .wrapping import ModuleHooks, OrderTable  # noqa: F401 - re-exported
 
-__all__ = ["Interleaver", "ModuleHooks", "Mediator", "OrderTable", "current_mediator", "INPUT", "OUTPUT"]
+__all__ = ["Interleaver", "ModuleHooks", "Mediator", "OrderTable", "StopForward", "current_mediator", "INPUT", "OUTPUT"]
+
 
 class Interleaver(InlineBodies):
     """One run of a model with a set of mediators.
@@ -163,7 +164,7 @@ class Interleaver(InlineBodies):
         self.wrapped = set(needed)
         self.hooks.install(self, needed)
 
-    def _cursor(self, slot: "_Slot | None") -> tuple[int, int] | None:
+    def _cursor(self, slot: "Slot | None") -> tuple[int, int] | None:
         """(root step, table position now); position -1 between root forwards; None if unknown."""
         s0 = self.started[0]
         if s0 == self.finished[0]:
@@ -186,7 +187,7 @@ class Interleaver(InlineBodies):
             self.started[idx] = step + (0 <= table.start[idx] <= pos)
             self.finished[idx] = step + (0 <= table.end[idx] <= pos)
 
-    def wrap_lazily(self, idx: int, slot: "_Slot | None") -> None:
+    def wrap_lazily(self, idx: int, slot: "Slot | None") -> None:
         """Wrap module `idx` (and the modules that call it, so a module that is running is
         always wrapped) for the rest of this lazy run."""
         table = self.lazy
@@ -211,7 +212,7 @@ class Interleaver(InlineBodies):
             wrapped.add(i)
             self.hooks.wrap(i)
 
-    def wrap_all(self, slot: "_Slot | None" = None) -> None:
+    def wrap_all(self, slot: "Slot | None" = None) -> None:
         """Leave the lazy mode for the rest of this run (every module wrapped)."""
         table = self.lazy
         if table is None:
@@ -233,7 +234,7 @@ class Interleaver(InlineBodies):
     def _call(self, idx: int, inner: Callable[..., Any], args: tuple, kwargs: dict, n: int) -> Any:
         """A module call that has mediators waiting for its inputs (the wrapper's slow path)."""
         args, kwargs, skipped = self._serve_input(idx, n, args, kwargs)
-        out = inner(*args, **kwargs) if skipped is _NOTHING else skipped
+        out = inner(*args, **kwargs) if skipped is NOTHING else skipped
         self.finished[idx] += 1
         if self.tap is not None:
             self.tap(~idx)
@@ -255,7 +256,7 @@ class Interleaver(InlineBodies):
             if len(waiters) == 1 and want is not None and want[2] == n:
                 del self.output_waiters[idx]
                 mediator.want = None
-                slot = _Slot(OUTPUT, idx, n, out)
+                slot = Slot(OUTPUT, idx, n, out)
                 if mediator.plan is not None and mediator.group is None:  # `_serve_one`, inline
                     slot.view = out
                     mediator.current = slot  # (for a greenlet that takes over: `request`)
@@ -263,7 +264,7 @@ class Interleaver(InlineBodies):
                         signal = self._go_on_inline(mediator, slot)
                     finally:
                         mediator.current = None
-                    if signal is not _WAIT and signal is not _DONE:
+                    if signal is not WAIT and signal is not DONE:
                         self._handle_signal(mediator, signal, slot)
                 else:
                     self._serve_one(mediator, slot)
@@ -282,7 +283,7 @@ class Interleaver(InlineBodies):
     def _serve_input(self, idx: int, n: int, args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
         slot_value, skips = self._serve(self.input_waiters, INPUT, idx, n, (args, kwargs), collect_skips=True)
         new_args, new_kwargs = slot_value
-        skipped = _NOTHING
+        skipped = NOTHING
         if skips:
             skipped = self._combine_skips(idx, skips)
         return tuple(new_args), dict(new_kwargs), skipped
@@ -304,7 +305,7 @@ class Interleaver(InlineBodies):
             if want is None or want[2] != n:
                 return (value, skips) if collect_skips else value
             del table[idx]
-            slot = _Slot(kind, idx, n, value)
+            slot = Slot(kind, idx, n, value)
             mediator.want = None
             self._serve_one(mediator, slot)
             return (slot.value, slot.skips) if collect_skips else slot.value
@@ -316,9 +317,9 @@ class Interleaver(InlineBodies):
                     table[idx] = rest
                 else:
                     del table[idx]
-                ready.sort(key=_by_index)
+                ready.sort(key=by_index)
         if ready:
-            slot = _Slot(kind, idx, n, value)
+            slot = Slot(kind, idx, n, value)
             for mediator in ready:
                 mediator.want = None
                 self._serve_one(mediator, slot)
@@ -326,7 +327,7 @@ class Interleaver(InlineBodies):
             skips = slot.skips
         return (value, skips) if collect_skips else value
 
-    def _serve_one(self, mediator: Mediator, slot: _Slot) -> None:
+    def _serve_one(self, mediator: Mediator, slot: Slot) -> None:
         """Hand `slot`'s value (this invoke's rows of it) to a waiting `mediator` until it
         waits again, parks at a barrier, ends or stops."""
         mediator.current = slot
@@ -340,24 +341,24 @@ class Interleaver(InlineBodies):
                 signal = mediator.greenlet.switch(slot.view)
         finally:
             mediator.current = None
-        if signal is not _WAIT and signal is not _DONE:
+        if signal is not WAIT and signal is not DONE:
             self._handle_signal(mediator, signal, slot)
 
-    def _resume(self, mediator: Mediator, slot: _Slot | None) -> None:
+    def _resume(self, mediator: Mediator, slot: Slot | None) -> None:
         """Start or continue `mediator` (not serving it a value) until it waits, parks at a
         barrier, ends or stops."""
         mediator.current = slot
         if slot is not None:
             # The slot's view is the rows of the invoke it was last made for (the one whose
             # barrier call released the others): this invoke reads its own rows (`request`).
-            slot.view = _NOTHING
+            slot.view = NOTHING
         try:
             if mediator.greenlet is None:  # its body has ended
                 return
             signal = mediator.greenlet.switch()
         finally:
             mediator.current = None
-        if signal is not _WAIT and signal is not _DONE:
+        if signal is not WAIT and signal is not DONE:
             self._handle_signal(mediator, signal, slot)
 
     @staticmethod
@@ -369,8 +370,8 @@ class Interleaver(InlineBodies):
         finally:
             del error
 
-    def _handle_signal(self, mediator: Mediator, signal: str, slot: _Slot | None) -> None:
-        while signal == _CALL:  # `envoy(..., hook=True)`: run the call here, then go on
+    def _handle_signal(self, mediator: Mediator, signal: str, slot: Slot | None) -> None:
+        while signal == CALL:  # `envoy(..., hook=True)`: run the call here, then go on
             fn, mediator.call = mediator.call, None
             try:
                 reply: tuple[Any, BaseException | None] = (fn(), None)  # type: ignore[misc]
@@ -382,14 +383,14 @@ class Interleaver(InlineBodies):
             finally:
                 mediator.current = None
                 reply = None  # type: ignore[assignment]
-            if signal is _WAIT or signal is _DONE:
+            if signal is WAIT or signal is DONE:
                 return
-        if signal == _ERROR:
+        if signal == ERROR:
             self._raise_error(mediator)
-        if signal == _STOP:
+        if signal == STOP:
             self.stopped = True
-            raise _StopForward()
-        if signal == _BARRIER:
+            raise StopForward()
+        if signal == BARRIER:
             barrier = mediator.barrier
             barrier.arrived.append(mediator)
             if len(barrier.arrived) >= barrier.parties:
@@ -458,9 +459,9 @@ class Interleaver(InlineBodies):
                     signal = self._go_on_inline(mediator, None)  # statements that read nothing
                 else:
                     signal = self._start_body(mediator)
-                if signal is not _WAIT and signal is not _DONE:
+                if signal is not WAIT and signal is not DONE:
                     self._handle_signal(mediator, signal, None)
-        except _StopForward:
+        except StopForward:
             return False
         return True
 
@@ -469,7 +470,7 @@ class Interleaver(InlineBodies):
         self.completed = True
         pending = sorted(
             {id(m): m for table in (self.input_waiters, self.output_waiters) for ms in table.values() for m in ms}.values(),
-            key=_by_index,
+            key=by_index,
         ) if self.input_waiters or self.output_waiters else ()
         self.input_waiters.clear()
         self.output_waiters.clear()
@@ -479,19 +480,19 @@ class Interleaver(InlineBodies):
             if generation and mediator.iter_depth and it > 0:
                 warn(
                     f"Generation ended after {self.finished[0]} step(s), before step {it} that "
-                    f"the {mediator.label} was waiting for at `{self.path(idx)}.{_KIND_NAME[kind]}`: "
+                    f"the {mediator.label} was waiting for at `{self.path(idx)}.{KIND_NAME[kind]}`: "
                     "that step was not provided, so the rest of that loop body did not run. "
                     "Values saved so far are kept.",
                     GenerationEndedWarning,
                     stacklevel=2,
                 )
-                self._throw(mediator, _GenerationEnded())
+                self._throw(mediator, GenerationEnded())
                 continue
             step = f" at call {it}" if it else ""
             self._throw(
                 mediator,
                 ModuleNotCalledError(
-                    f"`{self.path(idx)}.{_KIND_NAME[kind]}`{step} was requested, but the forward "
+                    f"`{self.path(idx)}.{KIND_NAME[kind]}`{step} was requested, but the forward "
                     f"ended without {self.path(idx)} running"
                     + (f" a {it + 1}th time" if it else "")
                     + ". Check that this module is used by the model's forward for this input "
@@ -512,7 +513,7 @@ class Interleaver(InlineBodies):
                 )
 
     def _throw(self, mediator: Mediator, exc: BaseException) -> None:
-        if mediator.plan is not None and mediator.greenlet is None and isinstance(exc, _GenerationEnded):
+        if mediator.plan is not None and mediator.greenlet is None and isinstance(exc, GenerationEnded):
             # An inline step loop waits for a step generation never made: the body ends
             # there, as a greenlet body does (`_worker_loop`), after the same warning.
             mediator.want = None
@@ -523,7 +524,7 @@ class Interleaver(InlineBodies):
             # Its value never came: run the body up to that read, so the error is raised there.
             mediator.want = None
             signal = self._start_body(mediator)
-            if signal != _WAIT:
+            if signal != WAIT:
                 self._handle_signal(mediator, signal, None)
                 return
             mediator.want = None
@@ -531,10 +532,10 @@ class Interleaver(InlineBodies):
         if g is None or g.dead:
             return
         signal = g.throw(exc)
-        if signal == _WAIT:  # body caught the error and asked for more: nothing will come
+        if signal == WAIT:  # body caught the error and asked for more: nothing will come
             mediator.want = None
             signal = g.throw(ModuleNotCalledError("The forward has ended; no more module values will arrive."))
-        if signal == _ERROR:
+        if signal == ERROR:
             self._raise_error(mediator)
 
     def close(self) -> None:

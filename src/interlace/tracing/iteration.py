@@ -14,24 +14,29 @@ for each step from `__enter__`, and then skips it (`BodySkipper`).
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
 from ..errors import TracingError
 from .capture import BodySkipper, SkipBody, capture_block
 from .frames import is_namespace
-from .interleaver import current_mediator
+from .mediator import current_mediator
 from .namespace import new_namespace
 
-if TYPE_CHECKING:
-    from .tracer import InterleavingTracer
+__all__ = ["IterProxy", "StepLoop", "StepSource"]
 
-__all__ = ["IterProxy", "StepLoop"]
+
+class StepSource(Protocol):
+    """The tracer whose steps a loop walks (`tracer.InterleavingTracer`)."""
+
+    def _steps(self) -> int | None:
+        """The run's number of steps (None: not known)."""
+        ...
 
 
 class IterProxy:
     """`tracer.iter[0:3]`, `tracer.iter[[0, 2]]`, `tracer.iter[1]`: loop over generation steps."""
 
-    def __init__(self, tracer: "InterleavingTracer") -> None:
+    def __init__(self, tracer: StepSource) -> None:
         self.tracer = tracer
 
     def __getitem__(self, key: int | slice | list[int]) -> "StepLoop":

@@ -5,7 +5,7 @@ and the signals it hands back to the model side (see the design note in `interle
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from greenlet import GreenletExit, getcurrent, greenlet
 
@@ -13,39 +13,41 @@ from ..errors import OutOfOrderError, TracingError
 from .batching import BatchGroup, narrow, splice
 from .frames import user_location
 
-if TYPE_CHECKING:
-    from .interleaver import Interleaver
-
-__all__ = ["Mediator", "current_mediator", "INPUT", "OUTPUT"]
+__all__ = [
+    "Mediator", "ModelSide", "Slot", "current_mediator", "take_worker", "by_index",
+    "INPUT", "OUTPUT", "KIND_NAME", "NOTHING", "StopForward", "GenerationEnded",
+    "WAIT", "DONE", "STOP", "BARRIER", "ERROR", "CALL",
+]
 
 INPUT = 0
 OUTPUT = 1
-_KIND_NAME = {INPUT: "input", OUTPUT: "output"}
+KIND_NAME = {INPUT: "input", OUTPUT: "output"}
 
 # What a body greenlet hands back to the model side when it gives up control.
-_WAIT = "wait"
-_DONE = "done"
-_STOP = "stop"
-_BARRIER = "barrier"
-_ERROR = "error"  # the body raised; the exception is in `mediator.error`
-_CALL = "call"  # the body asks the model side to run `mediator.call` (`envoy(..., hook=True)`)
+WAIT = "wait"
+DONE = "done"
+STOP = "stop"
+BARRIER = "barrier"
+ERROR = "error"  # the body raised; the exception is in `mediator.error`
+CALL = "call"  # the body asks the model side to run `mediator.call` (`envoy(..., hook=True)`)
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Unwinds the model's forward after `tracer.stop()`."""
 
 
-class _GenerationEnded(BaseException):
+class GenerationEnded(BaseException):
     """Ends a body that waits for a generation step that will never come."""
 
 
-_NOTHING = object()
+#: "No value": a slot's view not made yet, a module not skipped.
+NOTHING = object()
 
 
-class _Slot:
+class Slot:
     """The value of one module call being served (its inputs or output)."""
 
-    view: Any = _NOTHING  # this invoke's rows of `value`, made when first asked for
+    view: Any = NOTHING  # this invoke's rows of `value`, made when first asked for
     skips: tuple[tuple["Mediator", Any], ...] = ()  # (invoke, value) pairs of `.skip(value)`
 
     def __init__(self, kind: int, idx: int, n: int, value: Any) -> None:
@@ -53,6 +55,37 @@ class _Slot:
         self.idx = idx
         self.n = n
         self.value = value
+
+
+class ModelSide(Protocol):
+    """The model side of a run (`interleaver.Interleaver`) as bodies and the module wrappers
+    (`wrapping.py`) use it; declared here so that neither imports the interleaver."""
+
+    main: greenlet  # the greenlet the model runs in
+    batch_size: int
+    started: list[int]  # calls begun, per module index
+    finished: list[int]  # calls ended, per module index
+    input_waiters: dict[int, list[Mediator]]
+    output_waiters: dict[int, list[Mediator]]
+    observers: dict[int, list[Callable[..., None]]]
+    wrapped: set[int] | range  # the wrapped module indices (every one unless a lazy run)
+    tap: Callable[[int], None] | None  # records call starts/ends while recording the order
+
+    def path(self, idx: int) -> str:
+        """The dotted path of module `idx`."""
+        ...
+
+    def wrap_lazily(self, idx: int, slot: Slot | None) -> None:
+        """Wrap module `idx` (and its callers) for the rest of a lazy run."""
+        ...
+
+    def _call(self, idx: int, inner: Callable[..., Any], args: tuple, kwargs: dict, n: int) -> Any:
+        """A module call that bodies wait on the inputs of (a wrapper's slow path)."""
+        ...
+
+    def _after(self, idx: int, n: int, args: tuple, kwargs: dict, out: Any) -> Any:
+        """Serve a module call's output to waiting bodies and observers; returns the output."""
+        ...
 
 
 class _BodyGreenlet(greenlet):
@@ -124,7 +157,8 @@ def _new_worker(main: Any) -> _BodyGreenlet:
     return worker
 
 
-def _take_worker(main: Any) -> _BodyGreenlet:
+def take_worker(main: Any) -> _BodyGreenlet:
+    """A parked worker greenlet from this thread's pool (a new one if none), returning to `main`."""
     idle = _pool.idle
     while idle:
         worker = idle.pop()
@@ -154,19 +188,19 @@ def _worker_loop() -> Any:
         try:
             try:
                 exec(mediator.code, mediator.namespace)
-            except _GenerationEnded:
+            except GenerationEnded:
                 pass
             mediator.done = True
-            signal = _DONE
+            signal = DONE
         except GreenletExit:  # unwound by Interleaver.close() (or garbage collection): retire
             mediator.greenlet = None
             me.mediator = None
-            return _DONE
+            return DONE
         except BaseException as error:
             # Handed over by reference, not raised through `switch`, so a waiting worker
             # does not keep the exception (and the frames and tensors it holds) alive.
             mediator.error = error
-            signal = _ERROR
+            signal = ERROR
         main = mediator.interleaver.main  # type: ignore[union-attr]
         mediator.greenlet = None
         me.mediator = None
@@ -179,7 +213,8 @@ def _worker_loop() -> Any:
         del main
 
 
-def _by_index(mediator: "Mediator") -> int:
+def by_index(mediator: "Mediator") -> int:
+    """Sort key: invoke order."""
     return mediator.index
 
 
@@ -196,14 +231,14 @@ class Mediator:
 
     step = 0
     iter_depth = 0  # > 0 inside `tracer.iter[...]`
-    interleaver: "Interleaver | None" = None
+    interleaver: "ModelSide | None" = None
     greenlet: "_BodyGreenlet | None" = None
-    current: "_Slot | None" = None  # the value being served to this body
+    current: "Slot | None" = None  # the value being served to this body
     want: tuple[int, int, int] | None = None  # (kind, module, call) it waits for
     done = False
     barrier: Any = None
     error: BaseException | None = None
-    call: "Callable[[], Any] | None" = None  # what a `_CALL` signal asks the model side to run
+    call: "Callable[[], Any] | None" = None  # what a `CALL` signal asks the model side to run
     deferred = False  # its body starts when its first value arrives (Interleaver.defer_start)
     # A body run as inline statements (Interleaver.run_inline): its plan, the statement that
     # comes next, the values of that statement's reads before its last (kept in order), and
@@ -236,14 +271,14 @@ class Mediator:
 
     def request(self, kind: int, idx: int, it: int | None = None) -> Any:
         """The value of module `idx` (its inputs or output) at call `it`, for this invoke."""
-        il: Interleaver = self.interleaver  # type: ignore[assignment]
+        il: ModelSide = self.interleaver  # type: ignore[assignment]
         if it is None:
             it = self.step
         slot = self.current
         if slot is not None and slot.idx == idx and slot.kind == kind and slot.n == it:
             if slot.skips and any(m is self for m, _ in slot.skips):
                 self._raise_skipped(idx)
-            if slot.view is _NOTHING:
+            if slot.view is NOTHING:
                 slot.view = narrow(slot.value, self.group, il.batch_size)
             return slot.view
         prefetched = self.prefetched
@@ -258,7 +293,7 @@ class Mediator:
             # interleaver, `inline.run_one_read`, the model's module paths are at hand.)
             path = il.path(idx) if il is not None else self.paths[idx]  # type: ignore[index]
             raise TracingError(
-                f"`{path}.{_KIND_NAME[kind]}` was asked for by code that a traced "
+                f"`{path}.{KIND_NAME[kind]}` was asked for by code that a traced "
                 "statement called (a value's own `.save()` method?) while Interlace ran that "
                 "statement on the model's side, where it cannot wait for another value. Start "
                 "the block with a statement that reads no module (`_ = 0`) so the body runs on "
@@ -275,7 +310,7 @@ class Mediator:
             table[idx] = [self]
         else:
             queue.append(self)
-        return il.main.switch(_WAIT)
+        return il.main.switch(WAIT)
 
     def swap(self, kind: int, idx: int, value: Any, it: int | None = None) -> None:
         """Replace module `idx`'s inputs or output (this invoke's rows) with `value`."""
@@ -285,7 +320,7 @@ class Mediator:
         il = self.interleaver
         assert il is not None
         slot.value = splice(slot.value, value, self.group, il.batch_size)
-        slot.view = _NOTHING
+        slot.view = NOTHING
 
     def skip(self, idx: int, value: Any, it: int | None = None) -> None:
         self.request(INPUT, idx, it)
@@ -301,7 +336,7 @@ class Mediator:
         il = self.interleaver
         assert il is not None
         self.call = fn
-        result, error = il.main.switch(_CALL)
+        result, error = il.main.switch(CALL)
         if error is not None:
             raise error
         return result
@@ -309,11 +344,11 @@ class Mediator:
     def stop(self) -> None:
         il = self.interleaver
         assert il is not None
-        il.main.switch(_STOP)
+        il.main.switch(STOP)
 
     def wait_barrier(self, barrier: Any) -> None:
         self.barrier = barrier
-        self.interleaver.main.switch(_BARRIER)  # type: ignore[union-attr]
+        self.interleaver.main.switch(BARRIER)  # type: ignore[union-attr]
 
     def _raise_skipped(self, idx: int) -> None:
         il = self.interleaver
@@ -332,7 +367,7 @@ class Mediator:
         il = self.interleaver
         assert il is not None
         filename, line = user_location()
-        what = f"{il.path(idx)}.{_KIND_NAME[kind]}"
+        what = f"{il.path(idx)}.{KIND_NAME[kind]}"
         step = f" (call {it})" if it else ""
         raise OutOfOrderError(
             f"`{what}`{step} was requested at {filename}:{line}, but {il.path(idx)} has "

@@ -20,7 +20,7 @@ from .frames import NAMESPACE_MARKER
 from .saving import save_in_body
 from .placeholder import Placeholder
 
-__all__ = ["BODY_HELPERS", "body_namespace", "new_namespace", "MISSING"]
+__all__ = ["BODY_HELPERS", "MISSING", "FrameNames", "body_namespace", "new_namespace"]
 
 #: What the names that capture's rewrites call are bound to, in every body's namespace.
 BODY_HELPERS: dict[str, Any] = {
@@ -63,3 +63,24 @@ def new_namespace(block: Block, frame: types.FrameType | None = None) -> dict[st
         if value is not missing and not isinstance(value, Placeholder):  # (no value: `unsaved.py`)
             ns[name] = value
     return ns
+
+
+class FrameNames:
+    """A name lookup over the caller's frame: a name's value in its locals, then its globals,
+    or `MISSING` (also for a name an earlier trace assigned but did not save: `unsaved.py`).
+
+    What a captured trace carries as its `lookup`. Reading the frame only when asked keeps a
+    local trace, whose namespace `new_namespace` builds from the frame in one pass, from
+    paying for it."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: types.FrameType) -> None:
+        self.frame = frame
+
+    def __call__(self, name: str) -> Any:
+        frame = self.frame
+        value = frame.f_locals.get(name, MISSING)
+        if value is MISSING:
+            value = frame.f_globals.get(name, MISSING)
+        return MISSING if isinstance(value, Placeholder) else value

@@ -5,7 +5,7 @@ not saved (`unsaved.NotSaved`), or saved by a job that was not waited for
 (`backends.pending.NotWaited`). Leaving it unbound gives a bare `NameError` at some later line,
 or silently keeps an older value of the same name; a placeholder fails at the first use with
 the subclass's message instead. Its `repr` says the same without raising, so a notebook or a
-debugger can still show it, and a later trace treats it as no value (`tracer.frame_lookup`).
+debugger can still show it, and a later trace treats it as no value (`namespace.FrameNames`).
 """
 
 from __future__ import annotations

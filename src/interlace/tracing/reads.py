@@ -31,12 +31,16 @@ import ast
 import copy
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .envoy import Envoy
+from .inline import READ_NAME
 from .saving import save
 
-__all__ = ["ALL_STEPS", "READ_NAME", "Read", "Segment", "body_segments", "first_output_read", "first_read_index", "inline_plan"]
+if TYPE_CHECKING:
+    from .host import Host
+
+__all__ = ["ALL_STEPS", "Read", "Segment", "body_segments", "first_output_read", "first_read_index", "inline_plan"]
 
 #: (root name, steps, (module, attribute) pairs called on the way): `interlace.save(m.h[0].output)`
 #: is `("m", (("a", "h"), ("i", 0)), (("interlace", "save"),))`. A last step `("*", 0)` stands
@@ -44,9 +48,6 @@ __all__ = ["ALL_STEPS", "READ_NAME", "Read", "Segment", "body_segments", "first_
 Read = tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, str], ...]]
 
 _EACH = ("*", 0)
-
-#: The name under which an inline statement finds the value it reads (see `_with_values`).
-READ_NAME = "__interlace_read__"
 
 
 def first_output_read(stmt: ast.stmt) -> Read | None:
@@ -398,7 +399,7 @@ def _constant_index(node: ast.AST | None) -> bool:
 # -- when the run starts ---------------------------------------------------------------------
 
 
-def _module_at(read: Read, ns: dict[str, Any], model: Any, check: Any = None) -> Any:
+def _module_at(read: Read, ns: dict[str, Any], model: Host, check: Any = None) -> Any:
     """The module a read's path leads to (a list of modules for a last `("*", 0)` step),
     walked on `model`'s modules, running no code; None if it does not lead through child
     modules from an envoy of `model`, or a call on the way is not a plain module attribute
@@ -438,7 +439,7 @@ def _module_at(read: Read, ns: dict[str, Any], model: Any, check: Any = None) ->
     return module
 
 
-def _index(model: Any, module: Any) -> int | None:
+def _index(model: Host, module: Any) -> int | None:
     index = model.__dict__["_index_map"]
     if index is None or id(module) not in index:
         try:
@@ -448,7 +449,7 @@ def _index(model: Any, module: Any) -> int | None:
     return index[id(module)]
 
 
-def first_read_index(read: Read, ns: dict[str, Any], model: Any) -> int | None:
+def first_read_index(read: Read, ns: dict[str, Any], model: Host) -> int | None:
     """The module index of a body's first read (`Block.first_read`), or None when the read
     cannot be resolved without running code; the body then starts before the forward as usual
     and raises at its own line if the path is wrong."""
@@ -459,7 +460,7 @@ def first_read_index(read: Read, ns: dict[str, Any], model: Any) -> int | None:
 
 
 def inline_plan(
-    segments: tuple[Segment, ...], ns: dict[str, Any], model: Any, tracer: Any = None
+    segments: tuple[Segment, ...], ns: dict[str, Any], model: Host, tracer: Any = None
 ) -> list[tuple[Segment, tuple[int, ...], list[int] | None]] | None:
     """Each inline statement with the module indices it reads, in order, and for a step loop
     its steps; None if a read does not resolve (the body then runs on a greenlet)."""

@@ -1,4 +1,6 @@
 """`envoy.source`: the calls inside a module's forward, as things a trace can read and edit.
+This module rewrites forwards into counted call sites (`Accessor`, `Site`); the envoys that
+name those calls (`SourceEnvoy`, `OperationEnvoy`) are in `envoy.py`, which imports this one.
 
 ```python
 print(model.transformer.h[0].attn.source)           # the forward, with each call's name
@@ -44,7 +46,6 @@ once in each earlier call, so step k of a nested op is still its op's k-th call.
 from __future__ import annotations
 
 import ast
-import difflib
 import inspect
 import textwrap
 import types
@@ -54,18 +55,19 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from greenlet import getcurrent
 
-from ..errors import OutOfOrderError, TracingError, warn
-from .envoy import Envoy
-from .interleaver import _NOTHING, INPUT, OUTPUT, Interleaver, Mediator, current_mediator
+from ..errors import TracingError, warn
+from .interleaver import Interleaver
+from .mediator import NOTHING, current_mediator
 
 if TYPE_CHECKING:
-    from ..models.nnsight import NNsight
+    from .host import EnvoyLike, Host
 
-__all__ = ["SourceEnvoy", "OperationEnvoy", "source_envoy", "source_paths"]
+__all__ = ["Accessor", "Site", "accessor_for", "accessors", "function_of", "op_index", "source_paths"]
 
 SITES = "__interlace_sites__"
 _FRAME_BUILTINS = frozenset({"super", "locals", "vars", "globals", "eval", "exec", "dir"})
-_accessors: "weakref.WeakKeyDictionary[torch.nn.Module, _Accessor]" = weakref.WeakKeyDictionary()
+#: module -> the rewritten copy of its forward (built by `accessor_for`).
+accessors: "weakref.WeakKeyDictionary[torch.nn.Module, Accessor]" = weakref.WeakKeyDictionary()
 
 
 # -- rewriting ------------------------------------------------------------------------------------
@@ -159,17 +161,17 @@ def _rewrite(cls_forward: Callable[..., Any], label: str) -> tuple[Callable[...,
     return namespace["__interlace_make_forward__"], ops, lines, first
 
 
-class _Site:
+class Site:
     """One call site: passes the callee through, or routes it via the running interleaver."""
 
     __slots__ = ("accessor", "name", "path", "inner", "__weakref__")
 
-    def __init__(self, accessor: "_Accessor", name: str, path: str) -> None:
+    def __init__(self, accessor: "Accessor", name: str, path: str) -> None:
         self.accessor = accessor
         self.name = name
         self.path = path
-        # `op.source` copies of the functions this site calls: function -> its _Accessor.
-        self.inner: dict[Any, _Accessor] | None = None
+        # `op.source` copies of the functions this site calls: function -> its Accessor.
+        self.inner: dict[Any, Accessor] | None = None
 
     def __call__(self, fn: Any) -> Any:
         il = self.accessor.running()
@@ -183,7 +185,7 @@ class _Site:
         return call
 
 
-def _op_index(il: Interleaver, site: _Site) -> int:
+def op_index(il: Interleaver, site: Site) -> int:
     """This run's index for `site` (op counters live after the modules' in the run's lists)."""
     table = il.ops
     if table is None:
@@ -198,18 +200,18 @@ def _op_index(il: Interleaver, site: _Site) -> int:
     return idx
 
 
-def _call_op(il: Interleaver, site: _Site, fn: Any, args: tuple, kwargs: dict) -> Any:
-    idx = _op_index(il, site)
+def _call_op(il: Interleaver, site: Site, fn: Any, args: tuple, kwargs: dict) -> Any:
+    idx = op_index(il, site)
     n = il.started[idx]
     il.started[idx] = n + 1
-    skipped: Any = _NOTHING
+    skipped: Any = NOTHING
     if idx in il.input_waiters:
         il.callee = (idx, n, fn)  # what an `op.source` served now looks inside
         try:
             args, kwargs, skipped = il._serve_input(idx, n, args, kwargs)
         finally:
             il.callee = None
-    if skipped is _NOTHING:
+    if skipped is NOTHING:
         inner = site.inner
         if inner is not None:
             fn = _inner_callable(inner, fn)
@@ -222,16 +224,16 @@ def _call_op(il: Interleaver, site: _Site, fn: Any, args: tuple, kwargs: dict) -
     return out
 
 
-def _function_of(fn: Any) -> Any:
+def function_of(fn: Any) -> Any:
     """The plain function a callee runs (a bound method's `__func__`), or None."""
     if isinstance(fn, types.MethodType):
         fn = fn.__func__
     return fn if isinstance(fn, types.FunctionType) else None
 
 
-def _inner_callable(inner: "dict[Any, _Accessor]", fn: Any) -> Any:
+def _inner_callable(inner: "dict[Any, Accessor]", fn: Any) -> Any:
     """`fn`, or its rewritten copy if `op.source` was used on it (bound like `fn` was)."""
-    accessor = inner.get(_function_of(fn))
+    accessor = inner.get(function_of(fn))
     if accessor is None:
         return fn
     if isinstance(fn, types.MethodType):
@@ -248,7 +250,7 @@ def _class_cell(fn: Any) -> Any:
     return fn.__closure__[code.co_freevars.index("__class__")].cell_contents
 
 
-class _Accessor:
+class Accessor:
     """A rewritten copy of one function (a module's forward, or a function an op calls) and
     its call sites, whose paths start with `path`."""
 
@@ -260,7 +262,7 @@ class _Accessor:
         self.first = first
         self.ops = ops
         self.roots = roots  # the models whose runs it serves (shared with nested accessors)
-        self.sites = [_Site(self, name, f"{path}.source.{name}") for name, _ in ops]
+        self.sites = [Site(self, name, f"{path}.source.{name}") for name, _ in ops]
         self.by_name = {site.name: site for site in self.sites}
         self.function = factory(self.sites, owner_class if owner_class is not None else _class_cell(fn))
 
@@ -273,20 +275,22 @@ class _Accessor:
         return None
 
 
-def _module_accessor(module: torch.nn.Module, path: str) -> _Accessor:
+def _module_accessor(module: torch.nn.Module, path: str) -> Accessor:
     """Rewrite `module`'s forward and give the instance its own subclass that uses it."""
     cls = type(module)
     defining = next((c for c in cls.__mro__ if "forward" in c.__dict__), cls)
-    accessor = _Accessor(cls.forward, f"{cls.__name__}.forward", path, weakref.WeakSet(), defining)
+    accessor = Accessor(cls.forward, f"{cls.__name__}.forward", path, weakref.WeakSet(), defining)
     module.__class__ = type(cls.__name__, (cls,), {"forward": accessor.function, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return accessor
 
 
-def _accessor(envoy: Envoy) -> _Accessor:
+def accessor_for(envoy: EnvoyLike) -> Accessor:
+    """The rewritten forward of `envoy`'s module, built on first use (from then on every
+    run of the envoy's model wraps every module)."""
     module = envoy._module
-    accessor = _accessors.get(module)
+    accessor = accessors.get(module)
     if accessor is None:
-        accessor = _accessors[module] = _module_accessor(module, envoy.path)
+        accessor = accessors[module] = _module_accessor(module, envoy.path)
         accessor.roots.add(envoy._root)
         _check_built_mid_run(envoy)
     accessor.roots.add(envoy._root)
@@ -295,14 +299,14 @@ def _accessor(envoy: Envoy) -> _Accessor:
     return accessor
 
 
-def source_paths(root: "NNsight") -> list[str]:
+def source_paths(root: "Host") -> list[str]:
     """Paths of the modules of `root` whose `.source` is built, for a remote request: the
     server builds them before the run too (`request.source_modules`), so ops count from the
     start there as well, and a body may use them after other values of their module."""
     paths = []
     d = root.__dict__
     origin = d.get("_edit_origin")
-    for module, accessor in list(_accessors.items()):
+    for module, accessor in list(accessors.items()):
         if root in accessor.roots or (origin is not None and origin in accessor.roots):
             try:
                 idx = root._module_index(module)
@@ -313,7 +317,7 @@ def source_paths(root: "NNsight") -> list[str]:
     return sorted(paths)
 
 
-def _check_built_mid_run(envoy: Envoy) -> None:
+def _check_built_mid_run(envoy: EnvoyLike) -> None:
     """A forward rewritten during a run only takes effect from the module's next call."""
     mediator = current_mediator()
     il = mediator.interleaver if mediator is not None else None
@@ -342,175 +346,3 @@ def _check_built_mid_run(envoy: Envoy) -> None:
         f"time(s) in this run; step numbers of its operations start from its next call. {fix}",
         stacklevel=4,
     )
-
-
-# -- envoys ------------------------------------------------------------------------------------
-
-
-class SourceEnvoy:
-    """`module.source` (or `op.source`): one attribute per call in the function; print it for
-    the list."""
-
-    def __init__(self, owner: Envoy, accessor: _Accessor) -> None:
-        object.__setattr__(self, "_envoy", owner)
-        object.__setattr__(self, "_accessor", accessor)
-        object.__setattr__(self, "_ops", {})
-
-    @property
-    def operations(self) -> list[str]:
-        return [name for name, _ in self._accessor.ops]
-
-    def __getattr__(self, name: str) -> "OperationEnvoy":
-        if name.startswith("__"):
-            raise AttributeError(name)
-        ops = self.__dict__["_ops"]
-        op = ops.get(name)
-        if op is None:
-            site = self._accessor.by_name.get(name)
-            path = self._accessor.path
-            if site is None:
-                close = difflib.get_close_matches(name, self.operations, n=3)
-                hint = f" Did you mean {', '.join(close)}?" if close else ""
-                raise AttributeError(
-                    f"{path}.source has no operation {name!r}.{hint} Print `{path}.source` to list them."
-                )
-            op = ops[name] = OperationEnvoy(site, self._envoy)
-        return op
-
-    def __dir__(self) -> list[str]:
-        return self.operations
-
-    def __repr__(self) -> str:
-        accessor = self._accessor
-        by_line: dict[int, list[str]] = {}
-        for name, line in accessor.ops:
-            by_line.setdefault(line, []).append(name)
-        width = max((len(", ".join(v)) for v in by_line.values()), default=0)
-        out = [f"{accessor.path}.source ({accessor.label})"]
-        for i, text in enumerate(accessor.lines):
-            line = accessor.first + i
-            label = ", ".join(by_line.get(line, []))
-            out.append(f"{label:>{width}} {line:4d} {'->' if label else '  '} {text.rstrip()}")
-        return "\n".join(out)
-
-
-class OperationEnvoy(Envoy):
-    """One call in a forward: `.output`, `.input`, `.inputs` (get and set), `.skip(value)`, and
-    `.source` (inside a trace) for the calls inside the function it calls."""
-
-    def __init__(self, site: _Site, owner: Envoy) -> None:
-        object.__setattr__(self, "_module", owner._module)
-        object.__setattr__(self, "_path", site.path)
-        object.__setattr__(self, "_root", owner._root)
-        object.__setattr__(self, "_children", {})
-        object.__setattr__(self, "_site", site)
-
-    def _running(self, what: str = "output.save()") -> Mediator:
-        mediator = current_mediator()
-        if mediator is None or mediator.interleaver is None:
-            raise TracingError(
-                f"`{self._path}` can only be used inside a traced block that runs the model:\n\n"
-                f"    with model.trace(inputs):\n        value = {self._path}.{what}"
-            )
-        return mediator
-
-    def _idx(self) -> int:
-        return _op_index(self._running().interleaver, self._site)  # type: ignore[arg-type]
-
-    def _locate(self, what: str) -> tuple[Mediator, int, int | None]:
-        mediator = self._running()
-        return mediator, _op_index(mediator.interleaver, self._site), None  # type: ignore[arg-type]
-
-    @property
-    def output(self) -> Any:
-        """What the operation returned (this invoke's rows). Assign to replace it."""
-        mediator, idx, it = self._locate("output")
-        return mediator.request(OUTPUT, idx, it)
-
-    @output.setter
-    def output(self, value: Any) -> None:
-        mediator, idx, it = self._locate("output")
-        mediator.swap(OUTPUT, idx, value, it)
-
-    @property
-    def source(self) -> SourceEnvoy:
-        """The calls inside the function this operation calls at the current step (waits for
-        that call, so use it before anything that runs later in the forward)."""
-        mediator = self._running("source.<operation>.output.save()")
-        il: Interleaver = mediator.interleaver  # type: ignore[assignment]
-        idx = _op_index(il, self._site)
-        try:
-            mediator.request(INPUT, idx)
-        except OutOfOrderError:
-            raise OutOfOrderError(
-                f"`{self._path}.source` was used after {self._path} had started running in this "
-                "step, so the calls inside it can no longer be reached. `.source` of an operation "
-                "waits for the operation's call: use it before reading anything that runs inside "
-                f"or after that call, e.g.\n\n    inner = {self._path}.source\n"
-                f"    value = inner.<operation>.output.save()"
-            ) from None
-        callee = getattr(il, "callee", None)
-        assert callee is not None and callee[0] == idx, "op.source served outside its op's call"
-        accessor, built = self._inner_accessor(callee[2])
-        if built and callee[1]:
-            # Built at the op's call n of this run: its ops count as if they had run once in
-            # each earlier call, so step k of a nested op stays the op's k-th call.
-            for site in accessor.sites:
-                j = _op_index(il, site)
-                il.started[j] = il.finished[j] = callee[1]
-        cache = self.__dict__.setdefault("_sources", {})
-        envoy = cache.get(id(accessor))
-        if envoy is None or envoy._accessor is not accessor:
-            envoy = cache[id(accessor)] = SourceEnvoy(self, accessor)
-        return envoy
-
-    def _inner_accessor(self, callee: Any) -> tuple[_Accessor, bool]:
-        """The rewritten copy of `callee` for this op (built now if new: then True)."""
-        site = self._site
-        if isinstance(callee, torch.nn.Module):
-            try:
-                where = self._root.__dict__["_paths_list"][self._root._module_index(callee)]
-            except (TracingError, IndexError):
-                where = None
-            fix = f"\n\n    {where}.source.<operation>.output" if where else ""
-            raise TracingError(
-                f"{self._path} calls a module ({where or type(callee).__name__}), not a function: use "
-                f"that module's own `.source` instead of `{self._path}.source`.{fix}"
-            )
-        function = _function_of(callee)
-        if function is None:
-            name = getattr(callee, "__qualname__", None) or getattr(callee, "__name__", None) or type(callee).__name__
-            raise TracingError(
-                f"`{self._path}.source` cannot look inside {name}: it is not a Python function "
-                f"(a built-in or C function has no source). Read `{self._path}.output` or "
-                f"`{self._path}.inputs` instead."
-            )
-        inner = site.inner
-        if inner is None:
-            inner = site.inner = {}
-        accessor = inner.get(function)
-        if accessor is not None:
-            return accessor, False
-        label = f"{function.__module__}.{function.__qualname__}"
-        accessor = inner[function] = _Accessor(function, label, self._path, site.accessor.roots)
-        return accessor, True
-
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(
-            f"{self._path} is an operation; it has .output, .input, .inputs, .skip(value) and "
-            f".source, not {name!r}."
-        )
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TracingError(f"{self._path} is an operation inside a forward and cannot be called directly.")
-
-    def __repr__(self) -> str:
-        return f"<operation {self._path}>"
-
-
-def source_envoy(envoy: Envoy) -> SourceEnvoy:
-    cached = envoy.__dict__.get("_source_envoy")
-    if cached is None or cached._accessor is not _accessors.get(envoy._module):
-        cached = SourceEnvoy(envoy, _accessor(envoy))
-        envoy.__dict__["_source_envoy"] = cached
-    return cached

@@ -1,30 +1,31 @@
 """Trace, invoke and session contexts.
 
-A tracer captures its `with` body (see `capture.py`), hands itself to a backend when the
-block ends, and binds what comes back in the caller's frame. The backend is the one seam
-where local runs, the local simulation and the server differ; all of them end up calling
-`Tracer.execute(namespace)` on a tracer whose body and inputs may have crossed the wire.
+A tracer captures its `with` body (see `capture.py`) into a `CapturedTrace`, hands that to its
+backend when the block is entered (`backend.py`: the one seam where local runs, the local
+simulation and the server differ) and binds what comes back in the caller's frame. Every
+backend ends up calling `Tracer.execute(namespace)` on a tracer, here or (for a body that
+crossed the wire) on the hosted model's tracer through `Tracer.run_block`.
 """
 
 from __future__ import annotations
 
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import TracingError
 from .capture import Block, BodySkipper, SkipBody, capture_block
 from .frames import NAMESPACE_MARKER, clean_traceback, is_namespace, push_to_frame
-from .interleaver import Interleaver, Mediator, _StopForward, current_mediator
+from .interleaver import Interleaver, Mediator, StopForward, current_mediator
 from .inline import run_one_read
 from .reads import first_read_index, inline_plan
 from .saving import SaveRegistry, pop_registry, push_registry
-from .placeholder import Placeholder
 from .unsaved import unsaved_placeholders
-from .namespace import MISSING, new_namespace
+from .namespace import FrameNames, new_namespace
+from .backend import CapturedTrace, LocalBackend, TraceOutcome
 
 if TYPE_CHECKING:
-    from ..models.nnsight import NNsight
+    from .host import Host
     from .iteration import IterProxy, StepLoop
 
 __all__ = ["Tracer", "InterleavingTracer", "Invoker", "Session", "Barrier", "new_namespace"]
@@ -38,24 +39,8 @@ def _entered_frame() -> types.FrameType:
     return frame
 
 
-# One namespace builder for every runner, local or remote (see `namespace.py`).
-_MISSING = MISSING
-
-
-def frame_lookup(frame: types.FrameType) -> Callable[[str], Any]:
-    """A name's value in `frame` (its locals, then its globals), or `_MISSING`."""
-    f_locals = frame.f_locals
-    f_globals = frame.f_globals
-    missing = _MISSING
-
-    def lookup(name: str) -> Any:
-        value = f_locals.get(name, missing)
-        if value is missing:
-            value = f_globals.get(name, missing)
-        # A name an earlier trace assigned but did not save has no value (`unsaved.py`).
-        return missing if isinstance(value, Placeholder) else value
-
-    return lookup
+_LOCAL = LocalBackend()
+_new_tuple = tuple.__new__
 
 
 def user_variables(ns: dict[str, Any]) -> dict[str, Any]:
@@ -73,9 +58,10 @@ class Tracer:
     _skipper: Any = None
     _registry: SaveRegistry | None = None
     _nested = False
-    job: Any = None  # the server job of a remote run
+    job: Any = None  # the server job of a remote run (a backend's `TraceOutcome.job`)
+    _pending = False  # the backend bound placeholders: the values are still on a server
 
-    def __init__(self, model: "NNsight | None", *args: Any, backend: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: "Host | None", *args: Any, backend: Any = None, **kwargs: Any) -> None:
         self.model = model
         self.args = args
         self.kwargs = kwargs
@@ -109,7 +95,7 @@ class Tracer:
         finally:
             pop_registry()
             self._frame = None
-        if not self._nested and getattr(self.backend, "blocking", True):
+        if not self._nested and not self._pending:
             # The body's other names say, when used, that they were not saved (`unsaved.py`);
             # a non-blocking run's backend binds its own placeholders for every name.
             missing = unsaved_placeholders(block, values)
@@ -135,14 +121,18 @@ class Tracer:
         return "model.trace(...)"
 
     def _run_backend(self) -> dict[str, Any]:
-        backend = self.backend
-        if backend is None:
-            from ..backends.local import LocalBackend
+        # (`tuple.__new__` skips the NamedTuple's Python-level constructor: this runs on every trace.)
+        trace = _new_tuple(CapturedTrace, (self.kind, self.block, self.args, self.kwargs, FrameNames(self._frame), self.model, self))
+        out = (self.backend or _LOCAL)(trace)
+        if type(out) is dict:
+            return out
+        if isinstance(out, TraceOutcome):
+            self.job = out.job
+            self._pending = out.pending
+            return out.values
+        return dict(out)
 
-            backend = LocalBackend()
-        return backend(self)
-
-    # -- what the backend needs ---------------------------------------------------------------
+    # -- what backends run --------------------------------------------------------------------
 
     def namespace_from_caller(self) -> dict[str, Any]:
         """The body's namespace: the names it reads, from the caller's frame."""
@@ -151,6 +141,11 @@ class Tracer:
         if self.block.as_name:
             ns[self.block.as_name] = self
         return ns
+
+    def run_block(self, block: Block, ns: dict[str, Any]) -> None:
+        """Run `block` (a body that crossed the wire) in `ns` as this tracer's body."""
+        self.block = block
+        self.execute(ns)
 
     def results(self, ns: dict[str, Any]) -> dict[str, Any]:
         """What to bind in the caller: saved values for the outermost trace, all for inner ones."""
@@ -184,7 +179,7 @@ class InterleavingTracer(Tracer):
     _plan: list[tuple[Any, tuple[int, ...], list[int] | None]] | None = None  # a lone body's inline statements
     output: Any = None  # the traced call's return value
 
-    def __init__(self, model: "NNsight", *args: Any, backend: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: "Host", *args: Any, backend: Any = None, **kwargs: Any) -> None:
         self.model = model
         self.args = args
         self.kwargs = kwargs
@@ -262,7 +257,7 @@ class InterleavingTracer(Tracer):
     # -- running ------------------------------------------------------------------------------
 
     def execute(self, ns: dict[str, Any]) -> None:
-        model: NNsight = self.model  # type: ignore[assignment]
+        model: Host = self.model  # type: ignore[assignment]
         model._before_run()
         has_input = model._has_input(self.args, self.kwargs)
         if has_input:
@@ -315,7 +310,7 @@ class InterleavingTracer(Tracer):
         self._run(mediators, args, kwargs, batch_size)
 
     def _run(self, mediators: list[Mediator], args: tuple, kwargs: dict, batch_size: int) -> None:
-        model: NNsight = self.model  # type: ignore[assignment]
+        model: Host = self.model  # type: ignore[assignment]
         forward = True
         plan = self._plan
         if plan is not None and len(plan) == 1 and self.kind == "trace":
@@ -348,7 +343,7 @@ class InterleavingTracer(Tracer):
                 try:
                     if forward:
                         self.output = model._call_model(self.kind, args, kwargs, il)
-                except _StopForward:
+                except StopForward:
                     pass
                 else:
                     il.finish(generation=self.kind == "generate")

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from greenlet import getcurrent
 
+from ..errors import TracingError
+
 if TYPE_CHECKING:
-    from .interleaver import Interleaver
+    from .mediator import ModelSide
 
 __all__ = ["ModuleHooks", "OrderTable"]
 
@@ -108,7 +110,7 @@ class ModuleHooks:
         if self.active[0] is not None and d.get("forward") is old:
             d["forward"] = self._wrappers[idx]
 
-    def install(self, il: "Interleaver", only: "Sequence[int] | None" = None) -> None:
+    def install(self, il: "ModelSide", only: "Sequence[int] | None" = None) -> None:
         """Wrap every module, or only those in `only` (a lazy run; `wrap` adds more)."""
         if self.active[0] is not None:
             raise TracingError(
@@ -149,7 +151,7 @@ class ModuleHooks:
             self._restore.append((d, previous))
             d["forward"] = custom[1]
 
-    def uninstall(self, il: "Interleaver") -> None:
+    def uninstall(self, il: "ModelSide") -> None:
         if self.active[0] is not il:
             return
         self.active[0] = None

@@ -76,7 +76,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from types import EllipsisType, NotImplementedType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,9 +84,7 @@ import torch
 from ..errors import UnsupportedValueError, WireFormatError
 from ..wire.encode import check_tensor
 from ...tracing.cache_entries import NOT_CACHED, Cache, CacheEntry
-if TYPE_CHECKING:
-    from .decode import ValueDecoder
-from .grammar import CANONICAL_NAN, DEFAULT_FIX, DEFAULT_MAX_DEPTH, Extension, MAX_INT_DIGITS, MAX_SAFE_INT, NAN_BITS, NP_KINDS, Node, format_path, is_batch_encoding, is_dynamic_cache, is_hf_output_class
+from .grammar import Decoding, CANONICAL_NAN, DEFAULT_FIX, DEFAULT_MAX_DEPTH, Extension, MAX_INT_DIGITS, MAX_SAFE_INT, NAN_BITS, NP_KINDS, Node, format_path, is_batch_encoding, is_dynamic_cache, is_hf_output_class
 
 __all__ = [
     "ValueEncoder",
@@ -470,7 +468,7 @@ class ClassRegistry:
             return {"$t": self.TAG, "name": self._by_class[value]}
         return NotImplemented
 
-    def decode(self, node: dict[str, Any], decoder: ValueDecoder) -> Any:
+    def decode(self, node: dict[str, Any], decoder: Decoding) -> Any:
         name = node.get("name")
         if node.get("$t") != self.TAG or set(node) != {"$t", "name"} or type(name) is not str:
             raise WireFormatError(f"bad value node at {decoder.path}: expected {{'$t': {self.TAG!r}, 'name': str}}")

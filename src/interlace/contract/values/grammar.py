@@ -8,16 +8,13 @@ import re
 import struct
 from collections.abc import Mapping
 from types import NotImplementedType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .decode import ValueDecoder
-    from .encode import ValueEncoder
 
 __all__ = [
-    "Node", "Extension", "DEFAULT_MAX_DEPTH", "MAX_SAFE_INT", "MAX_INT_DIGITS", "INT_RE", "NP_DTYPE_RE", "NP_KINDS",
+    "Node", "Decoding", "Encoding", "Extension", "DEFAULT_MAX_DEPTH", "MAX_SAFE_INT", "MAX_INT_DIGITS", "INT_RE", "NP_DTYPE_RE", "NP_KINDS",
     "DEVICE_RE", "SPECIAL_FLOATS", "NAN_BITS", "CANONICAL_NAN", "NAN_RE", "TORCH_DTYPES", "DEFAULT_FIX",
     "format_path", "is_hf_output_class", "is_dynamic_cache", "is_batch_encoding",
 ]
@@ -44,14 +41,32 @@ DEFAULT_FIX = (
     "@interlace.remote"
 )
 
+class Encoding(Protocol):
+    """What an extension may call on the encoder (`encode.ValueEncoder`)."""
+
+    path: str
+
+    def encode(self, value: Any, *, path: str | None = None) -> Node: ...
+
+    def add_tensor(self, tensor: Any) -> str: ...
+
+
+class Decoding(Protocol):
+    """What an extension may call on the decoder (`decode.ValueDecoder`)."""
+
+    path: str
+
+    def decode(self, node: Node, *, path: str | None = None) -> Any: ...
+
+
 class Extension(Protocol):
     """Hooks for values the codec does not know (functions, classes, instances, ...)."""
 
-    def encode(self, value: Any, encoder: ValueEncoder) -> Node | NotImplementedType:
+    def encode(self, value: Any, encoder: Encoding) -> Node | NotImplementedType:
         """A node for ``value`` (tag ``"x:..."``), or ``NotImplemented`` to decline."""
         ...
 
-    def decode(self, node: dict[str, Any], decoder: ValueDecoder) -> Any:
+    def decode(self, node: dict[str, Any], decoder: Decoding) -> Any:
         """The value for a node whose tag starts with ``"x:"``; raise WireFormatError if bad."""
         ...
 

@@ -1,0 +1,119 @@
+"""The HTTP protocol that the client (`backends/client.py`) and the server (`server/app.py`)
+speak: header names, URL paths, query names and job states. Both sides import them from here,
+so neither can drift from the other. The full protocol, with examples: docs/http-api.md.
+
+Authentication. Every job endpoint, every status stream and `/v1/models/{key}/meta` needs an
+API key in the `KEY_HEADER` (`X-Interlace-Key`). `/v1/info`, `/v1/policy`, `/openapi.json` and
+`/docs` need none. A browser, which cannot set headers on a WebSocket, sends the key as the
+stream's first message instead: `{"key": "...", "version": "..."}` (`WS_AUTH_FIELDS`).
+
+Versions. Clients send `VERSION_HEADER` (`X-Interlace-Version`) with their version; a server
+accepts the same major version as its own and answers 426 otherwise (the rule itself is the
+server's: `server/versions.py`). A request without the header is accepted (curl). The
+WebSocket takes the version from the header, from `?version=` (`VERSION_QUERY`) or from the
+first message.
+
+Errors. Every error answer is JSON `{"detail": ..., "problems": [...]}` (`problems` only for
+422). The WebSocket refuses with one message `{"error": text, "code": status}` and then closes
+with code `WS_CLOSE_BASE + status` (4401, 4404, 4426).
+
+Job states. `RECEIVED` (stored and validated) -> `QUEUED` -> `RUNNING` -> `COMPLETED` or
+`ERROR`; a queued job can become `CANCELLED`; a finished one becomes `EXPIRED` once its result
+is deleted. `LOG` is not a state but an event carrying one printed line.
+
+Events. The stream (WS `JOB_EVENTS`) and the poll (GET `JOB_EVENTS`, `?after=N`) send the same
+event objects, `{"id", "seq", "status", "description", "queue_position", "time"}` (+
+`"error_category"` for ERROR). `seq` grows per job; a client that reconnects passes the last
+`seq` it saw as `after` (`AFTER_QUERY`) and misses nothing. `"seq": null` marks a transient
+queue-position update that is not stored.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+from urllib.parse import quote
+
+__all__ = [
+    "KEY_HEADER",
+    "VERSION_HEADER",
+    "CALLBACK_HEADER",
+    "VERSION_QUERY",
+    "AFTER_QUERY",
+    "WS_AUTH_FIELDS",
+    "WS_CLOSE_BASE",
+    "INFO",
+    "POLICY",
+    "MODEL_META",
+    "JOBS",
+    "JOB",
+    "JOB_EVENTS",
+    "JOB_RESULT",
+    "path",
+    "JobStatus",
+    "TERMINAL",
+    "PENDING",
+]
+
+# -- headers and query names ------------------------------------------------------------------
+
+#: The API key (`il_<id>_<secret>`, made with `interlace keys create`).
+KEY_HEADER: Final = "X-Interlace-Key"
+#: The client's Interlace version, checked against the server's (426 when incompatible).
+VERSION_HEADER: Final = "X-Interlace-Version"
+#: Optional on submit: an http(s) URL the server POSTs the final status JSON to.
+CALLBACK_HEADER: Final = "X-Interlace-Callback"
+#: The WebSocket's alternative to `VERSION_HEADER`, for clients that cannot set headers.
+VERSION_QUERY: Final = "version"
+#: Events after this `seq` (GET and WS `JOB_EVENTS`).
+AFTER_QUERY: Final = "after"
+#: The fields of the WebSocket's first message when the handshake carried no key.
+WS_AUTH_FIELDS: Final = ("key", "version")
+#: A refused WebSocket closes with this plus the HTTP status (4401, 4404, 4426).
+WS_CLOSE_BASE: Final = 4000
+
+# -- paths (templates; fill them with `path`) -------------------------------------------------
+
+#: GET: server version, supported client versions, hosted models (no key).
+INFO: Final = "/v1/info"
+#: GET: the execution policy that payloads are validated against (no key).
+POLICY: Final = "/v1/policy"
+#: GET: a hosted model's config and tokenizer files, to build it without weights.
+MODEL_META: Final = "/v1/models/{model_key}/meta"
+#: POST: submit a payload (202 with the id). GET: your jobs, newest first.
+JOBS: Final = "/v1/jobs"
+#: GET: a job's status. DELETE: cancel a queued job.
+JOB: Final = "/v1/jobs/{job_id}"
+#: GET: the stored events after `?after=N` (polling). WS: the live status stream.
+JOB_EVENTS: Final = "/v1/jobs/{job_id}/events"
+#: GET: the result bytes of a COMPLETED job.
+JOB_RESULT: Final = "/v1/jobs/{job_id}/result"
+
+
+def path(template: str, **params: str) -> str:
+    """`template` with each `{name}` filled by its value, percent-encoded (a `/` in a model
+    key becomes `%2F`): `path(JOB, job_id=job.id)`."""
+    return template.format(**{name: quote(value, safe="") for name, value in params.items()})
+
+
+# -- job states --------------------------------------------------------------------------------
+
+
+class JobStatus(str, enum.Enum):
+    """A job's state, and the `status` of each event. A `str`, so `"QUEUED" in PENDING` and
+    comparisons with the strings on the wire work."""
+
+    RECEIVED = "RECEIVED"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    LOG = "LOG"  # an event, never a stored job state
+    COMPLETED = "COMPLETED"
+    ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+
+#: A job in one of these states will not change again except by expiry; a stream ends with one.
+TERMINAL: Final = frozenset({JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.CANCELLED, JobStatus.EXPIRED})
+#: States the server still owes work for; requeued after a restart.
+PENDING: Final = frozenset({JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING})
