@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import builtins
 import warnings
-from typing import Any
+from typing import Any, Final
 
 from ..contract.code.encode import CodeEncoder
 from ..contract.codecheck import check_source
@@ -29,7 +29,14 @@ from ..tracing.outer_names import first_uses, free_names
 from ..tracing.source import source_paths
 from .client import fetch_policy
 
-__all__ = ["build_request", "encode_for_remote", "model_key_of", "policy_for_simulation", "warn_if_large", "warn_outer_mutations"]
+#: Why a model without a key cannot run on a server, and what to use instead.
+MSG_NO_MODEL_KEY: Final = (
+    "has no model key, so a server cannot know which model to run. "
+    "Use `interlace.LanguageModel(\"hub/id-or-path\")` for hosted models, or "
+    "`remote='local'` to simulate with a plain NNsight model."
+)
+
+__all__ = ["MSG_NO_MODEL_KEY", "build_request", "encode_for_remote", "model_key_of", "policy_for_simulation", "warn_if_large", "warn_outer_mutations"]
 
 
 def encode_for_remote(trace: CapturedTrace, model_key: str, policy: Policy, *, strict_remote: bool) -> tuple[bytes, BuiltRequest]:
@@ -208,11 +215,7 @@ def model_key_of(model: Any, *, simulation: bool = False) -> str:
         return key
     if simulation:
         return f"local:{type(model._module).__name__}"
-    raise ValueError(
-        f"{type(model).__name__} has no model key, so a server cannot know which model to run. "
-        "Use `interlace.LanguageModel(\"hub/id-or-path\")` for hosted models, or "
-        "`remote='local'` to simulate with a plain NNsight model."
-    )
+    raise ValueError(f"{type(model).__name__} {MSG_NO_MODEL_KEY}")
 
 
 _validated: tuple[Any, Policy] = (None, DEFAULT_POLICY)

@@ -7,24 +7,41 @@ it on receipt. Same input, same problems, same messages.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Final, Iterator
 
 from .codecheck import check_source
 from .policy import Policy, module_category
 from .problems import Problem, unique
 from .request import TraceRequest
 
-__all__ = ["validate_request"]
+__all__ = ["FIX_TOO_LARGE", "upload_too_large", "validate_request"]
+
+#: How to send less, shown with a too-large request wherever it is caught.
+FIX_TOO_LARGE: Final = (
+    "# send less: compute large tensors on the server inside the trace,\n"
+    "# or save only what you need (e.g. h[:, -1].save() instead of h.save())"
+)
+
+
+def upload_too_large(size: int, policy: Policy) -> str | None:
+    """The one check of the upload limit: the problem with a request of `size` bytes, if any.
+
+    The client and the simulation see it as a problem of `validate_request`; a server that
+    receives such bytes answers 413 with the same text (`execution.receive`). The decoder and
+    the HTTP reader also stop reading at this many bytes, so nothing larger is ever held."""
+    if size <= policy.max_upload_bytes:
+        return None
+    return f"the request is {size / 1e6:.1f} MB; the server accepts at most {policy.max_upload_bytes / 1e6:.1f} MB"
 
 
 def validate_request(request: TraceRequest, policy: Policy, *, payload_size: int | None = None) -> list[Problem]:
     block = request.block
     problems: list[Problem] = []
-    if payload_size is not None and payload_size > policy.max_upload_bytes:
+    too_large = None if payload_size is None else upload_too_large(payload_size, policy)
+    if too_large is not None:
         problems.append(Problem(
             category="payload-too-large", filename=block.filename, lineno=block.first_lineno,
-            message=f"the request is {payload_size / 1e6:.1f} MB; the server accepts at most {policy.max_upload_bytes / 1e6:.1f} MB",
-            fix="# send less: compute large tensors on the server inside the trace,\n# or save only what you need (e.g. h[:, -1].save() instead of h.save())",
+            message=too_large, fix=FIX_TOO_LARGE,
         ))
     sources = [(block.source, block.filename, block.first_lineno, "the traced block")]
     for spec in request.objects.values():

@@ -15,7 +15,7 @@ from ..contract.options import forbidden_server_option
 from ..contract.policy import Policy
 from ..contract.problems import Problem
 from ..contract.request import TraceRequest, decode_request
-from ..contract.validate import validate_request
+from ..contract.validate import FIX_TOO_LARGE, upload_too_large, validate_request
 from .errors import BadRequest
 
 __all__ = ["PreparedRequest", "prepare_payload"]
@@ -31,12 +31,9 @@ class PreparedRequest:
 
 def prepare_payload(payload: bytes, policy: Policy, model_keys: Mapping[str, Any] | list[str]) -> PreparedRequest:
     """Decode and validate request bytes; raises BadRequest with the HTTP status to answer."""
-    if len(payload) > policy.max_upload_bytes:
-        raise BadRequest(
-            f"The request is {len(payload) / 1e6:.1f} MB; this server accepts at most "
-            f"{policy.max_upload_bytes / 1e6:.1f} MB. Save less, or compute large inputs inside the trace.",
-            status=413,
-        )
+    too_large = upload_too_large(len(payload), policy)
+    if too_large is not None:
+        raise BadRequest(f"{too_large[0].upper()}{too_large[1:]}.\n{FIX_TOO_LARGE}", status=413)
     try:
         request, tensors = decode_request(payload, policy)
     except WireFormatError as e:

@@ -38,7 +38,8 @@ import torch
 from ..errors import TracingError
 from .capture import Block, block_from_source
 from .mediator import Mediator
-from .tracer import Tracer, new_namespace
+from .namespace import new_namespace
+from .tracer import Tracer
 
 if TYPE_CHECKING:
     from .host import Host

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import TracingError
 from .capture import Block, BodySkipper, SkipBody, capture_block
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .host import Host
     from .iteration import IterProxy, StepLoop
 
-__all__ = ["Tracer", "InterleavingTracer", "Invoker", "Session", "Barrier", "new_namespace"]
+__all__ = ["MSG_INVOKE_INSIDE_RUN", "MSG_NO_INPUT", "Barrier", "InterleavingTracer", "Invoker", "Session", "Tracer"]
 
 
 def _entered_frame() -> types.FrameType:
@@ -40,6 +40,21 @@ def _entered_frame() -> types.FrameType:
 
 
 _LOCAL = LocalBackend()
+
+MSG_INVOKE_INSIDE_RUN: Final = """\
+tracer.invoke(...) cannot be used inside a trace that already has an input or inside another \
+invoke. Give the trace no input and put each input in its own invoke:
+
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            ...
+        with tracer.invoke(b):
+            ..."""
+
+MSG_NO_INPUT: Final = (
+    "Every invoke in this trace is empty, so there is no input to run the model on. "
+    "Pass the input to one invoke: `with tracer.invoke(inputs):`."
+)
 _new_tuple = tuple.__new__
 
 
@@ -195,12 +210,7 @@ class InterleavingTracer(Tracer):
         """One input (or, with no arguments, the whole batch) with its own body."""
         if not self._collecting:
             if current_mediator() is not None:
-                raise TracingError(
-                    "tracer.invoke(...) cannot be used inside a trace that already has an input "
-                    "or inside another invoke. Give the trace no input and put each input in its "
-                    "own invoke:\n\n    with model.trace() as tracer:\n        with tracer.invoke(a):\n"
-                    "            ...\n        with tracer.invoke(b):\n            ..."
-                )
+                raise TracingError(MSG_INVOKE_INSIDE_RUN)
             raise TracingError("tracer.invoke(...) can only be used inside its trace's `with` block.")
         return Invoker(self, args, kwargs)
 
@@ -286,10 +296,7 @@ class InterleavingTracer(Tracer):
                     prepared.append(prep)
                 mediators.append(Mediator(block.code, invoke_ns, group, i, label=f"invoke {i}"))
             if not prepared:
-                raise TracingError(
-                    "Every invoke in this trace is empty, so there is no input to run the model "
-                    "on. Pass the input to one invoke: `with tracer.invoke(inputs):`."
-                )
+                raise TracingError(MSG_NO_INPUT)
             if len(prepared) == 1:  # one input: every invoke sees the whole batch
                 for m in mediators:
                     m.group = None
