@@ -58,6 +58,7 @@ from typing import Any, Callable
 import httpx
 import zstandard
 
+from .contract.problems import Problem
 from .execution.errors import BadRequest, JobFailed
 
 __all__ = [
@@ -106,10 +107,10 @@ class FakeRunner:
             raise BadRequest("The payload must be a JSON object.", 400)
         problems = []
         if not isinstance(spec.get("model_key"), str):
-            problems.append({"category": "schema", "message": "model_key must be a string",
-                             "fix": 'add "model_key": "fake"'})
+            problems.append(Problem(category="schema", message="model_key must be a string",
+                                    fix='add "model_key": "fake"'))
         if not isinstance(spec.get("sleep", 0), (int, float)):
-            problems.append({"category": "schema", "message": "sleep must be a number", "fix": '"sleep": 0.1'})
+            problems.append(Problem(category="schema", message="sleep must be a number", fix='"sleep": 0.1'))
         if problems:
             raise BadRequest(f"The payload has {len(problems)} problem(s).", 422, problems)
         if spec["model_key"] not in self._models:

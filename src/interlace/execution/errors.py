@@ -7,7 +7,10 @@ ERROR status. Both carry text meant for the user, so they must say what to fix.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..contract.problems import Problem
 
 __all__ = ["ALLOWED_BAD_REQUEST_STATUS", "BadRequest", "JobFailed"]
 
@@ -18,15 +21,15 @@ class BadRequest(Exception):
     """The submitted payload cannot be accepted.
 
     status: 400 undecodable bytes, 404 unknown model, 413 too large, 422 validation problems
-    (then `problems` lists them, each a JSON-able dict such as
-    {"category", "message", "filename", "lineno", "fix"}).
+    (then `problems` lists them as `contract.problems.Problem`s; they become JSON only at the
+    HTTP edge, `to_json`).
     """
 
     def __init__(
         self,
         message: str,
         status: int = 400,
-        problems: list[dict[str, Any]] | None = None,
+        problems: "list[Problem] | None" = None,
     ) -> None:
         if status not in ALLOWED_BAD_REQUEST_STATUS:
             raise ValueError(f"BadRequest status must be one of {ALLOWED_BAD_REQUEST_STATUS}, got {status}")
@@ -38,7 +41,7 @@ class BadRequest(Exception):
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"detail": self.message}
         if self.problems is not None:
-            body["problems"] = self.problems
+            body["problems"] = [p.model_dump() for p in self.problems]
         return body
 
 

@@ -52,7 +52,7 @@ def prepare_payload(payload: bytes, policy: Policy, model_keys: Mapping[str, Any
         )
     problems = validate_request(request, policy, payload_size=len(payload))
     if problems:
-        raise BadRequest(_summary(problems), status=422, problems=[p.model_dump() for p in problems])
+        raise BadRequest(_summary(problems), status=422, problems=problems)
     return PreparedRequest(request.model_key, request, tensors, len(payload))
 
 
