@@ -23,7 +23,8 @@ Variants (each one call, timed with ``perf_counter``, or this thread's CPU time 
 
 Variants run round-robin (one call of each, repeated) so machine noise hits all alike; the
 table shows medians and the ratio to plain ``hf generate``. Target: within 1.03x.
-``--append`` adds the table to ``bench/RESULTS.md`` under "## generation".
+``--append`` adds the table as a new pass at the top of ``bench/JOURNAL.md`` (the current figure in
+``bench/RESULTS.md`` is updated by hand from it).
 """
 
 from __future__ import annotations
@@ -165,16 +166,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall: perf_counter; cpu: this thread's CPU time")
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--append", action="store_true", help="add the table as a new pass at the top of bench/JOURNAL.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     text, summary = report(args.runs, args.tokens, time.thread_time if args.clock == "cpu" else time.perf_counter)
     print(text)
     print("\n" + summary)
     if args.append:
-        results = Path(__file__).with_name("RESULTS.md")
-        with results.open("a") as f:
-            f.write(f"\n## generation\n\n`bench/generation.py --runs {args.runs} --tokens {args.tokens}`\n\n{text}\n\n{summary}.\n")
+        journal = Path(__file__).with_name("JOURNAL.md")
+        old = journal.read_text()
+        cut = old.index("\n## ")  # newest first: the new pass goes above the first one
+        entry = (f"\n## generation, {time.strftime('%Y-%m-%d')}\n\n`bench/generation.py --runs {args.runs} "
+                 f"--tokens {args.tokens}`\n\n{text}\n\n{summary}.\n")
+        journal.write_text(old[:cut] + entry + old[cut:])
 
 
 if __name__ == "__main__":

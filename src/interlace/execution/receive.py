@@ -39,7 +39,7 @@ def prepare_payload(payload: bytes, policy: Policy, model_keys: Mapping[str, Any
     except WireFormatError as e:
         raise BadRequest(f"The request could not be decoded: {e}", status=400) from None
     for name in request.kwargs:
-        # Only the model's own options travel (`remote/options.py`); the client refuses the
+        # Only the model's own options travel (`contract/options.py`); the client refuses the
         # same names up front with the same message.
         message = forbidden_server_option(name)
         if message is not None:

@@ -1,7 +1,7 @@
 """Models known only by their server key: `NNsight(model_key=...)`, `LanguageModel(model_key=...)`.
 
 A user without the weights (or hub access) asks the server it targets for the model's config
-and tokenizer files (`GET /v1/models/{key}/meta`, authenticated; see `remote/model_meta.py`), loads
+and tokenizer files (`GET /v1/models/{key}/meta`, authenticated; see `contract/model_meta.py`), loads
 them with the usual `from_pretrained` calls from a temporary directory, and builds the module
 tree on the meta device. That is all a remote trace needs on this side: the module tree to
 name what the body reads, and the tokenizer for users' own decoding. Weights are never

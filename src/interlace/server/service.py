@@ -113,7 +113,7 @@ class JobService:
         return job_id, position
 
     def model_meta(self, model_key: str) -> bytes:
-        """A hosted model's description (config and tokenizer files as JSON; see `remote/model_meta.py`),
+        """A hosted model's description (config and tokenizer files as JSON; see `contract/model_meta.py`),
         for clients that build it without weights. Made once per key: a model does not change."""
         cached = self._meta.get(model_key)
         if cached is not None:

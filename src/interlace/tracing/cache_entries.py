@@ -1,7 +1,7 @@
 """What `tracer.cache()` returns: `Cache` (module path -> `CacheEntry`) and its lookups.
 
 Plain data on purpose: a cache made on a server travels back through the value codec
-(`remote/values.py`, tags `cache` and `cacheentry`) as its entries and alias tables, and
+(`contract/values/`, tags `cache` and `cacheentry`) as its entries and alias tables, and
 decodes into these same classes, so every lookup below works the same in all three modes.
 This module imports nothing from the engine, so the codec can import it.
 

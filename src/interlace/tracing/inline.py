@@ -42,7 +42,7 @@ def run_one_read(
 
     Design note: an interleaver, its mediator bookkeeping and its serving path cost about
     40 % of a one-read trace's fixed cost, almost all of it cache misses after the forward
-    (`bench/RESULTS.md`, "Fifth pass"); with one value to serve, one closure does the same.
+    (`bench/JOURNAL.md`, "Fifth pass"); with one value to serve, one closure does the same.
     Calls from another greenlet go straight through and are not counted, as in the general
     wrapper (`wrapping._wrapper`). Returns (whether the module ran, the model's output), or
     None without running anything if the module has its own instance `forward` (the general

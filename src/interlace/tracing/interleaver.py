@@ -247,7 +247,7 @@ class Interleaver(InlineBodies):
 
         One body waiting for this very call (the common case) is served from here, without
         `_serve`: this runs with cold caches right after the module's forward, where every
-        extra function costs more than its work (see `bench/RESULTS.md`).
+        extra function costs more than its work (see `bench/JOURNAL.md`).
         """
         waiters = self.output_waiters.get(idx)
         if waiters is not None:

@@ -1,4 +1,4 @@
-"""Decoding JSON nodes back into Python values (the grammar is in `values.py`).
+"""Decoding JSON nodes back into Python values (what both directions share is in `grammar.py`).
 
 Kept apart from encoding because the decoder is the half that reads untrusted input: every
 node is checked against the grammar, and anything wrong raises `WireFormatError` naming the

@@ -1,4 +1,4 @@
-"""Decoding the Interlace wire format (see ``wire.py`` for the layout and the design note).
+"""Decoding the Interlace wire format (see ``encode.py`` for the layout and the design note).
 
 Every byte here comes from the network, so the parser is strict: anything malformed raises
 ``WireFormatError`` with what is wrong and what to do, and sizes are checked against the

@@ -13,7 +13,7 @@ Design note:
 
 - **No pickle, ever.** Unpickling untrusted bytes runs arbitrary code. JSON and safetensors
   carry data only, and both have strict parsers, so a server can decode whatever arrives.
-- **JSON for structure** because it is debuggable and language-neutral; ``values.py`` turns
+- **JSON for structure** because it is debuggable and language-neutral; ``contract/values/`` turns
   Python values into JSON nodes and puts tensors in the tensor part by name.
 - **safetensors for tensor data**: a plain header plus raw bytes (no code), readable by
   other tools. We read and write it ourselves: ``safetensors.torch.save`` and ``load`` each
@@ -28,7 +28,7 @@ Design note:
   by more than a few per cent, and zstd would cost more time than the bytes it saves.
 - Dtypes that safetensors lacks (complex128, complex32, some float8/float4, bits*) travel as
   their raw bytes (``U8``) with the real dtype and shape in the envelope's ``"raw"`` map.
-- numpy arrays are accepted as a convenience and come back as torch tensors; ``values.py``
+- numpy arrays are accepted as a convenience and come back as torch tensors; ``contract/values/``
   records which values were numpy arrays (and their exact numpy dtype), so they come back as
   numpy there.
 - Decoded tensors own writable memory; ``Message.tensors`` is ordered by name.

@@ -88,7 +88,7 @@ TENSOR_ITEMSIZE: dict[torch.dtype, int] = {
 }
 CODE_WIDTH: dict[str, int] = {code: TENSOR_ITEMSIZE[dt] for dt, code in TO_CODE.items()}
 
-# numpy arrays handed to the wire directly (values.py sends raw bytes instead).
+# numpy arrays handed to the wire directly (the value codec sends raw bytes instead).
 NUMPY_TO_TORCH: dict[np.dtype, torch.dtype] = {
     np.dtype(n): getattr(torch, n)
     for n in ("float64", "float32", "float16", "int64", "int32", "int16", "int8",
