@@ -54,10 +54,10 @@ def _build_runner(models: list[str], data_dir: Path, max_upload_bytes: int | Non
     if os.environ.get(FAKE_RUNNER_ENV) == "1":
         from .testing import FakeRunner
 
-        print(f"WARNING: {FAKE_RUNNER_ENV}=1 -> serving the TEST-ONLY fake runner, not real models.",
+        print(f"WARNING: {FAKE_RUNNER_ENV}=1 -> serving the fake runner (interlace.testing.FakeRunner), no real models.",
               file=sys.stderr)
         return FakeRunner(models or None)
-    from .server.runner import DefaultJobRunner  # written alongside the engine
+    from .server.runner import DefaultJobRunner
     import interlace
 
     loaded: dict[str, object] = {}

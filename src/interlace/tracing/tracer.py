@@ -39,7 +39,6 @@ def _entered_frame() -> types.FrameType:
     return frame
 
 
-_LOCAL = LocalBackend()
 
 MSG_INVOKE_INSIDE_RUN: Final = """\
 tracer.invoke(...) cannot be used inside a trace that already has an input or inside another \
@@ -136,9 +135,16 @@ class Tracer:
         return "model.trace(...)"
 
     def _run_backend(self) -> dict[str, Any]:
-        # (`tuple.__new__` skips the NamedTuple's Python-level constructor: this runs on every trace.)
+        backend = self.backend
+        if backend is None or type(backend) is LocalBackend:
+            # The engine's own backend runs this tracer here: what `LocalBackend()(trace)`
+            # does, without building the captured value first. Every local trace comes
+            # here, cold, next to a forward; each object and call less is measurable
+            # (`bench/overhead.py`, fixed cost).
+            return self.run(self.namespace_from_caller())
+        # (`tuple.__new__` skips the NamedTuple's Python-level constructor.)
         trace = _new_tuple(CapturedTrace, (self.kind, self.block, self.args, self.kwargs, FrameNames(self._frame), self.model, self))
-        out = (self.backend or _LOCAL)(trace)
+        out = backend(trace)
         if type(out) is dict:
             return out
         if isinstance(out, TraceOutcome):
@@ -156,6 +162,16 @@ class Tracer:
         if self.block.as_name:
             ns[self.block.as_name] = self
         return ns
+
+    def run(self, ns: dict[str, Any]) -> dict[str, Any]:
+        """Run the body in `ns`; the values to bind. A failure carries the values saved
+        before it (`_interlace_partial`, bound by `__enter__`)."""
+        try:
+            self.execute(ns)
+        except BaseException as error:
+            error._interlace_partial = self.results(ns)  # type: ignore[attr-defined]
+            raise
+        return self.results(ns)
 
     def run_block(self, block: Block, ns: dict[str, Any]) -> None:
         """Run `block` (a body that crossed the wire) in `ns` as this tracer's body."""
