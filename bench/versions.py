@@ -31,12 +31,14 @@ HERE = Path(__file__).resolve().parent.parent
 
 #: Default figures: the lines `bench/overhead.py` and `bench/peer.py` end their tables with.
 DEFAULT_FIGURES = [
+    # bench/overhead.py: fixed costs, and save blocks over raw hooks (per model and shape)
     r"fixed cost \(one statement - plain\): median (-?[0-9.]+) ms",
     r"`pass` body - plain: median (-?[0-9.]+) ms",
     r"\| interlace: save blocks \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+) \|",
-    r"\| one statement \| ([0-9.]+) \|",
-    r"\| one statement \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+) \|",
-    r"\| save blocks \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+) \|",
+    # bench/peer.py (median table first): Interlace's ms over its baseline, Interlace / nnsight
+    r"\| one statement \(vs plain\) \| \+?(-?[0-9.]+) \|",
+    r"\| one statement \(vs plain\) \| [-+0-9.]+ \| [-+0-9.]+ \| ([0-9.]+) \|",
+    r"\| save blocks \(vs hooks: save blocks\) \| [-+0-9.]+ \| [-+0-9.]+ \| [-0-9.]+ \| ([0-9.]+) \|",
 ]
 
 
