@@ -28,6 +28,7 @@ from ..tracing.namespace import MISSING
 from ..tracing.outer_names import first_uses, free_names
 from ..tracing.source import source_paths
 from .client import fetch_policy
+from ..tracing.syntax import parse
 
 #: Why a model without a key cannot run on a server, and what to use instead.
 MSG_NO_MODEL_KEY: Final = (
@@ -164,7 +165,7 @@ def warn_outer_mutations(built: BuiltRequest) -> None:
     block = built.request.block
     outer = set(built.request.variables)
     try:
-        tree = ast.parse(block.source)
+        tree = parse(block.source)
     except SyntaxError:
         return
     defined = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}

@@ -12,6 +12,7 @@ from typing import Iterable
 
 from .policy import FORBIDDEN_ATTRIBUTES, FORBIDDEN_CALLS, Policy, module_category
 from .problems import Problem
+from ..tracing.syntax import parse
 
 __all__ = ["check_source"]
 
@@ -51,7 +52,7 @@ _cache: dict[tuple, tuple[Policy, tuple[Problem, ...]]] = {}
 
 def _check(source: str, filename: str, first_lineno: int, policy: Policy, shipped: frozenset[str], what: str) -> list[Problem]:
     try:
-        tree = ast.parse(source)
+        tree = parse(source)
     except SyntaxError as e:
         return [Problem(category="invalid-request", message=f"{what} does not parse: {e.msg}", filename=filename, lineno=first_lineno + (e.lineno or 1) - 1)]
     offset = first_lineno - 1

@@ -31,6 +31,7 @@ from ..errors import SourceNotFoundError, TracingError
 from .backward import BACKWARD_HELPER, rewrite_backward  # `with loss.backward():` blocks
 from .frames import bind_from_trace_callback
 from .reads import Read, Segment, body_segments, first_output_read
+from .syntax import compile_tree, parse
 
 __all__ = ["Block", "BodySkipper", "capture_block", "block_from_source", "SkipBody", "SAVE_HELPER"]
 
@@ -75,7 +76,7 @@ class Block:
         code = self._rest.get(position)
         if code is None:
             module = ast.Module(body=list(self.statements[position:]), type_ignores=[])
-            code = self._rest[position] = compile(module, self.filename, "exec", dont_inherit=True)
+            code = self._rest[position] = compile_tree(module, self.filename, dont_inherit=True)
         return code
 
 
@@ -192,7 +193,7 @@ def _parse_file(filename: str, lines: list[str]) -> ast.Module | None:
     if hit is not None and hit[0] is lines:
         return hit[1]
     try:
-        tree: ast.Module | None = ast.parse("".join(lines), filename)
+        tree: ast.Module | None = parse("".join(lines), filename)
     except SyntaxError:
         tree = None
     _tree_cache[filename] = (lines, tree)
@@ -274,7 +275,7 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
     ast.fix_missing_locations(module)
     first_read = first_output_read(module.body[0]) if module.body else None
     try:
-        code = compile(module, filename, "exec", dont_inherit=True)
+        code = compile_tree(module, filename, dont_inherit=True)
     except SyntaxError as e:  # e.g. `yield` or `nonlocal` at block level
         raise TracingError(f"{filename}:{e.lineno}: this statement cannot run inside a traced block: {e.msg}") from None
     loaded, stored = _names(code)

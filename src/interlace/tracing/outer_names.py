@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import functools
 
+from .syntax import parse
+
 __all__ = ["first_uses", "free_names"]
 
 
@@ -23,7 +25,7 @@ def free_names(source: str) -> frozenset[str]:
     A name first assigned unconditionally at the top of the body is not needed from outside;
     one assigned only inside an `if`/`for`/`try` may still be read from outside.
     """
-    tree = ast.parse(source)
+    tree = parse(source)
     node = tree.body[0]
     body = node.body if isinstance(node, (ast.With, ast.AsyncWith)) else tree.body
     needed: set[str] = set()
@@ -98,7 +100,7 @@ def _stores(node: ast.AST) -> set[str]:
 @functools.lru_cache(maxsize=1024)
 def first_uses(source: str, first_lineno: int) -> dict[str, int]:
     uses: dict[str, int] = {}
-    for n in ast.walk(ast.parse(source)):
+    for n in ast.walk(parse(source)):
         if isinstance(n, ast.Name):
             line = first_lineno + n.lineno - 1
             if n.id not in uses or line < uses[n.id]:

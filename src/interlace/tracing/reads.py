@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from .envoy import Envoy
 from .inline import READ_NAME
 from .saving import save
+from .syntax import compile_tree
 
 if TYPE_CHECKING:
     from .host import Host
@@ -186,7 +187,7 @@ def body_segments(statements: list[ast.stmt], filename: str, stored: set[str] | 
         if isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)):
             continue
         if position in made_at:
-            code = compile(ast.Module(body=[stmt], type_ignores=[]), filename, "exec", dont_inherit=True)
+            code = compile_tree(ast.Module(body=[stmt], type_ignores=[]), filename, dont_inherit=True)
             segments.append(Segment(code, None, position, constructors=made_at[position]))
             continue
         loop = _step_loop(stmt)
@@ -201,7 +202,7 @@ def body_segments(statements: list[ast.stmt], filename: str, stored: set[str] | 
         each = read[1][-1:] == (_EACH,)
         if loop is not None and each:
             return None  # (one value per step)
-        code = compile(ast.Module(body=[_with_values(inner, each=each)], type_ignores=[]), filename, "exec", dont_inherit=True)
+        code = compile_tree(ast.Module(body=[_with_values(inner, each=each)], type_ignores=[]), filename, dont_inherit=True)
         segments.append(Segment(code, read, position, loop=loop))
     return tuple(segments)
 

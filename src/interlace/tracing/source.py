@@ -58,6 +58,7 @@ from greenlet import getcurrent
 from ..errors import TracingError, warn
 from .interleaver import Interleaver
 from .mediator import NOTHING, current_mediator
+from .syntax import compile_tree, parse
 
 if TYPE_CHECKING:
     from .host import EnvoyLike, Host
@@ -116,7 +117,7 @@ def _rewrite(cls_forward: Callable[..., Any], label: str) -> tuple[Callable[...,
             f"{label} is a closure (it uses {', '.join(fn.__code__.co_freevars)} from an enclosing "
             "function), so `.source` cannot rebuild it."
         )
-    tree = ast.parse(textwrap.dedent("".join(lines)))
+    tree = parse(textwrap.dedent("".join(lines)))
     func_def = tree.body[0]
     if not isinstance(func_def, (ast.FunctionDef, ast.AsyncFunctionDef)):
         raise TracingError(f"Could not find the definition of {label} in its source.")
@@ -157,7 +158,7 @@ def _rewrite(cls_forward: Callable[..., Any], label: str) -> tuple[Callable[...,
     ast.fix_missing_locations(module)
     ast.increment_lineno(module, first - 1)
     namespace: dict[str, Any] = {}
-    exec(compile(module, filename, "exec"), fn.__globals__, namespace)
+    exec(compile_tree(module, filename), fn.__globals__, namespace)
     return namespace["__interlace_make_forward__"], ops, lines, first
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import NotSavedError
 from .placeholder import Placeholder
+from .syntax import parse
 
 if TYPE_CHECKING:
     from .capture import Block
@@ -127,7 +128,7 @@ def _fix(block: "Block", name: str, node: ast.AST | None) -> str:
         expr = raw[value.col_offset : value.end_col_offset].decode(errors="replace") if value.end_col_offset is not None else ""
         if expr.strip():
             try:
-                ast.parse(expr, mode="eval")
+                parse(expr, mode="eval")
             except SyntaxError:
                 pass
             else:

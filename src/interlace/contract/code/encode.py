@@ -28,6 +28,7 @@ from typing import Any
 from ..policy import Policy, module_allowed
 from ..problems import Problem, first_line
 from .origin import FUTURE_ANNOTATIONS, is_envoy, is_remote_decorated, resolve_qualname, user_source_available
+from ...tracing.syntax import parse
 
 __all__ = ["CodeEncoder"]
 
@@ -293,7 +294,7 @@ def _dataclass_marker_names(source: str, namespace: dict[str, Any]) -> set[str]:
 
     markers = (typing.ClassVar, dataclasses.InitVar, typing, dataclasses)
     names: set[str] = set()
-    for node in ast.walk(ast.parse(textwrap.dedent(source))):
+    for node in ast.walk(parse(textwrap.dedent(source))):
         if isinstance(node, ast.AnnAssign):
             for sub in ast.walk(node.annotation):
                 if isinstance(sub, ast.Name) and any(namespace.get(sub.id) is m for m in markers):
@@ -305,7 +306,7 @@ def _strip_remote_decorators(source: str) -> str:
     """Drop `@remote` / `@interlace.remote(...)` lines of a function or class: the server does
     not re-validate at definition time (the decorator's check reads source files, which the
     server does not have), and the decorator name would otherwise have to be shipped."""
-    tree = ast.parse(source)
+    tree = parse(source)
     node = tree.body[0]
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or not node.decorator_list:
         return source
@@ -327,7 +328,7 @@ def _lambda_source(fn: types.FunctionType) -> tuple[str, str, int]:
     if not lines:
         raise OSError("no source")
     try:
-        tree = ast.parse("".join(lines))
+        tree = parse("".join(lines))
     except SyntaxError:
         raise OSError("source does not parse") from None
     params = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
