@@ -13,6 +13,8 @@ from typing import Any
 
 from torch.utils.hooks import RemovableHandle
 
+from .hosted import HostedModel
+
 __all__ = [
     "changed_weights", "clear_grads", "hook_keys", "keep_edits", "remove_new_hooks", "restore", "restore_edits",
     "restore_grads", "snapshot", "weight_fingerprint",
@@ -91,21 +93,21 @@ def restore_grads(kept: list[tuple[Any, Any]]) -> None:
         p.grad = grad
 
 
-def keep_edits(model: Any) -> tuple[Any, list[Any]]:
+def keep_edits(model: HostedModel) -> tuple[Any, list[Any]]:
     """The hosted model's default edits (`model.edit(inplace=True)` in a shipped session
     adds to them, `model.clear_edits()` empties them): a job's own must die with the job."""
     edits = model.__dict__.get("_default_edits")
     return edits, list(edits or ())
 
 
-def restore_edits(model: Any, kept: tuple[Any, list[Any]]) -> None:
+def restore_edits(model: HostedModel, kept: tuple[Any, list[Any]]) -> None:
     edits, items = kept
     if edits is not None:
         edits[:] = items
     model.__dict__["_default_edits"] = edits if edits is not None else []
 
 
-def snapshot(model: Any) -> dict[str, Any]:
+def snapshot(model: HostedModel) -> dict[str, Any]:
     """A CPU copy of every parameter and buffer, with the original tensor objects."""
     module = model._module
     state = dict(module.named_parameters(remove_duplicate=False))
@@ -113,7 +115,7 @@ def snapshot(model: Any) -> dict[str, Any]:
     return {name: (tensor, tensor.detach().to("cpu", copy=True)) for name, tensor in state.items()}
 
 
-def restore(model: Any, pristine: dict[str, Any]) -> None:
+def restore(model: HostedModel, pristine: dict[str, Any]) -> None:
     """Put back the original tensor objects and their values."""
     import torch
 

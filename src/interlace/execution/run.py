@@ -25,6 +25,7 @@ from ..tracing.namespace import body_namespace
 from ..tracing.backend import running_shipped_body
 from ..tracing.saving import pop_registry, push_registry
 from .errors import JobFailed
+from .hosted import HostedModel
 from .isolation import changed_weights, clear_grads, hook_keys, keep_edits, remove_new_hooks, restore_edits, restore_grads, weight_fingerprint
 from ..tracing.envoy import source_envoy
 
@@ -36,19 +37,18 @@ __all__ = ["execute_request", "run_prepared", "user_traceback"]
 def execute_request(
     request: TraceRequest,
     tensors: dict[str, Any],
-    model: Any,
+    model: HostedModel,
     *,
     policy: Policy,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the request's body beside `model`; returns the saved values."""
     # The client model's aliases (`rename=`) hold for this job only (a job holds its model alone).
-    renamed = model.renamed(request.rename) if hasattr(model, "renamed") else contextlib.nullcontext()
-    with renamed:
+    with model.renamed(request.rename):
         return _execute(request, tensors, model, policy=policy, log=log)
 
 
-def _execute(request: TraceRequest, tensors: dict[str, Any], model: Any, *, policy: Policy,
+def _execute(request: TraceRequest, tensors: dict[str, Any], model: HostedModel, *, policy: Policy,
              log: Callable[[str], None]) -> dict[str, Any]:
     filename = remote_filename(request.block.filename)
     block = block_from_source(request.block.source, filename, request.block.first_lineno)
@@ -163,7 +163,7 @@ def _where(name: str) -> str:
     return "<with block>" if name == "<module>" else name
 
 
-def run_prepared(prepared: "PreparedRequest", model: Any, policy: Policy, log: Callable[[str], None]) -> bytes:
+def run_prepared(prepared: "PreparedRequest", model: HostedModel, policy: Policy, log: Callable[[str], None]) -> bytes:
     """Execute and encode the result; failures raise JobFailed with the user's traceback."""
     with collecting_warnings() as caught:  # they travel back with the result
         values = execute_request(prepared.request, prepared.tensors, model, policy=policy, log=log)
