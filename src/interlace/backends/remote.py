@@ -29,12 +29,7 @@ class RemoteJob:
         return self._job.status()
 
     def result(self, timeout: float | None = None, display: Any = None) -> dict[str, Any]:
-        from .client import RemoteException
-
-        try:
-            return decode_result(self._job.wait(display=display, timeout=timeout))
-        except RemoteException:
-            raise
+        return decode_result(self._job.wait(display=display, timeout=timeout))
 
     async def async_result(self, display: Any = None) -> dict[str, Any]:
         return decode_result(await self._job.await_result(display=display))

@@ -57,8 +57,8 @@ class CapturedTrace(NamedTuple):
     lookup: Callable[[str], Any]
     #: The model the block traces (None for a model-less session).
     model: "Host | None"
-    #: The context the body runs in: what `LocalBackend` runs (`tracer.execute`), and what
-    #: the body's `as` name is bound to.
+    #: The context the body runs in: what `LocalBackend` runs (`tracer.run`), and what the
+    #: body's `as` name is bound to.
     tracer: BodyContext
 
 
@@ -85,8 +85,8 @@ class LocalBackend:
     `Tracer._run_backend`: the same steps, one object fewer on every local trace.)"""
 
     def __call__(self, trace: CapturedTrace) -> dict[str, Any]:
-        tracer, block, lookup = trace.tracer, trace.block, trace.lookup
-        ns = new_namespace(block, lookup.frame) if type(lookup) is FrameNames else caller_namespace(block, lookup)
+        tracer, block = trace.tracer, trace.block
+        ns = caller_namespace(block, trace.lookup)
         if block.as_name:
             ns[block.as_name] = tracer
         return tracer.run(ns)
@@ -94,7 +94,7 @@ class LocalBackend:
 
 def caller_namespace(block: Block, lookup: Callable[[str], Any]) -> dict[str, Any]:
     """The body's namespace: the helpers, and the names it reads that the caller has."""
-    if type(lookup) is FrameNames:
+    if type(lookup) is FrameNames:  # a frame: read it in one pass
         return new_namespace(block, lookup.frame)
     name = lookup("__name__")
     ns = body_namespace(name=name if type(name) is str else "__main__")
