@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["Policy", "DEFAULT_POLICY", "POLICY_VERSION", "module_allowed"]
 
-POLICY_VERSION = 1
+POLICY_VERSION = 2
 
 _ALLOWED_MODULES = (
     "torch", "numpy", "math", "cmath", "einops", "collections", "itertools", "functools",
@@ -80,7 +80,15 @@ class Policy(BaseModel):
     max_result_bytes: int = Field(default=1024 * 1024 * 1024, ge=1)
     max_source_bytes: int = Field(default=1024 * 1024, ge=1)
     strict_remote: bool = False
-    timeout_seconds: float = 600.0
+    # Per-job limits (issue "Sandbox"): the runtime and the worker process enforce them, the
+    # server serves them here so a client knows them before sending.
+    timeout_seconds: float = Field(default=600.0, gt=0)  # wall clock, from start to result
+    cpu_seconds: float = Field(default=600.0, gt=0)  # CPU time of the job's worker
+    max_memory_bytes: int = Field(default=8 * 1024 * 1024 * 1024, ge=1)  # memory a job may add
+    max_log_bytes: int = Field(default=1024 * 1024, ge=1)  # printed text kept per job
+    # Per-key limits (the server's queue; 429 beyond them).
+    max_queued_per_key: int = Field(default=64, ge=1)
+    requests_per_minute: int = Field(default=600, ge=1)
 
     def allows_module(self, name: str) -> bool:
         return module_allowed(name, self.allowed_modules)
