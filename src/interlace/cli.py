@@ -49,7 +49,7 @@ def _open_db(args: argparse.Namespace):
 # -- serve ------------------------------------------------------------------------------------
 
 
-def _build_runner(models: list[str], data_dir: Path, max_upload_bytes: int | None = None) -> Any:
+def _build_runner(models: list[str], data_dir: Path, policy: Any) -> Any:
     """Load the hosted models and wrap them in the engine's job runner (imported lazily)."""
     if os.environ.get(FAKE_RUNNER_ENV) == "1":
         from .testing import FakeRunner
@@ -68,11 +68,16 @@ def _build_runner(models: list[str], data_dir: Path, max_upload_bytes: int | Non
         loaded[DEMO_MODEL_KEY] = interlace.LanguageModel(path, dispatch=True)
     for model in models:
         loaded[model] = interlace.LanguageModel(model, dispatch=True)
+    return DefaultJobRunner(loaded, policy=policy)
+
+
+def _policy_from_args(args: argparse.Namespace) -> Any:
+    """The policy this server serves and enforces, from `interlace serve`'s limit flags."""
     from .contract.policy import DEFAULT_POLICY
+    from .server.settings import MiB
 
     # One upload limit: the stream check in the app and the request check in the policy agree.
-    policy = DEFAULT_POLICY.model_copy(update={"max_upload_bytes": max_upload_bytes}) if max_upload_bytes else DEFAULT_POLICY
-    return DefaultJobRunner(loaded, policy=policy)
+    return DEFAULT_POLICY.model_copy(update={"max_upload_bytes": int(args.max_upload_mb * MiB)})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -104,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"sandbox;\nanyone holding an API key can run code on this machine as this user.\n{banner}",
               file=sys.stderr)
     try:
-        runner = _build_runner(args.model or [], data_dir, int(args.max_upload_mb * MiB))
+        runner = _build_runner(args.model or [], data_dir, _policy_from_args(args))
     except ImportError as exc:
         return _fail(f"cannot load the job runner or models: {exc}. Is Interlace fully installed?")
 
