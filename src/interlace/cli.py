@@ -49,26 +49,60 @@ def _open_db(args: argparse.Namespace):
 # -- serve ------------------------------------------------------------------------------------
 
 
-def _build_runner(models: list[str], data_dir: Path, policy: Any) -> Any:
-    """Load the hosted models and wrap them in the engine's job runner (imported lazily)."""
+def _build_runner(models: list[str], data_dir: Path, policy: Any, isolation: str = "process") -> Any:
+    """Load the hosted models and wrap them in the engine's job runner (imported lazily).
+
+    `isolation="process"`: each model is loaded by its own confined worker process
+    (`server.runner.ProcessJobRunner`); `"thread"`: loaded here, jobs in threads of this process."""
     if os.environ.get(FAKE_RUNNER_ENV) == "1":
         from .testing import FakeRunner
 
         print(f"WARNING: {FAKE_RUNNER_ENV}=1 -> serving the fake runner (interlace.testing.FakeRunner), no real models.",
               file=sys.stderr)
-        return FakeRunner(models or None)
-    from .server.runner import DefaultJobRunner
-    import interlace
-
-    loaded: dict[str, object] = {}
+        return FakeRunner(models or None, policy)
+    paths: dict[str, str] = {}
     if not models:
         from .models.demo import DEMO_MODEL_KEY, build_demo_model
 
-        path = build_demo_model(data_dir)
-        loaded[DEMO_MODEL_KEY] = interlace.LanguageModel(path, dispatch=True)
+        paths[DEMO_MODEL_KEY] = str(build_demo_model(data_dir))
     for model in models:
-        loaded[model] = interlace.LanguageModel(model, dispatch=True)
+        paths[model] = model
+    if isolation == "process":
+        import torch
+
+        from .execution.process import WorkerSpec
+        from .server.runner import ProcessJobRunner
+
+        specs = {
+            key: WorkerSpec(key, {"kind": "language_model", "path": path},
+                            read_paths=(str(Path(path).resolve()),) if Path(path).exists() else (),
+                            hidden_paths=(str(data_dir.resolve()),), threads=torch.get_num_threads())
+            for key, path in paths.items()
+        }
+        return ProcessJobRunner(specs, policy=policy)
+    from .server.runner import DefaultJobRunner
+    import interlace
+
+    loaded = {key: interlace.LanguageModel(path, dispatch=True) for key, path in paths.items()}
     return DefaultJobRunner(loaded, policy=policy)
+
+
+def _sandbox_layers(isolation: str) -> dict[str, bool]:
+    """Which of the sandbox's process layers (layer 3) this host and `--isolation` give."""
+    if isolation != "process" or os.environ.get(FAKE_RUNNER_ENV) == "1":
+        return {"process": False, "namespaces": False, "seccomp": False, "rlimits": False}
+    from .execution.confine import available_layers
+
+    return available_layers()
+
+
+MSG_NO_SANDBOX = (
+    "refusing to listen on {host}: jobs run user code and this server's process sandbox (layer 3) "
+    "is incomplete here (missing: {missing}), so anyone who can reach this port with a key could "
+    "run code on this machine. Install it (`apt-get install bubblewrap python3-seccomp`, see "
+    "scripts/setup.sh) and serve with `--isolation process` (the default), or bind to 127.0.0.1 "
+    "(the default) and reach it through an SSH tunnel, or pass --insecure if every key holder is trusted."
+)
 
 
 def _policy_from_args(args: argparse.Namespace) -> Any:
@@ -76,12 +110,23 @@ def _policy_from_args(args: argparse.Namespace) -> Any:
     from .contract.policy import DEFAULT_POLICY
     from .server.settings import MiB
 
-    # One upload limit: the stream check in the app and the request check in the policy agree.
-    return DEFAULT_POLICY.model_copy(update={"max_upload_bytes": int(args.max_upload_mb * MiB)})
+    # Every limit is this policy's: the runner enforces the per-job ones, the app reads the
+    # upload and per-key ones from the policy the runner serves (one source, GET /v1/policy).
+    return DEFAULT_POLICY.model_validate({
+        **DEFAULT_POLICY.model_dump(),
+        "max_upload_bytes": int(args.max_upload_mb * MiB),
+        "max_result_bytes": int(args.max_result_mb * MiB),
+        "timeout_seconds": args.job_timeout,
+        "cpu_seconds": args.job_cpu_seconds,
+        "max_memory_bytes": int(args.job_memory_mb * MiB),
+        "max_log_bytes": int(args.max_log_kb * 1024),
+        "max_queued_per_key": args.max_queued_per_key,
+        "requests_per_minute": args.requests_per_minute,
+    })
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server.settings import MiB, ServerSettings, is_loopback
+    from .server.settings import ServerSettings, is_loopback
 
     if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
         import torch
@@ -90,26 +135,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # forward that takes every core makes both slower.
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     data_dir = _data_dir(args)
-    if not is_loopback(args.host) and not args.insecure:
-        return _fail(
-            f"refusing to listen on {args.host}: jobs run user code and the sandbox is not in place yet, "
-            "so anyone who can reach this port with a key can run code on this machine. Bind to "
-            "127.0.0.1 (the default) and reach it through an SSH tunnel, or pass --insecure if every "
-            "key holder is trusted."
-        )
+    layers = _sandbox_layers(args.isolation)
+    missing = [name for name, on in layers.items() if not on]
+    if not is_loopback(args.host) and not args.insecure and missing:
+        return _fail(MSG_NO_SANDBOX.format(host=args.host, missing=", ".join(missing)))
     settings = ServerSettings(
         data_dir=data_dir, host=args.host, port=args.port, insecure=args.insecure,
         result_ttl=args.result_ttl, result_store=args.result_store,
-        max_upload_bytes=int(args.max_upload_mb * MiB), sweep_interval=args.sweep_interval,
+        sweep_interval=args.sweep_interval,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not is_loopback(args.host):
+    if not is_loopback(args.host) and missing:
         banner = "!" * 78
-        print(f"{banner}\nWARNING: --insecure: listening on {args.host}. Jobs run user code WITHOUT a "
-              f"sandbox;\nanyone holding an API key can run code on this machine as this user.\n{banner}",
+        print(f"{banner}\nWARNING: --insecure: listening on {args.host}. Jobs run user code WITHOUT the full "
+              f"process sandbox\n(missing: {', '.join(missing)}); anyone holding an API key can run code on "
+              f"this machine as this user.\n{banner}",
               file=sys.stderr)
     try:
-        runner = _build_runner(args.model or [], data_dir, _policy_from_args(args))
+        runner = _build_runner(args.model or [], data_dir, _policy_from_args(args), args.isolation)
     except ImportError as exc:
         return _fail(f"cannot load the job runner or models: {exc}. Is Interlace fully installed?")
 
@@ -137,6 +180,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models = ", ".join(app.state.service.model_keys)
         print(f"Interlace server {__version__} listening on {settings.base_url} (models: {models}; "
               f"data: {data_dir})", flush=True)
+        active = getattr(runner, "layers", lambda: layers)()
+        report = ", ".join(f"{name} {'on' if on else 'OFF'}" for name, on in active.items())
+        state = "complete" if all(active.values()) else "PARTIAL"
+        print(f"Sandbox layer 3 (the process, --isolation {args.isolation}): {state}: {report}", flush=True)
         hint = f"interlace keys create --name YOUR_NAME --data-dir {data_dir}"
         if no_keys:
             print(f"No API keys yet. Create one with: {hint}", flush=True)
@@ -263,6 +310,34 @@ def _print_default_policy() -> None:
 # -- parser -----------------------------------------------------------------------------------
 
 
+def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """The sandbox's limits per job and per key (layer 5), served in the policy (GET /v1/policy)."""
+    from .contract.policy import DEFAULT_POLICY as P
+
+    def positive(kind: Any) -> Any:
+        def parse(text: str) -> Any:
+            value = kind(text)
+            if value <= 0:
+                raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            return value
+        return parse
+
+    serve.add_argument("--max-result-mb", type=positive(float), default=P.max_result_bytes / 2**20, metavar="MB",
+                       help=f"largest result a job may return (default {P.max_result_bytes / 2**20:.0f})")
+    serve.add_argument("--job-timeout", type=positive(float), default=P.timeout_seconds, metavar="SECONDS",
+                       help=f"wall-clock limit of one job (default {P.timeout_seconds:.0f})")
+    serve.add_argument("--job-cpu-seconds", type=positive(float), default=P.cpu_seconds, metavar="SECONDS",
+                       help=f"CPU-time limit of one job (default {P.cpu_seconds:.0f})")
+    serve.add_argument("--job-memory-mb", type=positive(float), default=P.max_memory_bytes / 2**20, metavar="MB",
+                       help=f"memory one job may add (default {P.max_memory_bytes / 2**20:.0f})")
+    serve.add_argument("--max-log-kb", type=positive(float), default=P.max_log_bytes / 1024, metavar="KB",
+                       help=f"printed text kept per job; the rest is dropped (default {P.max_log_bytes / 1024:.0f})")
+    serve.add_argument("--max-queued-per-key", type=positive(int), default=P.max_queued_per_key, metavar="N",
+                       help=f"jobs one API key may have queued or running; more get 429 (default {P.max_queued_per_key})")
+    serve.add_argument("--requests-per-minute", type=positive(int), default=P.requests_per_minute, metavar="N",
+                       help=f"requests per minute per API key; more get 429 (default {P.requests_per_minute})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interlace", description="Interlace: trace and edit PyTorch models.")
     parser.add_argument("--version", action="version", version=f"interlace {__version__}")
@@ -276,12 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", help=data_help)
     serve.add_argument("--insecure", action="store_true",
-                       help="allow binding to a non-loopback address (no sandbox yet!)")
+                       help="allow binding to a non-loopback address even when the process sandbox "
+                            "(layer 3) is incomplete on this host")
+    serve.add_argument("--isolation", choices=["process", "thread"], default="process",
+                       help="where jobs run: 'process' (default) a confined worker process per model; "
+                            "'thread' a thread of the server process (no process sandbox)")
     serve.add_argument("--result-ttl", type=float, default=24 * 3600.0, metavar="SECONDS",
                        help="how long finished results stay downloadable (default 86400)")
     serve.add_argument("--result-store", metavar="URL",
                        help="fsspec URL for results, e.g. s3://bucket/prefix (default: DATA_DIR/results)")
     serve.add_argument("--max-upload-mb", type=float, default=256.0, help="largest accepted payload (MiB)")
+    _add_limit_flags(serve)
     serve.add_argument("--sweep-interval", type=float, default=60.0, metavar="SECONDS",
                        help="how often expired results are deleted")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])

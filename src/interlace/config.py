@@ -34,6 +34,9 @@ class AppConfig(BaseModel):
 
     REMOTE_LOGGING: bool = True
     DEBUG: bool = False
+    #: `remote='local'` runs each job in a confined worker process (as a server does), as if
+    #: every trace passed `isolate=True`; a trace's own `isolate=` wins.
+    ISOLATE_LOCAL: bool = False
 
 
 def config_dir() -> Path:

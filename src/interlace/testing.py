@@ -95,8 +95,9 @@ class FakeRunner:
     data (base64) under "random".
     """
 
-    def __init__(self, models: list[str] | None = None) -> None:
+    def __init__(self, models: list[str] | None = None, policy: Any = None) -> None:
         self._models = list(models or ["fake"])
+        self._policy = policy  # its limits are the server's (`interlace serve --max-upload-mb`, ...)
 
     def prepare(self, payload: bytes) -> FakeJob:
         try:
@@ -137,7 +138,9 @@ class FakeRunner:
         return list(self._models)
 
     def policy(self) -> dict[str, Any]:
-        return {"runner": "fake", "note": "test-only runner"}
+        from .contract.policy import DEFAULT_POLICY
+
+        return {**(self._policy or DEFAULT_POLICY).to_json(), "runner": "fake", "note": "test-only runner"}
 
 
 #: Seconds a job waits on a `Gate` at most: a gate the test forgets to open fails the job
@@ -289,13 +292,15 @@ class ServerProcess:
 class ThreadedServer:
     """The real server app on a free loopback port, in a thread of this process; a context manager.
 
-    Jobs are run by `FakeRunner(models)`. Other keyword arguments are `ServerSettings` fields
+    Jobs are run by `FakeRunner(models, policy)` (`policy`: a `contract.policy.Policy` whose limits
+    the server enforces, default `DEFAULT_POLICY`). Other keyword arguments are `ServerSettings` fields
     (`result_ttl=1`, `result_store=url`, ...). It starts in a fraction of a second (no
     interpreter start-up), for tests that need HTTP but no process to kill; use
     `ServerProcess` for crash and restart tests. `create_key(name)` makes an API key.
     """
 
-    def __init__(self, data_dir: Path | str, *, models: list[str] | None = None, **settings: Any) -> None:
+    def __init__(self, data_dir: Path | str, *, models: list[str] | None = None, policy: Any = None,
+                 **settings: Any) -> None:
         import uvicorn
 
         from .server.app import create_app
@@ -303,7 +308,7 @@ class ThreadedServer:
 
         self.port = free_port()
         self.settings = ServerSettings(data_dir=Path(data_dir), port=self.port, **settings)
-        self.app = create_app(self.settings, FakeRunner(models))
+        self.app = create_app(self.settings, FakeRunner(models, policy))
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                 ws="websockets-sansio")
         self.server = uvicorn.Server(config)

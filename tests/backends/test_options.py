@@ -47,7 +47,7 @@ def raw_block_output(lm, prompt, layer):
 
 # -- each option in each mode ----------------------------------------------------------------
 
-VALUES = {"verbose": False, "strict_remote": False, "max_upload_mb": 10.0, "blocking": True,
+VALUES = {"verbose": False, "strict_remote": False, "max_upload_mb": 10.0, "isolate": False, "blocking": True,
           "callback": None, "host": None, "api_key": None}
 
 

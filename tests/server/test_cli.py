@@ -41,6 +41,15 @@ def test_jobs_lists_everyone(tmp_path, capsys):
 
 
 def test_serve_refuses_public_address_without_insecure(tmp_path, capsys):
+    # Jobs in a thread of the server: layer 3 is missing, so a public address is refused.
+    assert cli.main(["serve", "--host", "0.0.0.0", "--isolation", "thread", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--insecure" in err and "127.0.0.1" in err and "layer 3" in err and "missing: process" in err
+
+
+def test_serve_refuses_public_address_when_the_host_lacks_a_sandbox_layer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_sandbox_layers", lambda isolation: {
+        "process": True, "namespaces": False, "seccomp": True, "rlimits": True})
     assert cli.main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--insecure" in err and "127.0.0.1" in err
+    assert "missing: namespaces" in err and "apt-get install bubblewrap python3-seccomp" in err

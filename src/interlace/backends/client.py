@@ -69,8 +69,9 @@ MSG_UNREACHABLE: Final = (
     "point the client at yours with INTERLACE_HOST or interlace.CONFIG.API.HOST."
 )
 
-# Errors that mean no server answered (as opposed to one that answered badly).
-_NOT_REACHED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+# Errors that mean no server answered (as opposed to one that answered badly). ReadError: a
+# kept-alive connection reset by a server that died (kill -9) while the request was in flight.
+_NOT_REACHED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 
 
 @lru_cache(maxsize=1)

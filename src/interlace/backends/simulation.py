@@ -5,24 +5,43 @@ the model and encode the result (`execution.run`) → decode the result (`contra
 Each step is the function the client and the server use, so what passes here passes remotely
 and what fails remotely fails here, with the same message. It is to the server what httpx's
 ASGITransport is to a web app: the real thing, in process.
+
+`isolate=True` (or `interlace.CONFIG.APP.ISOLATE_LOCAL`) adds the server's layer 3: the job
+runs in a confined worker process (`execution/process.py`) that loaded the model from the
+same files the caller's model came from (its path or hub id), one worker per model, kept for
+the session. That worker's model is the one on disk: changes the caller made to its own
+model in memory (weights set by hand) are not in it, as they would not be on a server.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
 import sys
+import threading
 from typing import Any
 
 from ..contract.problems import RemoteValidationError
 from ..errors import RemoteException
 from ..contract.code.decode import shipped_model_refs
+from ..config import CONFIG
+from ..contract.policy import Policy
 from ..contract.result import decode_result
 from ..execution.errors import BadRequest, JobFailed
+from ..execution.process import WorkerSpec, WorkerSupervisor
 from ..execution.receive import prepare_payload
 from ..execution.run import run_prepared
 from ..tracing.backend import CapturedTrace
 from .outbound import encode_for_remote, model_key_of, policy_for_simulation, warn_if_large
 
-__all__ = ["LocalSimulationBackend"]
+__all__ = ["LocalSimulationBackend", "MSG_NOT_FROM_FILES", "close_isolated_workers"]
+
+MSG_NOT_FROM_FILES = (
+    "`isolate=True` runs the job in a worker process that loads the model from its files, but "
+    "this {kind} was not loaded from a path or hub id, so there is nothing to load. Load it with "
+    "`interlace.LanguageModel(path_or_hub_id)`, or trace without `isolate=True`."
+)
 
 
 class LocalSimulationBackend:
@@ -40,12 +59,14 @@ class LocalSimulationBackend:
         strict_remote: bool = False,
         max_upload_mb: float = 10.0,
         policy: Any = None,
+        isolate: bool | None = None,
     ) -> None:
         self.model = model
         self.verbose = verbose
         self.strict_remote = strict_remote
         self.max_upload_mb = max_upload_mb
         self.policy = policy
+        self.isolate = CONFIG.APP.ISOLATE_LOCAL if isolate is None else bool(isolate)
         self.last_payload_size = 0
         self._last_payload: bytes | None = None
 
@@ -75,7 +96,10 @@ class LocalSimulationBackend:
                 raise RemoteValidationError(e.problems) from None
             raise RemoteException(e.message, category=f"HTTP {e.status}") from None
         try:
-            result = run_prepared(prepared, self.model, policy, log=_log)
+            if self.isolate:
+                result = _isolated_worker(self.model, key, policy).run(payload, _log)
+            else:
+                result = run_prepared(prepared, self.model, policy, log=_log)
         except JobFailed as e:
             raise RemoteException(e.traceback_text, category=e.category) from None
         return decode_result(result)
@@ -83,3 +107,59 @@ class LocalSimulationBackend:
 
 def _log(line: str) -> None:
     print(line, file=sys.stdout)
+
+
+# One worker per (model files, key, policy), kept for the session: starting one costs
+# seconds (Python, torch and the weights), a job on a running one about a millisecond more
+# than in-process.
+_WORKERS: dict[tuple[str, str, str], WorkerSupervisor] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def _isolated_worker(model: Any, key: str, policy: Policy) -> WorkerSupervisor:
+    spec = _model_spec(model)
+    cache_key = (json.dumps(spec, sort_keys=True), key, policy.model_dump_json())
+    with _WORKERS_LOCK:
+        supervisor = _WORKERS.get(cache_key)
+        if supervisor is None:
+            path = spec["path"]
+            read = (os.path.realpath(path),) if os.path.exists(path) else ()
+            supervisor = WorkerSupervisor(WorkerSpec(key, spec, read_paths=read), policy)
+            _WORKERS[cache_key] = supervisor
+    return supervisor
+
+
+def _model_spec(model: Any) -> dict[str, Any]:
+    """How a worker loads the caller's model: its path or hub id, with its load options."""
+    path = model.__dict__.get("repo_id")
+    module_name = type(getattr(model, "_module", None)).__name__
+    # A LanguageModel built from a module in memory without a config path has its class name here.
+    if not isinstance(path, str) or not path or (path == module_name and not os.path.exists(path)):
+        raise RemoteException(MSG_NOT_FROM_FILES.format(kind=type(model).__name__), category="isolate")
+    options: dict[str, Any] = {}
+    for name, value in (model.__dict__.get("_load_kwargs") or {}).items():
+        if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+            value = str(value).removeprefix("torch.")  # from_pretrained takes the name
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise RemoteException(
+                f"`isolate=True` cannot pass the load option {name}={value!r} to the worker process "
+                "(only plain values travel); load the model without it, or trace without `isolate=True`.",
+                category="isolate",
+            ) from None
+        options[name] = value
+    return {"kind": "language_model", "path": path, "load_kwargs": options}
+
+
+def close_isolated_workers() -> None:
+    """Stop the worker processes of `isolate=True` (also done at exit)."""
+    with _WORKERS_LOCK:
+        workers = list(_WORKERS.values())
+        _WORKERS.clear()
+    for supervisor in workers:
+        supervisor.close()
+
+
+atexit.register(close_isolated_workers)
+

@@ -26,6 +26,7 @@ CLIENT_OPTIONS: dict[str, tuple[Any, ...]] = {
     "verbose": ("local", True),
     "strict_remote": ("local", True),
     "max_upload_mb": ("local", True),
+    "isolate": ("local",),
     "blocking": (True,),
     "callback": (True,),
     "host": (True,),
@@ -37,7 +38,7 @@ CLIENT_OPTIONS: dict[str, tuple[Any, ...]] = {
 _TRACE_ARGUMENTS = ("remote", "backend")
 
 _EXAMPLE_VALUES = {
-    "verbose": "True", "strict_remote": "True", "max_upload_mb": "50", "blocking": "False",
+    "verbose": "True", "strict_remote": "True", "max_upload_mb": "50", "isolate": "True", "blocking": "False",
     "callback": '"https://example.org/hook"', "host": '"https://my-server:8000"', "api_key": '"..."',
 }
 

@@ -40,7 +40,9 @@ def encode_result(values: dict[str, Any], *, compress: bool = True, max_bytes: i
         envelope["warnings"] = [{"category": category.__name__, "message": message} for category, message in warnings]
     data = encode_message("result", envelope, encoder.tensors, compress=compress)
     if max_bytes is not None and len(data) > max_bytes:
-        raise UnsendableResult(", ".join(values), f"the result is {len(data) / 1e6:.1f} MB, over the server's {max_bytes / 1e6:.1f} MB limit")
+        raise UnsendableResult(", ".join(values), f"the result is {len(data) / 1e6:.1f} MB, over the server's {max_bytes / 1e6:.1f} MB limit; "
+                                 "save less (`h[:, -1].save()` rather than `h.save()`), or ask the operator to raise "
+                                 "`interlace serve --max-result-mb`")
     return data
 
 

@@ -18,21 +18,27 @@ from ..contract.result import UnsendableResult, encode_result
 from ..errors import collecting_warnings
 from ..contract.request import TraceRequest
 from ..contract.code.decode import CodeDecoder, decode_failure_text, resolve_model_path, restricted_builtins
-from ..contract.code.origin import original_filename, remote_filename
+from ..contract.code.origin import FILE_PREFIX, REMOTE_MODULE, original_filename, remote_filename
+from ..contract.guard import JobGuards, guard_module
 from ..contract.values.decode import ValueDecoder
-from ..tracing.capture import block_from_source
+from ..tracing.capture import block_from_source, register_source_transform
 from ..tracing.namespace import body_namespace
 from ..tracing.backend import running_shipped_body
 from ..tracing.saving import pop_registry, push_registry
 from .errors import JobFailed
 from .hosted import HostedModel
-from .isolation import changed_weights, clear_grads, hook_keys, keep_edits, remove_new_hooks, restore_edits, restore_grads, weight_fingerprint
+from .integrity import guard_for
+from .isolation import clear_grads, keep_edits, restore_edits, restore_grads
 from ..tracing.envoy import source_envoy
 
 if TYPE_CHECKING:
     from .receive import PreparedRequest
 
 __all__ = ["execute_request", "run_prepared", "user_traceback"]
+
+# Layer 2 of the sandbox: every body compiled under a shipped file name (the body, and the
+# nested `with` blocks captured while shipped code runs) is compiled after the guard transform.
+register_source_transform(FILE_PREFIX, guard_module)
 
 def execute_request(
     request: TraceRequest,
@@ -52,12 +58,23 @@ def _execute(request: TraceRequest, tensors: dict[str, Any], model: HostedModel,
              log: Callable[[str], None]) -> dict[str, Any]:
     filename = remote_filename(request.block.filename)
     block = block_from_source(request.block.source, filename, request.block.first_lineno)
-    builtins_dict = restricted_builtins(policy, log)
+    # Layer 2: the job's guards (its deadline and memory limit start now), protecting the
+    # hosted model's modules, weights and buffers from the job's writes.
+    guards = JobGuards(policy, protected=tuple(model._module.named_modules()), remote_module=REMOTE_MODULE)
+    try:
+        return _execute_guarded(request, tensors, model, block, guards, policy=policy, log=log)
+    finally:
+        guards.close()  # code the job left behind (a `__del__`) stops at its first tick
+
+
+def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: HostedModel, block: Any, guards: JobGuards,
+                     *, policy: Policy, log: Callable[[str], None]) -> dict[str, Any]:
+    builtins_dict = restricted_builtins(policy, log, guards)
     objects = {key: spec.model_dump() for key, spec in request.objects.items()}
     decoder = ValueDecoder(tensors, extension=CodeDecoder(objects, policy, builtins_dict, model=model))
     # The engine's one namespace builder: the helpers capture's rewrites call are the same
     # here as in a local trace (only the builtins are the policy's).
-    ns = body_namespace(builtins_dict=builtins_dict, name="__interlace_remote__")
+    ns = body_namespace(builtins_dict=builtins_dict, name=REMOTE_MODULE)
     # Decoding rebuilds the user's values (and runs their class bodies and decorators): a
     # failure there is the job's error, shown to the user, never an internal server error.
     try:
@@ -88,8 +105,9 @@ def _execute(request: TraceRequest, tensors: dict[str, Any], model: HostedModel,
         ns[block.as_name] = tracer
     registry = push_registry()
     modules = list(model._module.modules())
-    before = weight_fingerprint(modules)
-    hooks = hook_keys(modules)
+    # Layer 4: the model and the process as the job found them (`integrity.py`).
+    guard = guard_for(model)
+    before = guard.begin()
     grad_mode = _grad_mode_for(request)
     grads = clear_grads(modules) if grad_mode is _GRAD_ON else None
     edits = keep_edits(model)
@@ -97,15 +115,17 @@ def _execute(request: TraceRequest, tensors: dict[str, Any], model: HostedModel,
         with grad_mode, running_shipped_body():
             tracer.run_block(block, ns)
     except BaseException as error:  # noqa: BLE001 - every failure becomes the job's ERROR
-        raise JobFailed(user_traceback(error, request), type(error).__name__) from None
+        # (A guard's refusal names its own category: `model-modified` for a weight write.)
+        raise JobFailed(user_traceback(error, request), getattr(error, "category", None) or type(error).__name__) from None
     finally:
         pop_registry()
-        remove_new_hooks(modules, hooks)
         if grads is not None:
             restore_grads(grads)
         restore_edits(model, edits)
-    changed = changed_weights(model._module, modules, before)
-    if changed:
+        integrity = guard.verify_and_restore(before)
+    changed = integrity.weights
+    if changed or integrity.unrestored:
+        changed = changed or integrity.unrestored
         raise JobFailed(
             "ModelModifiedError: this job changed the hosted model's weights or buffers in place ("
             + ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")

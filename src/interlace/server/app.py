@@ -43,6 +43,7 @@ from ..contract.http import (
 from ..execution.errors import BadRequest
 from . import versions
 from .auth import MSG_INVALID_KEY, MSG_MISSING_KEY, User
+from .limits import TooManyRequests
 from .service import Conflict, JobService, NotFound
 from .settings import MiB, ServerSettings
 from .store import Event, JobRecord, queued_text
@@ -128,6 +129,11 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse(_error_body(str(exc), None), status_code=404)
 
+    @app.exception_handler(TooManyRequests)
+    async def _too_many(request: Request, exc: TooManyRequests) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return JSONResponse({"detail": exc.message, **exc.details}, status_code=429, headers=headers)
+
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse(_error_body(str(exc), None), status_code=409)
@@ -142,6 +148,7 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         user = service.keys.verify(key)
         if user is None:
             raise ApiError(401, MSG_INVALID_KEY)
+        service.rate.take(user.key_id)  # 429 past `requests_per_minute` (limits.py)
         return user
 
     # -- public ---------------------------------------------------------------------------
@@ -154,7 +161,7 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
             "protocol_version": PROTOCOL_VERSION,
             "supported_client_versions": versions.supported_range(),
             "models": service.model_keys,
-            "max_upload_bytes": settings.max_upload_bytes,
+            "max_upload_bytes": service.limits.max_upload_bytes,
             "result_ttl": settings.result_ttl,
             "python": sys.version.split()[0],
             "packages": _package_versions(),
@@ -188,12 +195,14 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         responses={202: {"description": '{"id", "status": "QUEUED", "queue_position"}'},
                    400: {"description": "undecodable payload"}, 401: {"description": "missing or bad key"},
                    404: {"description": "model not hosted"}, 413: {"description": "payload too large"},
-                   422: {"description": "validation problems (listed)"}, 426: {"description": "client version"}},
+                   422: {"description": "validation problems (listed)"}, 426: {"description": "client version"},
+                   429: {"description": "too many requests, or too many jobs in flight, for this key "
+                                        "(the message says the limit; Retry-After when waiting helps)"}},
     )
     async def submit(request: Request) -> JSONResponse:
         user = authenticate(request)
         callback = _check_callback(request.headers.get(CALLBACK_HEADER))
-        body = await _read_limited(request, settings.max_upload_bytes)
+        body = await _read_limited(request, service.limits.max_upload_bytes)
         if not body:
             raise ApiError(400, MSG_EMPTY_BODY)
         accept = partial(service.accept, user, body, callback=callback,
@@ -352,6 +361,10 @@ async def _stream_events(service: JobService, ws: WebSocket, job_id: str, after:
     user = service.keys.verify(key)
     if user is None:
         return await _ws_fail(ws, 401, MSG_INVALID_KEY)
+    try:
+        service.rate.take(user.key_id)
+    except TooManyRequests as exc:
+        return await _ws_fail(ws, 429, exc.message)
     record = service.store.get_owned(job_id, user.name)
     if record is None:
         return await _ws_fail(ws, 404, f"No job {job_id!r} for this API key's user.")

@@ -3,21 +3,28 @@
 Receiving and running a job are the execution layer's (`execution/`), which the simulation
 calls too; this class adds what only a server has: several hosted models, a lock per model,
 and a pristine copy of each model's weights to undo a job that changed them.
+
+Two runners, one protocol (`types.JobRunner`): `ProcessJobRunner` (the default of `interlace
+serve`, `--isolation process`) runs each model's jobs in a confined worker process
+(`execution/process.py`): the API process only receives and validates payloads and never
+runs user code or holds the weights; `DefaultJobRunner` (`--isolation thread`) runs them in a
+thread of the API process, beside the loaded model.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..contract.model_meta import describe_model
+from ..contract.model_meta import NotDescribable, describe_model
 from ..contract.policy import DEFAULT_POLICY, Policy
-from ..execution.errors import JobFailed
-from ..execution.isolation import restore, snapshot
+from ..execution.integrity import guard_for
 from ..execution.receive import PreparedRequest, prepare_payload
+from ..execution.process import WorkerSpec, WorkerSupervisor
 from ..execution.run import run_prepared
 
-__all__ = ["DefaultJobRunner"]
+__all__ = ["DefaultJobRunner", "PayloadJob", "ProcessJobRunner"]
 
 
 class DefaultJobRunner:
@@ -27,9 +34,11 @@ class DefaultJobRunner:
         self.models = dict(models)
         self._policy = policy or DEFAULT_POLICY
         self._locks = {key: threading.Lock() for key in self.models}
-        # A CPU copy of each model's weights, to undo a job that modified them (invariant 7:
-        # one user cannot affect another). Costs host memory equal to the models' size.
-        self._pristine = {key: snapshot(model) for key, model in self.models.items()}
+        # Each model's baseline, with a CPU copy of its weights, to undo what a job changed
+        # (invariant 7: one user cannot affect another; `execution/integrity.py`). Costs host
+        # memory equal to the models' size.
+        for model in self.models.values():
+            guard_for(model, server=True)
 
     def prepare(self, payload: bytes) -> PreparedRequest:
         return prepare_payload(payload, self._policy, self.models)
@@ -37,12 +46,7 @@ class DefaultJobRunner:
     def run(self, job: PreparedRequest, log: Callable[[str], None]) -> bytes:
         with self._locks[job.model_key]:
             model = self.models[job.model_key]
-            try:
-                return run_prepared(job, model, self._policy, log)
-            except JobFailed as e:
-                if e.category == "model-modified":
-                    restore(model, self._pristine[job.model_key])
-                raise
+            return run_prepared(job, model, self._policy, log)
 
     def model_keys(self) -> list[str]:
         return list(self.models)
@@ -54,3 +58,70 @@ class DefaultJobRunner:
 
     def policy(self) -> dict[str, Any]:
         return self._policy.to_json()
+
+
+@dataclass
+class PayloadJob:
+    """A job accepted by `ProcessJobRunner.prepare`: its model key and its bytes, which go to
+    the model's worker as they came (the worker decodes them for itself)."""
+
+    model_key: str
+    payload: bytes
+
+
+class ProcessJobRunner:
+    """Hosts each model in its own worker process; one job at a time per model.
+
+    `specs` name the models (key -> `WorkerSpec`: how the worker loads it, what it may read).
+    The workers start here, one after the other, so a model that cannot load stops the server
+    at start; a worker that dies later is replaced by its `WorkerSupervisor`.
+    """
+
+    def __init__(self, specs: Mapping[str, WorkerSpec], policy: Policy | None = None, *,
+                 sandbox: bool | None = None) -> None:
+        self._policy = policy or DEFAULT_POLICY
+        # Started in this thread on purpose: a worker is told to die with the thread that
+        # started it (PR_SET_PDEATHSIG), and this one lives as long as the server.
+        self.supervisors = {key: WorkerSupervisor(spec, self._policy, sandbox=sandbox) for key, spec in specs.items()}
+        try:
+            for supervisor in self.supervisors.values():
+                supervisor.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def prepare(self, payload: bytes) -> PayloadJob:
+        # Decoded and validated here, in the API process, to answer 4xx at once; no user code
+        # runs in this step (decoding rebuilds values, the body runs only in the worker).
+        prepared = prepare_payload(payload, self._policy, self.supervisors)
+        return PayloadJob(prepared.model_key, payload)
+
+    def run(self, job: PayloadJob, log: Callable[[str], None]) -> bytes:
+        return self.supervisors[job.model_key].run(job.payload, log)
+
+    def model_keys(self) -> list[str]:
+        return list(self.supervisors)
+
+    def model_meta(self, model_key: str) -> dict[str, Any]:
+        """The description the worker made of its model when it loaded it (the API process
+        holds no weights)."""
+        meta = self.supervisors[model_key].meta
+        if isinstance(meta, dict) and "not_describable" in meta:
+            raise NotDescribable(str(meta["not_describable"]))
+        return meta
+
+    def policy(self) -> dict[str, Any]:
+        return self._policy.to_json()
+
+    def layers(self) -> dict[str, bool]:
+        """Which of the sandbox's process layers are in force (for the start-up report)."""
+        merged: dict[str, bool] = {}
+        for supervisor in self.supervisors.values():
+            for name, on in supervisor.layers.items():
+                merged[name] = merged.get(name, True) and on
+        return merged
+
+    def close(self) -> None:
+        for supervisor in self.supervisors.values():
+            supervisor.close()
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import traceback
 import uuid
@@ -23,6 +24,7 @@ from .auth import KeyStore, User
 from .db import Database
 from ..execution.errors import BadRequest, JobFailed
 from .events import EventHub
+from .limits import MSG_LOG_TRUNCATED, MSG_QUEUE_FULL, RateLimiter, TooManyRequests, served_limits
 from ..contract.model_meta import NotDescribable
 from .results import ResultStore
 from .settings import ServerSettings
@@ -31,7 +33,7 @@ from ..contract.http import JobStatus
 from .types import JobRunner
 from .workers import QueuedJob, WorkerPool
 
-__all__ = ["JobService", "NotFound", "Conflict"]
+__all__ = ["JobService", "NotFound", "Conflict", "TooManyRequests"]
 
 log = logging.getLogger("interlace.server")
 
@@ -56,6 +58,10 @@ class JobService:
         self.results = ResultStore(settings.result_url)
         self.hub = EventHub()
         self.model_keys = list(runner.model_keys())
+        # Every limit the server enforces is the runner's served policy (one source, see limits.py).
+        self.limits = served_limits(runner.policy())
+        self.rate = RateLimiter(self.limits.requests_per_minute)
+        self._accepting = threading.Lock()  # the per-key queue check and the enqueue, together
         self.pool = WorkerPool(self.model_keys, self._execute, self._announce_positions)
         # Callbacks go out on their own threads so a slow receiver never delays the next job.
         self._callbacks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="interlace-callback")
@@ -81,8 +87,10 @@ class JobService:
     def accept(self, user: User, payload: bytes, *, callback: str | None, client_version: str | None) -> tuple[str, int]:
         """Validate, store the payload, commit the job, queue it. Returns (job id, position).
 
-        Raises BadRequest with the runner's message for payloads that cannot run here.
+        Raises BadRequest with the runner's message for payloads that cannot run here, and
+        TooManyRequests when the key has its limit of jobs in flight.
         """
+        self._check_in_flight(user)  # before validating: an over-limit client costs no decoding
         prepared = self.runner.prepare(payload)
         model_key = prepared.model_key
         if not self.pool.hosts(model_key):
@@ -106,11 +114,19 @@ class JobService:
                 self.hub.publish(event)
 
         try:
-            position = self.pool.enqueue(model_key, QueuedJob(job_id, prepared), before=commit)
+            with self._accepting:
+                self._check_in_flight(user)
+                position = self.pool.enqueue(model_key, QueuedJob(job_id, prepared), before=commit)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         return job_id, position
+
+    def _check_in_flight(self, user: User) -> None:
+        limit = self.limits.max_queued_per_key
+        count = self.store.count_in_flight(user.key_id)
+        if count >= limit:
+            raise TooManyRequests(MSG_QUEUE_FULL.format(count=count, limit=limit), limit=limit, count=count)
 
     def model_meta(self, model_key: str) -> bytes:
         """A hosted model's description (config and tokenizer files as JSON; see `contract/model_meta.py`),
@@ -166,9 +182,22 @@ class JobService:
             return
         self.hub.publish(event)
         limit = self.settings.max_log_events
+        # Printed text kept per job (`--max-log-kb`): a print loop ends in one notice, never in
+        # a full disk or memory. The worker bounds what it sends too; this is the last word.
+        room = [self.limits.max_log_bytes]
 
         def emit_log(line: str) -> None:
-            logged = self.store.add_log(job_id, str(line).rstrip("\n"), limit=limit)
+            text = str(line).rstrip("\n")
+            if room[0] <= 0:
+                return
+            size = len(text.encode("utf-8", "replace"))
+            if size > room[0]:
+                text = text.encode("utf-8", "replace")[:room[0]].decode("utf-8", "ignore") + "\n" + \
+                    MSG_LOG_TRUNCATED.format(limit=self.limits.max_log_bytes)
+                room[0] = 0
+            else:
+                room[0] -= size
+            logged = self.store.add_log(job_id, text, limit=limit)
             if logged is not None:
                 self.hub.publish(logged)
 

@@ -37,8 +37,7 @@ class ServerSettings(BaseModel):
     result_ttl: float = 24 * 3600.0
     # fsspec URL; None means `<data_dir>/results` on the local disk.
     result_store: str | None = None
-    # Uploads larger than this are refused with 413 while the body is still streaming in.
-    max_upload_bytes: int = 256 * MiB
+    # (The upload limit, like every limit, is the runner's served policy: `JobService.limits`.)
     # How often the sweeper deletes expired results.
     sweep_interval: float = 60.0
     # A job interrupted this many times (server killed while it ran) ends in ERROR instead of

@@ -157,6 +157,14 @@ class JobStore:
         row = self.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return JobRecord.from_row(row) if row else None
 
+    def count_in_flight(self, key_id: str) -> int:
+        """Jobs of this API key not finished yet (queued or running): the per-key limit's count."""
+        row = self.db.query_one(
+            "SELECT COUNT(*) FROM jobs WHERE key_id = ? AND status IN (?, ?, ?)",
+            (key_id, JobStatus.RECEIVED.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value),
+        )
+        return int(row[0]) if row else 0
+
     def get_owned(self, job_id: str, owner: str) -> JobRecord | None:
         """The job if `owner` owns it; None otherwise, so callers answer 404 either way and
         never reveal that another user's job exists."""

@@ -18,6 +18,7 @@ point at the user's lines with no remapping.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import dis
 import linecache
@@ -25,7 +26,7 @@ import sys
 import textwrap
 import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import SourceNotFoundError, TracingError
 from .backward import BACKWARD_HELPER, rewrite_backward  # `with loss.backward():` blocks
@@ -33,7 +34,8 @@ from .frames import bind_from_trace_callback
 from .reads import Read, Segment, body_segments, first_output_read
 from .syntax import compile_tree, parse
 
-__all__ = ["Block", "BodySkipper", "capture_block", "block_from_source", "SkipBody", "SAVE_HELPER"]
+__all__ = ["Block", "BodySkipper", "capture_block", "block_from_source", "SkipBody", "SAVE_HELPER",
+           "register_source_transform"]
 
 #: Name under which the `.save()` rewrite calls the save function inside compiled bodies.
 SAVE_HELPER = "__interlace_save__"
@@ -64,6 +66,8 @@ class Block:
     #: The body as statements that run inline, without a greenlet, if it is made only of
     #: such statements (`reads.body_segments`).
     segments: tuple[Segment, ...] | None = None
+    #: Compiled after a registered source transform (shipped code: `register_source_transform`).
+    guarded: bool = False
     #: The compiled (rewritten) statements, for `rest_code`.
     statements: tuple[ast.stmt, ...] = field(default=(), compare=False, repr=False)
     _rest: dict[int, types.CodeType] = field(default_factory=dict, compare=False, repr=False)
@@ -82,6 +86,30 @@ class Block:
 
 class SkipBody(Exception):
     """Raised by the trace function to stop Python from running a captured body."""
+
+
+#: (file name prefix, transform): a body compiled under a file name with that prefix is
+#: compiled after `transform(module, filename)` (the execution layer registers the sandbox's
+#: guard for shipped code, whose file names start with `<interlace-remote:`; that covers nested
+#: `with` blocks captured while shipped code runs, too). Consulted only when a block is
+#: compiled, never on a cached capture: a local trace pays nothing.
+SourceTransform = Callable[[ast.Module, str], ast.Module]
+_SOURCE_TRANSFORMS: list[tuple[str, SourceTransform]] = []
+
+
+def register_source_transform(prefix: str, transform: SourceTransform) -> None:
+    """Compile every body whose file name starts with `prefix` after `transform` (once per
+    prefix; registering again replaces it)."""
+    _SOURCE_TRANSFORMS[:] = [(p, t) for p, t in _SOURCE_TRANSFORMS if p != prefix] + [(prefix, transform)]
+    _block_cache.clear()
+    _source_cache.clear()
+
+
+def _transform_for(filename: str) -> SourceTransform | None:
+    for prefix, transform in _SOURCE_TRANSFORMS:
+        if filename.startswith(prefix):
+            return transform
+    return None
 
 
 _block_cache: dict[tuple[int, int], tuple[types.CodeType, list[str], Block]] = {}
@@ -274,12 +302,17 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
     module = ast.Module(body=[_SaveRewriter().visit(rewrite_backward(s)) for s in body], type_ignores=[])
     ast.fix_missing_locations(module)
     first_read = first_output_read(module.body[0]) if module.body else None
+    plain = module
+    transform = _transform_for(filename) if _SOURCE_TRANSFORMS else None
     try:
+        if transform is not None:  # after the engine's rewrites, whose helpers it keeps
+            module = transform(copy.deepcopy(module), filename)
         code = compile_tree(module, filename, dont_inherit=True)
     except SyntaxError as e:  # e.g. `yield` or `nonlocal` at block level
         raise TracingError(f"{filename}:{e.lineno}: this statement cannot run inside a traced block: {e.msg}") from None
     loaded, stored = _names(code)
-    segments = body_segments(module.body, filename, stored, SAVE_HELPER)
+    # (The analysis reads the engine's own statements; what it compiles is transformed too.)
+    segments = body_segments(plain.body, filename, stored, SAVE_HELPER, transform)
     return Block(
         filename=filename,
         first_lineno=first,
@@ -292,6 +325,7 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
         saved_names=saved_names,
         first_read=first_read,
         segments=segments,
+        guarded=transform is not None,
         statements=tuple(module.body),
     )
 

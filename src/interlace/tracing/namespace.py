@@ -54,6 +54,8 @@ def new_namespace(block: Block, frame: types.FrameType | None = None) -> dict[st
         return ns
     f_globals = frame.f_globals
     ns["__name__"] = f_globals.get("__name__", "__main__")
+    if block.guarded:  # a block inside shipped code: its (restricted) builtins, never the real ones
+        ns["__builtins__"] = f_globals.get("__builtins__", {})
     f_locals = frame.f_locals
     missing = MISSING
     for name in block.loaded_names:

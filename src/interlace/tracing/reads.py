@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from .envoy import Envoy
 from .inline import READ_NAME
 from .saving import save
-from .syntax import compile_tree
+from .syntax import compile_tree as _compile_tree
 
 if TYPE_CHECKING:
     from .host import Host
@@ -177,9 +177,16 @@ _PLAIN_NODES = (
 _ENVOY_VALUES = ("output", "input", "inputs")
 
 
-def body_segments(statements: list[ast.stmt], filename: str, stored: set[str] | frozenset[str], save_helper: str) -> tuple[Segment, ...] | None:
+def body_segments(statements: list[ast.stmt], filename: str, stored: set[str] | frozenset[str], save_helper: str,
+                  transform: Any = None) -> tuple[Segment, ...] | None:
     """The body as inline statements, or None if any statement is not one (`pass` and bare
-    constants are dropped: they do nothing)."""
+    constants are dropped: they do nothing). `transform` (capture's source transform of shipped
+    code, if any) is applied to each statement before it is compiled."""
+    if transform is not None:
+        def compile_tree(tree: ast.Module, filename: str, dont_inherit: bool = True) -> types.CodeType:
+            return _compile_tree(transform(copy.deepcopy(tree), filename), filename, dont_inherit=dont_inherit)
+    else:
+        compile_tree = _compile_tree
     accumulators = _accumulators(statements, save_helper)
     made_at = {position: constructors for position, _, constructors in accumulators.values()}
     segments = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import importlib
 import linecache
 import sys
 import textwrap
@@ -19,7 +18,11 @@ import traceback
 import zlib
 from typing import Any, Callable
 
-from ..policy import Policy
+from ..guard.access import JobGuards
+from ..guard.modules import allowed_object, body_api, module_proxy
+from ..guard.transform import guard_module
+from ..policy import ENGINE_MODULE, Policy
+from ...tracing.syntax import parse
 from .origin import FILE_PREFIX, FUTURE_ANNOTATIONS, REMOTE_MODULE, original_filename, remote_filename, resolve_qualname
 
 __all__ = ["CodeDecoder", "restricted_builtins", "resolve_model_path", "decode_failure_text",
@@ -44,7 +47,7 @@ class CodeDecoder:
             name = node.get("name")
             if not isinstance(name, str) or not self.policy.allows_module(name):
                 raise _bad(f"module {name!r} is not allowed on this server")
-            return importlib.import_module(name)
+            return _module_for_code(name)
         if tag == "x:ref":
             module, qualname = node.get("module"), node.get("qualname")
             if not isinstance(module, str) or not isinstance(qualname, str):
@@ -55,10 +58,7 @@ class CodeDecoder:
                 return getattr(builtins, qualname)
             if not self.policy.allows_module(module):
                 raise _bad(f"module {module!r} is not allowed on this server")
-            try:
-                return resolve_qualname(module, qualname)
-            except Exception:
-                raise _bad(f"{module}.{qualname} does not exist on the server") from None
+            return self._reference(module, qualname)
         if tag == "x:model":
             if set(node) != {"$t", "path"}:
                 raise _bad("a model reference has exactly one field, `path`")
@@ -68,7 +68,7 @@ class CodeDecoder:
         if tag == "x:object":
             return self._build(str(node.get("id")), decoder)
         if tag == "x:method":
-            return getattr(decoder.decode(node["self"]), node["name"])
+            return self._getattr(decoder.decode(node["self"]), node["name"])
         if tag == "x:instance":
             cls = decoder.decode(node["cls"])
             if not isinstance(cls, type):
@@ -78,10 +78,39 @@ class CodeDecoder:
             if not isinstance(state, dict):
                 raise _bad("an instance's state must be a dict")
             for key, value in state.items():
+                # (Names come from the request: never a dunder such as `__class__` or `__dict__`.)
+                if type(key) is not str or (key.startswith("__") and key.endswith("__")):
+                    raise _bad(f"an instance's state may not set {key!r}")
                 object.__setattr__(obj, key, value)
             _restore_parameters(obj)
             return obj
         raise _bad(f"unknown tag {tag!r}")
+
+    def _getattr(self, obj: Any, name: Any) -> Any:
+        guarded = self.builtins.get("_getattr_")
+        if guarded is None:
+            raise _bad("shipped code needs the job's guards")
+        return guarded(obj, name)
+
+    def _reference(self, module: str, qualname: str) -> Any:
+        """A function or class shipped by name: reached through the module's proxy and the
+        attribute guard (`torch.nn.functional.relu`, `torch.Tensor.add`), or, for classes
+        named by their defining module (`torch.nn.modules.linear.Linear`), one of the values
+        some proxy hands out."""
+        try:
+            value: Any = _module_for_code(module)
+            for part in qualname.split("."):
+                value = self._getattr(value, part)
+            return value
+        except (AttributeError, TypeError, ImportError):
+            pass
+        try:
+            value = resolve_qualname(module, qualname)
+        except Exception:
+            raise _bad(f"{module}.{qualname} does not exist on the server") from None
+        if not allowed_object(value):
+            raise _bad(f"{module}.{qualname} is not available to code that runs on the server")
+        return value
 
     def _build(self, key: str, decoder: Any) -> Any:
         if key in self._memo:
@@ -166,7 +195,9 @@ def _define(entry: dict[str, Any], source: str, filename: str, lineno: int, env:
     else:
         text = padded + source
     register_lines(filename, text)
-    code = compile(text, filename, "exec", flags=FUTURE_ANNOTATIONS, dont_inherit=True)
+    # Compiled under the sandbox's guards (contract/guard/transform.py), like the body.
+    tree = guard_module(parse(text, filename), filename)
+    code = compile(tree, filename, "exec", flags=FUTURE_ANNOTATIONS, dont_inherit=True)
     exec(code, env)
     if closure:
         return env.pop("__interlace_factory__")(**closure)
@@ -263,23 +294,65 @@ def decode_failure_text(error: BaseException) -> str:
             "and send data (numbers, strings, lists, dicts, tensors) or @interlace.remote objects.")
 
 
-def restricted_builtins(policy: Policy, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The builtins shipped code sees: the policy's list, a guarded `__import__`, and `print`
-    sent to the job log."""
+MSG_LOG_TRUNCATED = (
+    "[interlace] printed output of this job passed the server's limit of {limit} bytes "
+    "(policy.max_log_bytes); the rest is not kept. Fix: print less (save values and print them "
+    "after the trace)."
+)
+
+
+def restricted_builtins(policy: Policy, log: Callable[[str], None] | None = None,
+                        guards: JobGuards | None = None) -> dict[str, Any]:
+    """The builtins shipped code sees: the policy's list, with `getattr`/`setattr`/`hasattr`/
+    `delattr` and the transformer's names bound to the job's `guards`, a guarded `__import__`
+    that gives read-only module proxies, and `print` sent to the job log, bounded by
+    `policy.max_log_bytes`."""
+    if guards is None:
+        guards = JobGuards(policy)
     allowed = {name: getattr(builtins, name) for name in policy.allowed_builtins if hasattr(builtins, name)}
+    allowed.update(guards.names())
 
     def guarded_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
-        if level or not policy.allows_module(name):
+        if level or type(name) is not str or not policy.allows_module(name):
             raise ImportError(f"module {name!r} is not available on the Interlace server (allowed: {', '.join(policy.allowed_modules)})")
-        return importlib.import_module(name) if not fromlist else __import__(name, globals, locals, fromlist, 0)
+        if fromlist:
+            return _module_for_code(name)
+        return _module_for_code(name.split(".", 1)[0])  # `import a.b` binds `a`
 
     allowed["__import__"] = guarded_import
     if log is not None:
-        def remote_print(*args: Any, sep: str = " ", end: str = "\n", **_: Any) -> None:
-            log(sep.join(str(a) for a in args) + ("" if end == "\n" else end))
+        limit = int(policy.max_log_bytes)
+        state = {"used": 0}
+
+        def remote_print(*args: Any, sep: Any = " ", end: Any = "\n", **_: Any) -> None:
+            used = state["used"]
+            if used > limit:
+                return
+            text = str(sep).join(str(a) for a in args) + ("" if end == "\n" else str(end))
+            size = len(text.encode("utf-8", "replace"))
+            if used + size > limit:
+                state["used"] = limit + 1
+                keep = text.encode("utf-8", "replace")[: max(limit - used, 0)].decode("utf-8", "ignore")
+                if keep:
+                    log(keep)
+                log(MSG_LOG_TRUNCATED.format(limit=limit))
+                return
+            state["used"] = used + size
+            log(text)
 
         allowed["print"] = remote_print
     return allowed
+
+
+def _module_for_code(name: str) -> Any:
+    """What shipped code gets for module `name`: its read-only proxy, or for `interlace` the
+    body API; ImportError if shipped code may not have it."""
+    if name == ENGINE_MODULE:
+        return body_api()
+    proxy = module_proxy(name)
+    if proxy is None:
+        raise ImportError(f"module {name!r} is not available to code that runs on the Interlace server")
+    return proxy
 
 
 def _restore_parameters(obj: Any) -> None:

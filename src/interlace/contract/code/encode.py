@@ -25,7 +25,8 @@ import textwrap
 import types
 from typing import Any
 
-from ..policy import Policy, module_allowed
+from ..guard.modules import body_api_name
+from ..policy import ENGINE_MODULE, Policy, module_allowed
 from ..problems import Problem, first_line
 from .origin import FUTURE_ANNOTATIONS, is_envoy, is_remote_decorated, resolve_qualname, user_source_available
 from ...tracing.syntax import parse
@@ -121,6 +122,11 @@ class CodeEncoder:
             module = getattr(owner, "__name__", None) if isinstance(owner, types.ModuleType) else None
         if not module or not qualname or "<" in qualname:
             return None
+        if module.split(".", 1)[0] == ENGINE_MODULE:
+            # Interlace's own functions (`from interlace import save`) go as names of the body
+            # API the server gives shipped code, never as source or as the package.
+            api_name = body_api_name(obj)
+            return {"$t": "x:ref", "module": ENGINE_MODULE, "qualname": api_name} if api_name else None
         if module == "builtins":
             return {"$t": "x:ref", "module": "builtins", "qualname": qualname} if qualname in self.policy.allowed_builtins else None
         if not module_allowed(module, self.policy.allowed_modules):

@@ -1,0 +1,172 @@
+"""The worker process's side: serve jobs for one hosted model over a `Channel`.
+
+A worker is started by `process.WorkerProcess` (the server's `ProcessJobRunner`, or
+`remote='local', isolate=True`), through `python -m interlace.models.worker`: that entry point
+sits in `models/` because loading a model by its path is `models/`' work, which this layer may
+not import; it loads the model and calls `serve(...)` here with it.
+
+The conversation, one framed message each way per job (`channel.py`; never pickle):
+
+    parent                                    worker
+    {"op": "init", policy, threads, ...}  ->
+                                          <-  {"op": "ready", layers} + model description (JSON)
+    {"op": "job"} + payload bytes         ->
+                                          <-  {"op": "log", "line"}        (any number)
+                                          <-  {"op": "done"} + result bytes
+                                              or {"op": "failed", "text", "category"}
+    {"op": "stop"} or the channel closes  ->  the worker exits
+
+After a job that changed the model in a way it cannot put back, the answer carries
+`"recycle": true` and the worker exits; the parent starts a fresh one from the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import traceback
+from typing import Any, Callable
+
+from ..contract.model_meta import NotDescribable, describe_model
+from ..contract.policy import Policy
+from .channel import Channel, ChannelClosed
+from .confine import confine, reset_cpu_limit
+from .errors import BadRequest, JobFailed
+from .hosted import HostedModel
+from .integrity import guard_for, needs_recycle
+from .receive import prepare_payload
+from .run import run_prepared
+
+__all__ = ["Loader", "serve", "worker_main"]
+
+#: Builds the hosted model from the init message's `model` spec (given by the entry point).
+Loader = Callable[[dict[str, Any]], HostedModel]
+
+
+def worker_main(argv: list[str], load: Loader) -> int:
+    """The entry point's body: `--fd N` names the inherited end of the socketpair."""
+    fd = int(argv[argv.index("--fd") + 1])
+    channel = Channel(socket.socket(fileno=fd))
+    _die_with_parent()
+    try:
+        header, _ = channel.recv()
+    except ChannelClosed:
+        return 0
+    try:
+        return serve(channel, header, load)
+    except ChannelClosed:
+        return 0
+
+
+def serve(channel: Channel, init: dict[str, Any], load: Loader) -> int:
+    policy = Policy.model_validate(init["policy"])
+    key = init["key"]
+    threads = init.get("threads")
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        model = load(init["model"])
+        # The fixed baseline (and pristine weights) every job is checked against, taken before
+        # any job ran.
+        guard_for(model, server=True)
+        try:
+            meta: Any = describe_model(model)
+        except NotDescribable as exc:
+            meta = {"not_describable": str(exc)}
+        meta_bytes = json.dumps(meta).encode()
+        active = confine(max_memory_bytes=policy.max_memory_bytes if init.get("memory_limit", True) else None,
+                         cpu_seconds=policy.cpu_seconds, use_seccomp=init.get("seccomp", True))
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it and does not retry blindly
+        channel.send({"op": "fatal", "text": f"{type(exc).__name__}: {exc}",
+                      "traceback": traceback.format_exc()[-8000:]})
+        return 1
+    channel.send({"op": "ready", "layers": active, "pid": os.getpid()}, meta_bytes)
+    models = {key: model}
+    while True:
+        header, payload = channel.recv()
+        op = header.get("op")
+        if op == "stop":
+            return 0
+        if op != "job":
+            channel.send({"op": "fatal", "text": f"unknown message {op!r} from the parent"})
+            return 1
+        if not _run_job(channel, payload, models, model, policy):
+            return 0
+
+
+def _run_job(channel: Channel, payload: bytes, models: dict[str, Any], model: HostedModel, policy: Policy) -> bool:
+    """Run one job and answer; False when the worker must exit (the model cannot be trusted)."""
+    reset_cpu_limit(policy.cpu_seconds)
+    tokenizer_before = _tokenizer_state(model)
+
+    def log(line: str) -> None:
+        channel.send({"op": "log", "line": str(line)})
+
+    try:
+        # Checked again here although the parent checked it on receipt: this process decodes
+        # the payload for itself and trusts nothing the parent did not send as bytes.
+        prepared = prepare_payload(payload, policy, models)
+        result = run_prepared(prepared, model, policy, log)
+    except JobFailed as failed:
+        # A MemoryError may leave the allocator fragmented or a cache half-filled: start afresh.
+        recycle = failed.category in ("model-modified", "MemoryError") or _model_changed(model, tokenizer_before)
+        channel.send({"op": "failed", "text": failed.traceback_text, "category": failed.category,
+                      "recycle": recycle})
+        return not recycle
+    except BadRequest as bad:
+        channel.send({"op": "failed", "text": bad.message, "category": "invalid-request", "recycle": False})
+        return True
+    except MemoryError:
+        channel.send({"op": "failed", "category": "memory", "recycle": True,
+                      "text": f"MemoryError: the job used more than the server's memory limit of "
+                              f"{policy.max_memory_bytes} bytes; use less memory (fewer saved values, "
+                              "smaller batches)."})
+        return False
+    except Exception as exc:  # noqa: BLE001 - a bug of ours, or a limit the checks missed (RecursionError)
+        # The job fails with its cause, and this worker is replaced: nothing that raised
+        # half-way through a job is trusted to leave the process as it found it.
+        channel.send({"op": "failed", "category": "internal-error", "recycle": True,
+                      "text": f"{type(exc).__name__}: {exc}\n(the server could not run this job; the "
+                              "worker that tried was replaced. If it persists, report it with the job id.)"})
+        return False
+    recycle = _model_changed(model, tokenizer_before)
+    channel.send({"op": "done", "recycle": recycle}, result)
+    return not recycle
+
+
+def _model_changed(model: HostedModel, tokenizer_before: Any) -> bool:
+    """Whether the job left the model (or the process) in a state that layer 4 could not put
+    back (`integrity.needs_recycle`), or changed the tokenizer (added tokens, sides, special
+    tokens: it is not a module, so the model guard does not see it): the worker then exits and
+    the parent starts a fresh one from the model's files."""
+    return needs_recycle(model) or _tokenizer_state(model) != tokenizer_before
+
+
+def _tokenizer_state(model: HostedModel) -> Any:
+    tokenizer = model.__dict__.get("tokenizer")
+    if tokenizer is None:
+        return None
+    try:
+        return (id(tokenizer), len(tokenizer), tokenizer.padding_side, tokenizer.truncation_side,
+                tokenizer.model_max_length, repr(tokenizer.special_tokens_map), len(tokenizer.__dict__))
+    except Exception as exc:  # noqa: BLE001 - a tokenizer the job broke is a changed one
+        return ("broken", type(exc).__name__)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent dies (Linux), so a worker never
+    outlives the server that started it, whatever killed the server."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
