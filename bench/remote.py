@@ -83,7 +83,8 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="interlace-bench-") as tmp:
-        server = ServerProcess(Path(tmp), fake=args.fake).start(timeout=120)
+        server = ServerProcess(Path(tmp), fake=args.fake,  # (per-key limits off the bench's path)
+                               args=["--requests-per-minute", "1000000", "--max-queued-per-key", "100000"]).start(timeout=120)
         try:
             key = server.create_key("bench")
             trace_p50 = None

@@ -38,7 +38,10 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="interlace-bench-") as tmp:
-        servers = {mode: ServerProcess(Path(tmp) / mode, fake=False, args=["--isolation", mode]) for mode in MODES}
+        # (Per-key limits off the path: the bench sends far more than a user's minute.)
+        args_for = {mode: ["--isolation", mode, "--requests-per-minute", "1000000", "--max-queued-per-key", "100000"]
+                    for mode in MODES}
+        servers = {mode: ServerProcess(Path(tmp) / mode, fake=False, args=args_for[mode]) for mode in MODES}
         try:
             for server in servers.values():
                 server.start(timeout=180)

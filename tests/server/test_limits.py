@@ -140,3 +140,17 @@ def test_the_rate_limiter_refills_at_the_rate():
         limiter.take("k")
     with pytest.raises(TooManyRequests):
         limiter.take("k")
+
+
+def test_the_client_waits_out_a_rate_limit_instead_of_failing(tmp_path):
+    # 60 a minute: one a second once the burst is spent. The client sees 429 + Retry-After
+    # and sends again after the pause, so a loop of requests slows down but never fails.
+    from interlace.backends.client import RemoteClient
+
+    with ThreadedServer(tmp_path / "data", policy=Policy(requests_per_minute=60)) as server:
+        key = server.create_key("alice")
+        with httpx.Client(base_url=server.url, timeout=10) as api:
+            while api.get("/v1/jobs", headers=headers(key)).status_code != 429:
+                pass  # spend the burst
+        with RemoteClient(server.url, key) as client:
+            assert client.jobs() == []  # answered after waiting, not a RemoteRequestError

@@ -74,6 +74,24 @@ MSG_UNREACHABLE: Final = (
 _NOT_REACHED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 
 
+#: How long one request waits out a server's rate limit (429 with Retry-After) in all, before
+#: the 429 reaches the caller with the server's message.
+RATE_LIMIT_PATIENCE = 30.0
+
+
+def _rate_limited_pause(response: httpx.Response, waited: float) -> float | None:
+    """Seconds to wait before sending again, when the server said "too many requests, retry
+    after N s" and the wait still fits the patience; None otherwise (a 429 without
+    Retry-After, such as too many jobs in flight, is the caller's to see at once)."""
+    if response.status_code != 429:
+        return None
+    try:
+        pause = max(0.05, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return None
+    return pause if waited + pause <= RATE_LIMIT_PATIENCE else None
+
+
 @lru_cache(maxsize=1)
 def _tls_context() -> ssl.SSLContext:
     # Loading the CA bundle takes tens of milliseconds; httpx would do it for every client
@@ -154,8 +172,15 @@ class RemoteClient:
         return self._http
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        with self._reaching(*_NOT_REACHED):
-            response = self.http.request(method, url, **kwargs)
+        waited = 0.0
+        while True:
+            with self._reaching(*_NOT_REACHED):
+                response = self.http.request(method, url, **kwargs)
+            pause = _rate_limited_pause(response, waited)
+            if pause is None:
+                break
+            time.sleep(pause)
+            waited += pause
         if response.status_code >= 400:
             raise _error_from(response)
         return response
@@ -170,8 +195,15 @@ class RemoteClient:
         return self._ahttp
 
     async def _arequest(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        with self._reaching(*_NOT_REACHED):
-            response = await self._ahttp_client().request(method, url, **kwargs)
+        waited = 0.0
+        while True:
+            with self._reaching(*_NOT_REACHED):
+                response = await self._ahttp_client().request(method, url, **kwargs)
+            pause = _rate_limited_pause(response, waited)
+            if pause is None:
+                break
+            await asyncio.sleep(pause)
+            waited += pause
         if response.status_code >= 400:
             raise _error_from(response)
         return response

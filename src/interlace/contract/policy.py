@@ -155,7 +155,7 @@ class Policy(BaseModel):
     max_log_bytes: int = Field(default=1024 * 1024, ge=1)  # printed text kept per job
     # Per-key limits (the server's queue; 429 beyond them).
     max_queued_per_key: int = Field(default=64, ge=1)
-    requests_per_minute: int = Field(default=600, ge=1)
+    requests_per_minute: int = Field(default=6000, ge=1)  # 100 a second: abuse, not research loops
 
     def allows_module(self, name: str) -> bool:
         return module_allowed(name, self.allowed_modules)

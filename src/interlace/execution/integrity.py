@@ -351,8 +351,15 @@ class ModelGuard:
     def begin(self) -> Any:
         """Before a job: the process state to return to (and, under the simulation, a fresh
         baseline when the caller changed the model since the last job)."""
-        if self.follow_caller and (torch.utils.hooks.RemovableHandle.next_id != self.hook_id or not self._model_same()):
-            self._baseline()
+        if self.follow_caller:
+            # Every trace (the caller's local ones too) registers and removes the engine's own
+            # hooks, so a moved hook counter alone is no change: only what it could mean is
+            # looked at (tensor hooks; module hook tables are in `_model_same`). A full new
+            # baseline costs milliseconds, a check tenths of one.
+            moved = torch.utils.hooks.RemovableHandle.next_id != self.hook_id
+            if (moved and not all(t.hooks_same() for t in self.tensors)) or not self._model_same():
+                self._baseline()
+            self.hook_id = torch.utils.hooks.RemovableHandle.next_id
         return self._globals if self._globals is not None else process_state.capture()
 
     def _model_same(self) -> bool:
