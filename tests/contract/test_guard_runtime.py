@@ -68,6 +68,17 @@ def test_type_still_answers_what_research_code_asks(model):
     assert facts == (True, True, True, True, 1)
 
 
+def test_empty_gives_zeros_and_resize_is_refused(model):
+    # `torch.empty` hands out memory as it was left: on a server, an earlier job's values.
+    with model.trace(PROMPT, remote="local"):
+        made = interlace.save([torch.empty(3, 4).abs().sum().item(), torch.empty_like(model.lm_head.output).abs().sum().item()])
+    assert made == [0.0, 0.0]
+    with pytest.raises(interlace.RemoteException, match="resize_"):
+        with model.trace(PROMPT, remote="local"):
+            t = torch.zeros(1)
+            grown = getattr(t, "resi" + "ze_")(1000)
+
+
 # -- escapes with names built at run time (the validator cannot see them) ----------------------
 
 

@@ -91,6 +91,8 @@ DENIED_ATTRIBUTES = frozenset(
         "from_json_file", "get_config_dict",  # a config's class methods that read files
         # a view at any offset reads (or writes) memory outside the tensor: earlier jobs' data
         "as_strided", "as_strided_", "as_strided_scatter",
+        # memory handed out unwritten shows what was there before (an earlier job's values)
+        "resize_", "resize_as_", "new_empty", "new_empty_strided",
         # a class's method resolution order lists its metaclasses' bases: the real `type`
         "mro",
         # the hosted model's tokenizer is shared with every later job

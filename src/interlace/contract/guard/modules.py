@@ -73,7 +73,9 @@ _TORCH_DENY = _names("""
     autocast_decrement_nesting FileCheck Future ScriptFunction ScriptMethod ScriptModule ScriptObject
     AggregationType DisableTorchFunction DisableTorchFunctionSubclass Storage TypedStorage UntypedStorage
     random quasirandom nested sparse masked storage types return_types version cuda
-    default_generator get_rng_state
+    default_generator get_rng_state empty_strided
+    FloatTensor DoubleTensor HalfTensor BFloat16Tensor ByteTensor CharTensor ShortTensor IntTensor
+    LongTensor BoolTensor
 """)
 
 _NUMPY_DENY = _names("""
@@ -138,6 +140,31 @@ MODULE_RULES: dict[str, ModuleRule] = {
         gmtime localtime strftime asctime ctime mktime struct_time""")),
     "textwrap": ModuleRule(),
 }
+
+def _zeroed(make: Any, name: str) -> Any:
+    def allocate(*args: Any, **kwargs: Any) -> Any:
+        return make(*args, **kwargs)
+
+    allocate.__name__ = allocate.__qualname__ = name
+    allocate.__doc__ = f"`{name}`, filled with zeros (on a server, memory is never handed out unwritten)."
+    return allocate
+
+
+def _zeroed_table() -> dict[str, dict[str, Any]]:
+    # Uninitialized memory holds what was there before: on a server, an earlier job's values,
+    # another user's data. `empty` gives zeros here (the same shapes and dtypes; research code
+    # that relies on `empty` writes every element anyway). The worker process also poisons
+    # freed memory (execution/process.py, MALLOC_PERTURB_) for the constructors no proxy sees.
+    import numpy
+    import torch
+
+    return {
+        "torch": {"empty": _zeroed(torch.zeros, "empty"), "empty_like": _zeroed(torch.zeros_like, "empty_like")},
+        "numpy": {"empty": _zeroed(numpy.zeros, "empty"), "empty_like": _zeroed(numpy.zeros_like, "empty_like")},
+    }
+
+
+_ZEROED = _zeroed_table()
 
 _IMMUTABLE = (numbers.Number, str, bytes, bool, type(None), frozenset)
 
@@ -213,6 +240,9 @@ def _lookup(modname: str, module: types.ModuleType, rule: ModuleRule, name: str)
         if proxy is None:
             raise AttributeError(MSG_MODULE_NAME.format(module=modname, name=name, why="not installed on the server"))
         return proxy
+    zeroed = _ZEROED.get(modname, {}).get(name)
+    if zeroed is not None:
+        return zeroed
     try:
         value = getattr(module, name)
     except AttributeError:
