@@ -69,9 +69,7 @@ def check_source(
     except (RecursionError, MemoryError):
         # CPython's parser and recursive checks give up on code nested thousands deep
         # (`-----...1`, `x.a.a.a...`); found by fuzzing (tests/fuzz): a problem, never a crash.
-        problems = [Problem(category="invalid-request", filename=filename, lineno=first_lineno,
-                            message=f"{what} is nested too deeply to check",
-                            fix="split the long expression into several statements")]
+        problems = [_too_deep(what, f"more than {MAX_NESTING}", filename, first_lineno)]
     if len(_cache) > 4096:
         _cache.clear()
     _cache[key] = (policy, tuple(problems))
@@ -91,8 +89,7 @@ def _check(source: str, filename: str, first_lineno: int, policy: Policy, shippe
     if depth > MAX_NESTING:
         # Every later step (the runtime transform, compiling, the engine's copy of the tree)
         # recurses over the tree: refused here, with the line, not as a RecursionError there.
-        return [Problem(category="invalid-request", message=MSG_TOO_DEEP.format(what=what, depth=depth, limit=MAX_NESTING),
-                        filename=filename, lineno=offset + getattr(deepest, "lineno", 1), fix=FIX_TOO_DEEP)]
+        return [_too_deep(what, str(depth), filename, offset + getattr(deepest, "lineno", 1))]
     shipped_names = set(shipped)
     defined = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     defined |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
@@ -151,6 +148,11 @@ def _check(source: str, filename: str, first_lineno: int, policy: Policy, shippe
 MAX_NESTING = 100
 MSG_TOO_DEEP = "{what} nests {depth} levels deep; the server accepts at most {limit}"
 FIX_TOO_DEEP = "# split deep expressions into steps:\nh = model.layer.output\nh = -h\nh = -h"
+
+
+def _too_deep(what: str, depth: str, filename: str, lineno: int) -> Problem:
+    return Problem(category="invalid-request", message=MSG_TOO_DEEP.format(what=what, depth=depth, limit=MAX_NESTING),
+                   filename=filename, lineno=lineno, fix=FIX_TOO_DEEP)
 
 
 def _nesting(tree: ast.AST) -> tuple[int, ast.AST]:
