@@ -327,3 +327,14 @@ def test_on_a_server_another_keys_job_gets_fresh_values(tmp_path, tiny_gpt2_path
         assert torch.equal(logits, truth)
     finally:
         server.stop()
+
+
+def test_a_tokenizer_whose_vocabulary_grew_asks_for_a_new_worker(lm):
+    # Added tokens live in the tokenizer's backend, where nothing can take them out again:
+    # the guard says so (the worker is then replaced), for the server and the simulation alike.
+    guard = guard_for(lm, server=True)
+    before = guard.begin()
+    lm.tokenizer.add_tokens(["<escaped-token>"])
+    report = guard.verify_and_restore(before)
+    assert report.needs_recycle and any("tokenizer vocabulary" in item for item in report.unrestored)
+    assert needs_recycle(lm)

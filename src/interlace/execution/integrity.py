@@ -298,6 +298,8 @@ class ModelGuard:
                 watched += [c for c in type(tokenizer).__mro__ if c is not object]
                 if isinstance(getattr(tokenizer, "__dict__", None), dict):
                     dicts.append(_Dict(f"tokenizer ({type(tokenizer).__name__})", tokenizer.__dict__))
+                    for key, value in tokenizer.__dict__.items():
+                        self._contents(dicts, f"tokenizer.{key}", value, seen)
             known = {id(c) for m in modules for c in type(m).__mro__}
             for cls in dict.fromkeys(watched):
                 if id(cls) not in known:
@@ -314,6 +316,7 @@ class ModelGuard:
         self._flat_keys = tuple(chain.from_iterable(self._full))
         self._flat_values = tuple(chain.from_iterable(map(_values, self._dict_lives)))
         self.tensors = self._tensor_baseline()
+        self.vocabulary = _vocabulary(self.host)
         self.hook_id = torch.utils.hooks.RemovableHandle.next_id
 
     def _contents(self, out: list[Any], label: str, value: Any, seen: set[int]) -> None:
@@ -365,7 +368,7 @@ class ModelGuard:
     def _model_same(self) -> bool:
         # (A module the engine gave its `.source` subclass computes the same: not a change.)
         return (all(type(m) is c or _engine_rewrite(m, c) for m, c in self.classes) and self._dicts_same()
-                and all(t.same() for t in self.tensors))
+                and all(t.same() for t in self.tensors) and _vocabulary(self.host) == self.vocabulary)
 
     def _dicts_same(self) -> bool:
         try:
@@ -414,6 +417,11 @@ class ModelGuard:
                     report.unrestored.append(f"weights of {t.name} (no pristine copy to restore from)")
             except Exception as error:  # noqa: BLE001
                 report.unrestored.append(f"weights of {t.name} ({type(error).__name__}: {error})")
+        if _vocabulary(self.host) != self.vocabulary:
+            # Added tokens live in the tokenizer's backend, not in an attribute that can be put
+            # back: a tokenizer whose vocabulary changed is replaced with its worker.
+            report.changed.append("tokenizer vocabulary")
+            report.unrestored.append("tokenizer vocabulary (added tokens cannot be removed in place)")
         if report.unrestored:
             self.tainted.extend(report.unrestored)
         elif not report.clean and not self._model_same():
@@ -422,6 +430,17 @@ class ModelGuard:
         self.hook_id = torch.utils.hooks.RemovableHandle.next_id
         report.weights = sorted(set(report.weights))
         return report
+
+
+def _vocabulary(host: Any) -> Any:
+    """The size of the host's tokenizer's vocabulary, added tokens included (None: no tokenizer)."""
+    tokenizer = getattr(host, "__dict__", {}).get("tokenizer")
+    if tokenizer is None:
+        return None
+    try:
+        return len(tokenizer)
+    except Exception as error:  # noqa: BLE001 - a tokenizer a job broke is a changed one
+        return ("broken", type(error).__name__)
 
 
 def _same(d: Any) -> bool:

@@ -101,7 +101,6 @@ def serve(channel: Channel, init: dict[str, Any], load: Loader) -> int:
 def _run_job(channel: Channel, payload: bytes, models: dict[str, Any], model: HostedModel, policy: Policy) -> bool:
     """Run one job and answer; False when the worker must exit (the model cannot be trusted)."""
     reset_cpu_limit(policy.cpu_seconds)
-    tokenizer_before = _tokenizer_state(model)
 
     def log(line: str) -> None:
         channel.send({"op": "log", "line": str(line)})
@@ -113,7 +112,7 @@ def _run_job(channel: Channel, payload: bytes, models: dict[str, Any], model: Ho
         result = run_prepared(prepared, model, policy, log)
     except JobFailed as failed:
         # A MemoryError may leave the allocator fragmented or a cache half-filled: start afresh.
-        recycle = failed.category in ("model-modified", "MemoryError") or _model_changed(model, tokenizer_before)
+        recycle = failed.category in ("model-modified", "MemoryError") or needs_recycle(model)
         channel.send({"op": "failed", "text": failed.traceback_text, "category": failed.category,
                       "recycle": recycle})
         return not recycle
@@ -133,28 +132,11 @@ def _run_job(channel: Channel, payload: bytes, models: dict[str, Any], model: Ho
                       "text": f"{type(exc).__name__}: {exc}\n(the server could not run this job; the "
                               "worker that tried was replaced. If it persists, report it with the job id.)"})
         return False
-    recycle = _model_changed(model, tokenizer_before)
+    # What layer 4 could not put back (integrity.py: weights without a copy, a changed
+    # tokenizer vocabulary, ...): the parent starts a fresh worker from the model's files.
+    recycle = needs_recycle(model)
     channel.send({"op": "done", "recycle": recycle}, result)
     return not recycle
-
-
-def _model_changed(model: HostedModel, tokenizer_before: Any) -> bool:
-    """Whether the job left the model (or the process) in a state that layer 4 could not put
-    back (`integrity.needs_recycle`), or changed the tokenizer (added tokens, sides, special
-    tokens: it is not a module, so the model guard does not see it): the worker then exits and
-    the parent starts a fresh one from the model's files."""
-    return needs_recycle(model) or _tokenizer_state(model) != tokenizer_before
-
-
-def _tokenizer_state(model: HostedModel) -> Any:
-    tokenizer = model.__dict__.get("tokenizer")
-    if tokenizer is None:
-        return None
-    try:
-        return (id(tokenizer), len(tokenizer), tokenizer.padding_side, tokenizer.truncation_side,
-                tokenizer.model_max_length, repr(tokenizer.special_tokens_map), len(tokenizer.__dict__))
-    except Exception as exc:  # noqa: BLE001 - a tokenizer the job broke is a changed one
-        return ("broken", type(exc).__name__)
 
 
 def _die_with_parent() -> None:
