@@ -158,6 +158,11 @@ class Policy(BaseModel):
     # Per-key limits (the server's queue; 429 beyond them).
     max_queued_per_key: int = Field(default=64, ge=1)
     requests_per_minute: int = Field(default=6000, ge=1)  # 100 a second: abuse, not research loops
+    # Local blocks (`with interlace.local():`, `contract/local_block.py`): the job waits for the
+    # client at most this long per block (its own wall clock is paused meanwhile) ...
+    local_block_seconds: float = Field(default=300.0, gt=0)
+    # ... and, when no client is watching the job, at most this long for one to come back.
+    local_grace_seconds: float = Field(default=30.0, gt=0)
 
     def allows_module(self, name: str) -> bool:
         return module_allowed(name, self.allowed_modules)

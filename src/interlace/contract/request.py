@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from .._version import PROTOCOL_VERSION, __version__
 from .errors import WireFormatError
+from .local_block import LocalBlockSpec
 from .policy import DEFAULT_POLICY, Policy
 from .problems import Problem
 from .wire.decode import decode_message
@@ -78,6 +79,8 @@ class TraceRequest(BaseModel):
     source_modules: list[str] = []
     # The client model's aliases (`rename=`), so `model.layers[0]` means the same on the server.
     rename: dict[_ModulePath, _AliasName | list[_AliasName]] = Field(default_factory=dict, max_length=100)
+    # The body's `with interlace.local():` blocks (their code stayed on the client), by line.
+    local_blocks: list[LocalBlockSpec] = Field(default_factory=list, max_length=1000)
 
 
 class BuiltRequest:
