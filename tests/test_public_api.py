@@ -111,3 +111,14 @@ def test_package_face_declares_all(face: str) -> None:
     assert not duplicates, f"{face}.__all__ lists twice: {duplicates}"
     missing = [name for name in declared if not hasattr(module, name)]
     assert not missing, f"{face}.__all__ lists names it does not define: {missing}"
+
+
+def test_hybrid_execution_names() -> None:
+    """`interlace.local()`, `@interlace.trace` and `interlace.list()` (local blocks). `list` is
+    reached by name only: in `__all__`, a star import would shadow the built-in `list`."""
+    assert {"local", "trace"} <= set(interlace.__all__)
+    assert "list" not in interlace.__all__ and "list" in dir(interlace)
+    from interlace import list as interlace_list
+
+    assert interlace_list is interlace.list and issubclass(interlace.list, list) and interlace.list is not list
+    assert interlace.list().append(1) == [1]

@@ -28,6 +28,7 @@ from .contract.options import TraceOptionError
 from .contract.problems import RemoteValidationError
 from .tracing.cache import Cache, CacheEntry
 from .tracing.envoy import Envoy
+from .tracing.local_block import List as _List, local, trace
 from .tracing.saving import save
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "Cache",
     "CacheEntry",
     "save",
+    "local",
+    "trace",
     "remote",
     "attach",
     "RemoteJob",
@@ -58,3 +61,15 @@ __all__ = [
     "TracingError",
     "WaitTimeout",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # `interlace.list()` (a list whose `append` returns it, as in nnsight) is reached by name
+    # only: listed in `__all__`, `from interlace import *` would shadow the built-in `list`.
+    if name == "list":
+        return _List
+    raise AttributeError(f"module 'interlace' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"list"})

@@ -122,6 +122,8 @@ def _policy_from_args(args: argparse.Namespace) -> Any:
         "max_log_bytes": int(args.max_log_kb * 1024),
         "max_queued_per_key": args.max_queued_per_key,
         "requests_per_minute": args.requests_per_minute,
+        "local_block_seconds": args.local_block_timeout,
+        "local_grace_seconds": args.local_grace,
     })
 
 
@@ -336,6 +338,12 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
                        help=f"jobs one API key may have queued or running; more get 429 (default {P.max_queued_per_key})")
     serve.add_argument("--requests-per-minute", type=positive(int), default=P.requests_per_minute, metavar="N",
                        help=f"requests per minute per API key; more get 429 (default {P.requests_per_minute})")
+    serve.add_argument("--local-block-timeout", type=positive(float), default=P.local_block_seconds,
+                       metavar="SECONDS", help="longest a job waits for one `with interlace.local():` block to run "
+                       f"on its client; the job's own clock is paused meanwhile (default {P.local_block_seconds:.0f})")
+    serve.add_argument("--local-grace", type=positive(float), default=P.local_grace_seconds, metavar="SECONDS",
+                       help="longest a job waiting for a local block waits for a client to come back when none "
+                       f"follows it (default {P.local_grace_seconds:.0f})")
 
 
 def build_parser() -> argparse.ArgumentParser:

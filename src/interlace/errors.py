@@ -9,7 +9,8 @@ Python (or for nnsight) keeps working::
     ├── TracingError [ValueError]                a trace used in a way that cannot work
     │   ├── SourceNotFoundError                  the `with` block's source cannot be read
     │   ├── NotSavedError [UnboundLocalError]    a name used after the block, never saved
-    │   └── HostedModelError                     models/hosted.py: a model known only by its key
+    │   ├── HostedModelError                     models/hosted.py: a model known only by its key
+    │   └── LocalBlockError                      backends/local_runner.py: a local block that could not run or send
     ├── MissedProviderError                      a module value that was never delivered
     │   ├── OutOfOrderError                      asked for after its module ran
     │   └── ModuleNotCalledError                 the forward never called the module
@@ -27,7 +28,8 @@ Python (or for nnsight) keeps working::
 
     Warning
     └── UserWarning
-        └── GenerationEndedWarning               generation stopped before a step the body awaited
+        ├── GenerationEndedWarning               generation stopped before a step the body awaited
+        └── LocalBlockUnserved                   backends/follow.py: a job waits for a local block this client cannot run
 
 Classes live here unless they need a layer above this one (a `Problem`, a placeholder): those
 are defined where the data is, and listed above with their module. Exceptions that never leave

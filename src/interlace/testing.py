@@ -31,9 +31,10 @@ Example (pytest, with its `tmp_path` fixture)::
         assert decode_fake_result(result)["echo"] == [1, 2]
 
 The fake payload is JSON: {"model_key": str, "sleep": float, "hold": path, "echo": any,
-"fail": str, "log": [str], "result_bytes": int, "random_bytes": int} (see `FakeRunner`).
-Its result is zstd-compressed JSON {"echo": ..., "pad": "x" * result_bytes} (plus "random",
-base64, with `random_bytes`).
+"fail": str, "log": [str], "result_bytes": int, "random_bytes": int, "local": [line or {"line":
+int, "values": str}]} (see `FakeRunner`). Its result is zstd-compressed JSON {"echo": ..., "pad":
+"x" * result_bytes} (plus "random", base64, with `random_bytes`, and "local", what the client
+answered each local block: [{"line", "reads": ["path.kind"], "values": str}]).
 
 `interlace serve` runs the fake runner only when the environment variable
 INTERLACE_TEST_FAKE_RUNNER=1 is set (see `interlace.cli`); it serves no model, so never set
@@ -58,6 +59,7 @@ from typing import Any, Callable
 import httpx
 import zstandard
 
+from .contract.local_block import CATEGORY_NO_CLIENT, BlockDone, BlockFailed, LocalPeer, ReadRequest
 from .contract.problems import Problem
 from .execution.errors import BadRequest, JobFailed
 
@@ -88,7 +90,10 @@ class FakeRunner:
     It hosts the model keys `models` (default `["fake"]`) and runs payloads made by
     `fake_payload(model_key, **spec)`. `prepare` rejects what a real runner would: bytes that
     are not a JSON object (400), a spec with wrong types (422, with problems) and an unknown
-    model key (404). `run` then, in this order: sends each line of `log` as a log line, sleeps
+    model key (404). `run` then, in this order: sends each line of `log` as a log line, runs each
+    scripted local block of `local` through the job's peer (the values are the text `values`;
+    each read of the client is answered `value of <path>.<kind>`; a failed block fails the job
+    with the client's text and category), sleeps
     `sleep` seconds, waits for the file `hold` to exist (see `Gate`; at most `HOLD_LIMIT_S`),
     fails with the text `fail` as a user error, else returns the result `decode_fake_result`
     reads: `{"echo": echo, "pad": "x" * result_bytes}`, plus `random_bytes` of incompressible
@@ -118,10 +123,11 @@ class FakeRunner:
             raise BadRequest(f"Model {spec['model_key']!r} is not hosted here (hosted: {self._models}).", 404)
         return FakeJob(spec["model_key"], spec)
 
-    def run(self, job: FakeJob, log: Callable[[str], None]) -> bytes:
+    def run(self, job: FakeJob, log: Callable[[str], None], local: LocalPeer | None = None) -> bytes:
         spec = job.spec
         for line in spec.get("log", []):
             log(str(line))
+        blocks = [_run_fake_block(local, block) for block in spec.get("local", [])]
         if spec.get("sleep"):
             time.sleep(float(spec["sleep"]))
         if spec.get("hold"):
@@ -130,6 +136,8 @@ class FakeRunner:
             raise JobFailed(f"Traceback (most recent call last):\n  File \"<trace>\", line 1\n{spec['fail']}",
                             category="user")
         body = {"echo": spec.get("echo"), "pad": "x" * int(spec.get("result_bytes", 0))}
+        if blocks:
+            body["local"] = blocks
         if spec.get("random_bytes"):  # incompressible, for download-size tests
             body["random"] = base64.b64encode(os.urandom(int(spec["random_bytes"]))).decode()
         return zstandard.ZstdCompressor(level=1).compress(json.dumps(body).encode())
@@ -141,6 +149,25 @@ class FakeRunner:
         from .contract.policy import DEFAULT_POLICY
 
         return {**(self._policy or DEFAULT_POLICY).to_json(), "runner": "fake", "note": "test-only runner"}
+
+
+def _run_fake_block(local: LocalPeer | None, block: Any) -> dict[str, Any]:
+    """One scripted local block: `start` with the spec's values, answer each read with the text
+    `value of <path>.<kind>`, and say what the client sent (or fail the job as it asked)."""
+    if isinstance(block, int):
+        block = {"line": block}
+    line = int(block.get("line", 1))
+    if local is None:
+        raise JobFailed(f"the fake job reached a local block at line {line} without a peer", category=CATEGORY_NO_CLIENT)
+    reads: list[str] = []
+    message = local.start(line, str(block.get("values", f"values of line {line}")).encode())
+    while isinstance(message, ReadRequest):
+        reads.append(f"{message.path}.{message.kind}")
+        message = local.reply(f"value of {message.path}.{message.kind}".encode())
+    if isinstance(message, BlockFailed):
+        raise JobFailed(message.text, category=message.category)
+    assert isinstance(message, BlockDone)
+    return {"line": line, "reads": reads, "values": message.values.decode("utf-8", "replace")}
 
 
 #: Seconds a job waits on a `Gate` at most: a gate the test forgets to open fails the job

@@ -180,11 +180,12 @@ def test_the_app_serves_the_protocols_paths(tmp_path):
     routes = {(getattr(r, "path", None), frozenset(getattr(r, "methods", None) or {"WS"})) for r in app.routes}
     for path, method in [(http.INFO, "GET"), (http.POLICY, "GET"), (http.JOBS, "POST"), (http.JOBS, "GET"),
                          (http.JOB, "GET"), (http.JOB, "DELETE"), (http.JOB_EVENTS, "GET"), (http.JOB_RESULT, "GET"),
-                         (http.JOB_EVENTS, "WS"), (http.MODEL_META.replace("}", ":path}"), "GET")]:
+                         (http.JOB_EVENTS, "WS"), (http.MODEL_META.replace("}", ":path}"), "GET"),
+                         (http.JOB_LOCAL, "GET"), (http.JOB_LOCAL, "POST")]:
         assert any(p == path and method in methods for p, methods in routes), (path, method)
     spec = app.openapi()
     after = [p["name"] for p in spec["paths"][http.JOB_EVENTS]["get"]["parameters"] if p["in"] == "query"]
-    assert after == [http.AFTER_QUERY]
+    assert after == [http.AFTER_QUERY, http.LOCAL_QUERY]
     assert http.path(http.MODEL_META, model_key="org/model") == "/v1/models/org%2Fmodel/meta"
     assert http.path(http.JOB_EVENTS, job_id="3f2c") == "/v1/jobs/3f2c/events"
 

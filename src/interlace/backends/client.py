@@ -11,6 +11,10 @@ WebSockets keep failing. Those decisions are made once, without I/O, in `follow.
 `_JobIO` and `_AsyncJobIO` only carry them out, blocking or with asyncio. Payloads and results
 are opaque bytes here; encoding is done by `interlace.contract`. The protocol (headers, paths,
 job states) is `interlace.contract.http`.
+
+`wait(local=runner)` also runs the job's local blocks (`with interlace.local():`) on this
+machine as the job reaches them: `local_serve.serve_local` is one block's conversation over
+HTTP (the asyncio wait runs it on one thread of its own, so the event loop goes on meanwhile).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any, Final, Iterator
 
@@ -38,17 +43,21 @@ from ..contract.http import (
     INFO,
     JOB,
     JOB_EVENTS,
+    JOB_LOCAL,
     JOB_RESULT,
     JOBS,
     KEY_HEADER,
+    LOCAL_QUERY,
     MODEL_META,
     POLICY,
     VERSION_HEADER,
     path,
 )
+from ..contract.local_block import LocalPeer
 from ..errors import RemoteException, RemoteRequestError, ServerUnreachableError, WaitTimeout
 from .display import JobStatusDisplay
 from .follow import Follow, Head, arun, refusal, run
+from .local_serve import serve_local
 
 __all__ = [
     "RemoteClient",
@@ -150,8 +159,9 @@ class RemoteClient:
             options["ssl"] = _tls_context()
         return options
 
-    def _events_url(self, job_id: str, after: int) -> str:
-        return f"{self.ws_host}{path(JOB_EVENTS, job_id=job_id)}?{AFTER_QUERY}={after}"
+    def _events_url(self, job_id: str, after: int, serves_local: bool = False) -> str:
+        local = f"&{LOCAL_QUERY}=1" if serves_local else ""
+        return f"{self.ws_host}{path(JOB_EVENTS, job_id=job_id)}?{AFTER_QUERY}={after}{local}"
 
     @contextlib.contextmanager
     def _reaching(self, *errors: type[Exception]) -> Iterator[None]:
@@ -288,13 +298,15 @@ class RemoteClient:
         enabled = CONFIG.APP.REMOTE_LOGGING if display is None else bool(display)
         return JobStatusDisplay(enabled=enabled, verbose=self.verbose)
 
-    def _follow(self, job_id: str, display: JobStatusDisplay, timeout: float | None) -> Follow:
+    def _follow(self, job_id: str, display: JobStatusDisplay, timeout: float | None,
+                local: LocalPeer | None = None) -> Follow:
         return Follow(
             job_id, display,
             deadline=None if timeout is None else time.monotonic() + timeout,
             reconnect_timeout=self.reconnect_timeout, tick=self.TICK,
             backoff=(self.BACKOFF_START, self.BACKOFF_MAX),
             ws_failures_before_polling=self.WS_FAILURES_BEFORE_POLLING,
+            local=local,
         )
 
 
@@ -379,27 +391,30 @@ class Job:
 
     # -- waiting --------------------------------------------------------------------------
 
-    def wait(self, display: JobStatusDisplay | bool | None = None, *, timeout: float | None = None) -> bytes:
+    def wait(self, display: JobStatusDisplay | bool | None = None, *, timeout: float | None = None,
+             local: LocalPeer | None = None) -> bytes:
         """Follow the job to its end and return the result bytes.
 
         display: None (default) shows the status line if CONFIG.APP.REMOTE_LOGGING; True/False
-        force it on/off; or pass your own JobStatusDisplay. Raises RemoteException if the job
-        fails, WaitTimeout (a TimeoutError) after `timeout` seconds (the job keeps running on
-        the server), ServerUnreachableError (a ConnectionError) if the server stays
-        unreachable for `client.reconnect_timeout`.
+        force it on/off; or pass your own JobStatusDisplay. local: the trace's local-block
+        runner (`backends/local_runner.py`), which runs its `with interlace.local():` blocks here
+        as the job reaches them. Raises RemoteException if the job fails (or the exception a
+        local block raised here), WaitTimeout (a TimeoutError) after `timeout` seconds (the job
+        keeps running on the server), ServerUnreachableError (a ConnectionError) if the server
+        stays unreachable for `client.reconnect_timeout`.
         """
-        follow = self.client._follow(self.id, self.client._display(display), timeout)
+        follow = self.client._follow(self.id, self.client._display(display), timeout, local)
         try:
-            return run(follow.wait(), _JobIO(self.client, self.id))
+            return run(follow.wait(), _JobIO(self.client, self.id, serves_local=local is not None))
         finally:
             self._ended(follow)
 
     async def await_result(self, display: JobStatusDisplay | bool | None = None, *,
-                           timeout: float | None = None) -> bytes:
+                           timeout: float | None = None, local: LocalPeer | None = None) -> bytes:
         """`wait`, with asyncio."""
-        follow = self.client._follow(self.id, self.client._display(display), timeout)
+        follow = self.client._follow(self.id, self.client._display(display), timeout, local)
         try:
-            return await arun(follow.wait(), _AsyncJobIO(self.client, self.id))
+            return await arun(follow.wait(), _AsyncJobIO(self.client, self.id, serves_local=local is not None))
         finally:
             self._ended(follow)
 
@@ -410,11 +425,13 @@ class Job:
 
 
 class _JobIO:
-    """The blocking I/O of following one job (`follow.JobIO`)."""
+    """The blocking I/O of following one job (`follow.JobIO`). `serves_local`: this client runs
+    the job's local blocks, and tells the server so as it follows (`?local=1`)."""
 
-    def __init__(self, client: RemoteClient, job_id: str) -> None:
+    def __init__(self, client: RemoteClient, job_id: str, *, serves_local: bool = False) -> None:
         self.client = client
         self.job_id = job_id
+        self._params: dict[str, Any] = {LOCAL_QUERY: 1} if serves_local else {}
         self._ws: Any = None
         self._ws_open = contextlib.ExitStack()
         self._open = contextlib.ExitStack()  # the result's streamed answer
@@ -428,7 +445,7 @@ class _JobIO:
 
     def listen(self, after: int) -> None:
         self._drop_ws()
-        url = self.client._events_url(self.job_id, after)
+        url = self.client._events_url(self.job_id, after, bool(self._params))
         self._ws = self._ws_open.enter_context(sconnect(url, **self.client._ws_options()))
 
     def receive(self, timeout: float | None) -> str | bytes | None:
@@ -440,7 +457,8 @@ class _JobIO:
 
     def poll(self, after: int) -> dict[str, Any]:
         self._drop_ws()
-        return self.client._request("GET", path(JOB_EVENTS, job_id=self.job_id), params={AFTER_QUERY: after}).json()
+        return self.client._request("GET", path(JOB_EVENTS, job_id=self.job_id),
+                                    params={AFTER_QUERY: after, **self._params}).json()
 
     def pause(self, seconds: float) -> None:
         time.sleep(seconds)
@@ -460,6 +478,10 @@ class _JobIO:
             self._chunks = self._response.iter_bytes(CHUNK)
         return next(self._chunks, b"")
 
+    def local(self, exchange: int, line: int, runner: LocalPeer, values: bytes | None) -> None:
+        url = path(JOB_LOCAL, job_id=self.job_id, exchange=str(exchange))
+        serve_local(self.client._request, url, line, runner, values)
+
     def close(self) -> None:
         self._drop_ws()
         self._open.close()
@@ -468,14 +490,18 @@ class _JobIO:
 class _AsyncJobIO:
     """The asyncio I/O of following one job (`follow.AsyncJobIO`)."""
 
-    def __init__(self, client: RemoteClient, job_id: str) -> None:
+    def __init__(self, client: RemoteClient, job_id: str, *, serves_local: bool = False) -> None:
         self.client = client
         self.job_id = job_id
+        self._params: dict[str, Any] = {LOCAL_QUERY: 1} if serves_local else {}
         self._ws: Any = None
         self._ws_open = contextlib.AsyncExitStack()
         self._open = contextlib.AsyncExitStack()  # the result's streamed answer
         self._response: Any = None
         self._chunks: Any = None
+        # Local blocks run on one thread of their own (the runner's greenlets belong to the
+        # thread that made them), so the event loop goes on while a block runs.
+        self._local_thread: ThreadPoolExecutor | None = None
 
     async def _drop_ws(self) -> None:
         self._ws = None
@@ -484,7 +510,7 @@ class _AsyncJobIO:
 
     async def listen(self, after: int) -> None:
         await self._drop_ws()
-        url = self.client._events_url(self.job_id, after)
+        url = self.client._events_url(self.job_id, after, bool(self._params))
         self._ws = await self._ws_open.enter_async_context(aconnect(url, **self.client._ws_options()))
 
     async def receive(self, timeout: float | None) -> str | bytes | None:
@@ -497,7 +523,7 @@ class _AsyncJobIO:
     async def poll(self, after: int) -> dict[str, Any]:
         await self._drop_ws()
         url = path(JOB_EVENTS, job_id=self.job_id)
-        return (await self.client._arequest("GET", url, params={AFTER_QUERY: after})).json()
+        return (await self.client._arequest("GET", url, params={AFTER_QUERY: after, **self._params})).json()
 
     async def pause(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -518,6 +544,16 @@ class _AsyncJobIO:
             self._chunks = self._response.aiter_bytes(CHUNK)
         return await anext(self._chunks, b"")
 
+    async def local(self, exchange: int, line: int, runner: LocalPeer, values: bytes | None) -> None:
+        if self._local_thread is None:
+            self._local_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="interlace-local")
+        url = path(JOB_LOCAL, job_id=self.job_id, exchange=str(exchange))
+        # The blocking client on that thread: the runner is synchronous code anyway.
+        await asyncio.get_running_loop().run_in_executor(
+            self._local_thread, serve_local, self.client._request, url, line, runner, values)
+
     async def close(self) -> None:
         await self._drop_ws()
         await self._open.aclose()
+        if self._local_thread is not None:
+            self._local_thread.shutdown(wait=False)

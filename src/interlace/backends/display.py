@@ -35,6 +35,7 @@ STYLES = {
     JobStatus.CANCELLED.value: ("✗", "yellow"),
     JobStatus.EXPIRED.value: ("✗", "yellow"),
     JobStatus.LOG.value: ("ℹ", "dim"),
+    JobStatus.STREAM.value: ("⇅", "magenta"),  # waiting for this client's local block
 }
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 # States a job waits in: shown with a spinner.

@@ -10,21 +10,33 @@ the deadline, what the display shows, and which error a failed job raises.
 `run` (blocking) and `arun` (asyncio) carry the steps out against an I/O object that has one
 method per step (`client.py`: `_JobIO`, `_AsyncJobIO`). So the blocking and the async wait
 share every decision and differ only in how they do I/O.
+
+Local blocks (`with interlace.local():`). A job that reaches one sends a STREAM event (or shows
+`local_block` in a polled status) with the exchange's number; the steps then say `local`: run
+the block with the trace's runner (`local`, a `LocalPeer`: `local_runner.py`) over the job's
+local-block endpoint. Each exchange is served at most once, however often it is announced
+(reconnects replay it). A follower without the runner (re-attached by id) cannot run the
+block: it warns once, and the job fails after the server's grace period. A job that ends in
+ERROR after the block raised on this machine raises that very exception (`local.failure`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+import warnings
 from typing import Any, Awaitable, Final, Generator, NamedTuple, Protocol, TypeVar
 
 from websockets.exceptions import WebSocketException
 
 from ..contract.http import JobStatus, TERMINAL
+from ..contract.local_block import LocalPeer
 from ..errors import RemoteException, RemoteRequestError, WaitTimeout
 from .display import JobStatusDisplay
 
-__all__ = ["Follow", "Step", "Head", "JobIO", "AsyncJobIO", "run", "arun", "refusal", "MSG_WAIT_TIMEOUT"]
+__all__ = ["Follow", "Step", "Head", "JobIO", "AsyncJobIO", "run", "arun", "refusal", "MSG_WAIT_TIMEOUT",
+           "MSG_NO_LOCAL_RUNNER", "LocalBlockUnserved"]
 
 PROGRESS_MIN_BYTES = 1024 * 1024  # show a download bar above this size
 
@@ -33,7 +45,20 @@ MSG_WAIT_TIMEOUT: Final = (
     "with RemoteClient().job({job_id!r}).wait()."
 )
 
+MSG_NO_LOCAL_RUNNER: Final = (
+    "Job {job_id} is waiting for its local block at line {line} (`with interlace.local():`), which only "
+    "the Python process that submitted the trace can run: the block's code never left it. This client "
+    "re-attached by id and cannot run it, so the job fails once no client has answered for the "
+    "server's grace period (`interlace serve --local-grace`). Keep the process that submitted the "
+    "trace waiting for its result (a blocking `remote=True` trace, or `.result()` on the RemoteJob "
+    "a `blocking=False` trace returned), or run the trace again."
+)
+
 T = TypeVar("T")
+
+
+class LocalBlockUnserved(UserWarning):
+    """A followed job waits for a local block that this client cannot run (see MSG_NO_LOCAL_RUNNER)."""
 
 
 class Step(NamedTuple):
@@ -75,6 +100,11 @@ class JobIO(Protocol):
     def chunk(self) -> bytes:
         """The answer's next chunk; b"" at its end."""
 
+    def local(self, exchange: int, line: int, runner: LocalPeer, values: bytes | None) -> None:
+        """Serve the job's local block number `exchange` with `runner` (GET the values unless
+        the event carried them, then POST each message); RemoteRequestError 404/409 when the
+        server no longer waits for it."""
+
     def close(self) -> None:
         """Release what is open (called once, when the steps end)."""
 
@@ -95,6 +125,8 @@ class AsyncJobIO(Protocol):
     async def read(self) -> bytes: ...
 
     async def chunk(self) -> bytes: ...
+
+    async def local(self, exchange: int, line: int, runner: LocalPeer, values: bytes | None) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -135,6 +167,7 @@ class Follow:
         tick: float = 0.1,
         backoff: tuple[float, float] = (0.1, 2.0),
         ws_failures_before_polling: int = 3,
+        local: LocalPeer | None = None,
     ) -> None:
         self.job_id = job_id
         self.display = display
@@ -145,6 +178,9 @@ class Follow:
         self.ws_failures_before_polling = ws_failures_before_polling
         self.last_seq = 0
         self.final: dict[str, Any] | None = None
+        self.local = local  # the trace's local-block runner; None when re-attached by id
+        self.served: set[int] = set()  # local-block exchanges served (or given up on): never twice
+        self._due: tuple[int, int, bytes | None] | None = None  # (exchange, line, values) to serve next
 
     # -- events ---------------------------------------------------------------------------
 
@@ -156,6 +192,10 @@ class Follow:
                 return False
             self.last_seq = seq
         status = event.get("status", "")
+        if status == JobStatus.STREAM:
+            # Not shown: the block itself is what the user sees now.
+            self._offer(event.get("exchange"), event.get("line"), event.get("values"))
+            return False
         # An ERROR's description is the traceback: it is raised, not squeezed into the line.
         shown = "" if status == JobStatus.ERROR else event.get("description") or ""
         self.display.update(self.job_id, status, shown)
@@ -169,11 +209,50 @@ class Follow:
             if self.feed(event):
                 return True
         status = body.get("status", {})
+        pending = status.get("local_block")
+        if isinstance(pending, dict) and status.get("status") not in TERMINAL:
+            self._offer(pending.get("exchange"), pending.get("line"))
         if status.get("status") in TERMINAL and self.final is None:
             # Events can be trimmed (expiry); the job's row is the last word.
             self.final = {"id": self.job_id, "seq": None, **status}
             self.display.update(self.job_id, status["status"], "")
         return self.final is not None
+
+    def _offer(self, exchange: Any, line: Any, values: Any = None) -> None:
+        """The job waits for local block `exchange`: serve it next, unless served before.
+        `values`: the values sent down, when the event carried them (base64)."""
+        if not isinstance(exchange, int) or not isinstance(line, int) or exchange in self.served:
+            return
+        if self.local is None:
+            self.served.add(exchange)  # say it once per block
+            warnings.warn(MSG_NO_LOCAL_RUNNER.format(job_id=self.job_id, line=line), LocalBlockUnserved,
+                          stacklevel=2)
+            return
+        try:
+            inline = base64.b64decode(values, validate=True) if isinstance(values, str) else None
+        except ValueError:
+            inline = None  # fetched instead
+        self._due = (exchange, line, inline)
+
+    def _serve_local(self) -> Generator[Step, Any, None]:
+        """Serve the local block announced last, if any (once: it is marked served first)."""
+        if self._due is None:
+            return
+        (exchange, line, values), self._due = self._due, None
+        self.served.add(exchange)
+        # The block's own output goes to the terminal from now on: end the status line, and stop
+        # rewriting it in place, which would erase what the block printed on it.
+        self.display.finish()
+        self.display.inplace = False
+        try:
+            yield Step("local", (exchange, line, self.local, values))
+        except RemoteRequestError as e:
+            if e.status_code not in (404, 409):
+                raise
+            # The server no longer waits for this block (it timed out, the job ended): the
+            # job's events say why.
+        except ConnectionError:
+            pass  # the server went away mid-block; following the job finds out what became of it
 
     # -- time -----------------------------------------------------------------------------
 
@@ -243,6 +322,10 @@ class Follow:
                 ws_failures += ws_failed
                 if self.feed_poll(body):
                     return self.final  # type: ignore[return-value]
+                if self._due is not None:
+                    yield from self._serve_local()
+                    delay = self.backoff_start  # the job moved on: look again soon
+                    continue
             yield from self._pause(delay)
             delay = min(delay * 2, self.backoff_max)
 
@@ -260,6 +343,7 @@ class Follow:
                 return False
             if self.feed(_parse_ws(raw)):
                 return True
+            yield from self._serve_local()
 
     def result(self) -> Generator[Step, Any, bytes]:
         """Download the result; a progress bar when it is large."""
@@ -275,9 +359,14 @@ class Follow:
                 advance(len(chunk))
         return b"".join(parts)
 
-    def failure(self, final: dict[str, Any]) -> Exception:
+    def failure(self, final: dict[str, Any]) -> BaseException:
         """The error for a job that ended without a result."""
         status = final.get("status")
+        failure = getattr(self.local, "failure", None)
+        if status == JobStatus.ERROR and isinstance(failure, BaseException):
+            # The job failed because a local block failed here: the user's own exception, with
+            # their traceback and line, not the server's account of it.
+            return failure
         if status == JobStatus.ERROR:
             return RemoteException(final.get("description") or "The job failed on the server.",
                                    job_id=self.job_id, category=final.get("error_category"))

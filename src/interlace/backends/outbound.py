@@ -17,6 +17,7 @@ from ..contract.code.encode import CodeEncoder
 from ..contract.codecheck import check_source
 from ..contract.errors import UnsupportedValueError
 from ..contract.fixes import fix_for_error
+from ..contract.local_block import LocalBlockSpec
 from ..contract.policy import DEFAULT_POLICY, Policy
 from ..contract.problems import Problem, RemoteValidationError, first_line, unique
 from ..contract.request import BlockSpec, BuiltRequest, TraceRequest, encode_request
@@ -37,7 +38,7 @@ MSG_NO_MODEL_KEY: Final = (
     "`remote='local'` to simulate with a plain NNsight model."
 )
 
-__all__ = ["MSG_NO_MODEL_KEY", "build_request", "encode_for_remote", "model_key_of", "policy_for_simulation", "warn_if_large", "warn_outer_mutations"]
+__all__ = ["MSG_NO_MODEL_KEY", "MSG_LOCAL_NAME", "build_request", "encode_for_remote", "model_key_of", "policy_for_simulation", "warn_if_large", "warn_outer_mutations"]
 
 
 def encode_for_remote(trace: CapturedTrace, model_key: str, policy: Policy, *, strict_remote: bool) -> tuple[bytes, BuiltRequest]:
@@ -75,11 +76,14 @@ def build_request(trace: CapturedTrace, model_key: str, policy: Policy = DEFAULT
     encoder = ValueEncoder(extension=code)
     problems: list[Problem] = []
     lookup = trace.lookup
-    first_use = first_uses(block.source, block.first_lineno)
+    # What travels is the shipped source: local blocks' code stays here, so the names only
+    # they use are neither sent nor checked (`tracing/local_block.py`).
+    source = block.shipped_source
+    first_use = first_uses(source, block.first_lineno)
     variables: dict[str, Any] = {}
     model_refs: dict[str, str] = {}
     root = trace.model
-    for name in sorted(free_names(block.source) - ({block.as_name} if block.as_name else set())):
+    for name in sorted(free_names(source) - ({block.as_name} if block.as_name else set())):
         value = lookup(name)
         if value is MISSING:
             continue
@@ -118,13 +122,14 @@ def build_request(trace: CapturedTrace, model_key: str, policy: Policy = DEFAULT
             fix="# pass text, token ids (lists or tensors) or a dict of tensors:\nwith model.trace(\"text\", remote=True):\n    ...",
         ))
     problems.extend(code.problems)
-    problems.extend(check_source(block.source, block.filename, block.first_lineno, policy, shipped=list(variables) + list(model_refs)))
+    problems.extend(check_source(source, block.filename, block.first_lineno, policy, shipped=list(variables) + list(model_refs)))
+    local_blocks = _local_block_specs(block, problems)
     request = TraceRequest(
         model_key=model_key,
         kind=trace.kind,  # type: ignore[arg-type]
         args=args,
         kwargs=kwargs,
-        block=BlockSpec(filename=block.filename, first_lineno=block.first_lineno, source=block.source, as_name=block.as_name),
+        block=BlockSpec(filename=block.filename, first_lineno=block.first_lineno, source=source, as_name=block.as_name),
         variables=variables,
         objects=code.objects,
         model_refs=model_refs,
@@ -132,15 +137,49 @@ def build_request(trace: CapturedTrace, model_key: str, policy: Policy = DEFAULT
         strict_remote=strict_remote,
         source_modules=_source_modules(trace, code.objects),
         rename=dict(getattr(trace.model, "__dict__", {}).get("_rename") or {}),
+        local_blocks=local_blocks,
     )
     return BuiltRequest(request, dict(encoder.tensors), unique(problems))
+
+
+#: A name a local block exchanges with the server must be a plain one (the wire's rule).
+MSG_LOCAL_NAME: Final = (
+    "`{name}` goes {way} the local block at line {line}, but only plain ASCII names that start with a "
+    "letter travel between the server and a local block"
+)
+
+
+def _local_block_specs(block: Any, problems: list[Problem]) -> list[LocalBlockSpec]:
+    """The request's `local_blocks`: each block's line and the names it exchanges."""
+    specs = []
+    for code in block.local_blocks:
+        bad = [(n, "into") for n in code.reads if not _plain(n)] + [(n, "out of") for n in code.writes if not _plain(n)]
+        for name, way in bad:
+            problems.append(Problem(
+                category="invalid-request", filename=block.filename, lineno=code.line,
+                message=MSG_LOCAL_NAME.format(name=name, way=way, line=code.line),
+                fix=f"# rename `{name}` in the body and in the block, e.g.\n{_renamed(name)} = ...",
+            ))
+        specs.append(LocalBlockSpec(line=code.line, reads=tuple(filter(_plain, code.reads)),
+                                    writes=tuple(filter(_plain, code.writes))))
+    return specs
+
+
+def _renamed(name: str) -> str:
+    stripped = name.lstrip("_")
+    return stripped if _plain(stripped) else "value"
+
+
+def _plain(name: str) -> bool:
+    """The names `LocalBlockSpec` takes: ASCII, starting with a letter, at most 201 characters."""
+    return name.isascii() and name[:1].isalpha() and len(name) <= 201
 
 
 def _source_modules(trace: CapturedTrace, objects: dict[str, Any]) -> list[str]:
     """Paths of the traced model's modules with a built `.source`, when the shipped code may
     use `.source` at all (building it on the server makes the hosted model wrap every module)."""
     root = trace.model
-    texts = [trace.block.source] + [str(spec.get("source", "")) for spec in objects.values()]  # CodeEncoder.objects: dicts
+    texts = [trace.block.shipped_source] + [str(spec.get("source", "")) for spec in objects.values()]  # CodeEncoder.objects: dicts
     if root is None or not any("source" in text for text in texts):
         return []
     return source_paths(root)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..contract.local_block import LocalPeer
 from ..contract.policy import DEFAULT_POLICY, Policy
 from ..contract.problems import RemoteValidationError
 from ..contract.result import decode_result
@@ -16,10 +17,17 @@ __all__ = ["RemoteBackend", "RemoteJob", "attach"]
 
 class RemoteJob:
     """A submitted job: `.id`, `.status()`, `.result()` (the saved values as a dict),
-    `await .async_result()`."""
+    `await .async_result()`.
 
-    def __init__(self, job: Any) -> None:
+    The RemoteJob a trace returned (`blocking=False`) holds the trace's local-block runner, so
+    waiting on it runs the trace's `with interlace.local():` blocks here as the job reaches
+    them. One re-attached by id (`attach`) has none: it cannot run them (their code never left
+    the submitting process), says so when the job waits for one, and the job then fails after
+    the server's grace period (`interlace serve --local-grace`)."""
+
+    def __init__(self, job: Any, local: LocalPeer | None = None) -> None:
         self._job = job
+        self._local = local
         self.id: str = job.id
 
     def __repr__(self) -> str:
@@ -29,10 +37,10 @@ class RemoteJob:
         return self._job.status()
 
     def result(self, timeout: float | None = None, display: Any = None) -> dict[str, Any]:
-        return decode_result(self._job.wait(display=display, timeout=timeout))
+        return decode_result(self._job.wait(display=display, timeout=timeout, local=self._local))
 
     async def async_result(self, display: Any = None) -> dict[str, Any]:
-        return decode_result(await self._job.await_result(display=display))
+        return decode_result(await self._job.await_result(display=display, local=self._local))
 
     def cancel(self) -> dict[str, Any]:
         return self._job.cancel()
@@ -82,6 +90,7 @@ class RemoteBackend:
 
     def __call__(self, trace: CapturedTrace) -> TraceOutcome:
         from .client import RemoteRequestError, shared_client
+        from .local_runner import runner_for
 
         client = shared_client(self.host, self.api_key)
         try:
@@ -91,15 +100,19 @@ class RemoteBackend:
         key = self.model_key or model_key_of(self.model if self.model is not None else trace.model)
         payload, _ = encode_for_remote(trace, key, policy, strict_remote=self.strict_remote)
         warn_if_large(payload, self.max_upload_mb)
+        # The body's `with interlace.local():` blocks run here, served while the job is followed
+        # (made before sending: a block that cannot run here must not leave a job behind).
+        local = runner_for(trace, policy)
         try:
             job = client.submit(payload, callback=self.callback)
         except RemoteRequestError as e:
             if e.problems:
                 raise RemoteValidationError(e.problems) from None
             raise
-        remote_job = RemoteJob(job)
+        remote_job = RemoteJob(job, local)
         self.job_id = remote_job.id
         if not self.blocking:
             # Nothing to bind yet; each saved name says how to fetch its value when used.
             return TraceOutcome(not_waited_values(trace, remote_job.id), remote_job, pending=True)
-        return TraceOutcome(decode_result(job.wait(display=True if self.verbose else None)), remote_job)
+        data = job.wait(display=True if self.verbose else None, local=local)
+        return TraceOutcome(decode_result(data), remote_job)

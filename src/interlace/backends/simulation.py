@@ -6,6 +6,11 @@ Each step is the function the client and the server use, so what passes here pas
 and what fails remotely fails here, with the same message. It is to the server what httpx's
 ASGITransport is to a web app: the real thing, in process.
 
+A body's `with interlace.local():` blocks run on the caller's side of the same conversation a
+server holds with its client: the trace's `LocalBlockRunner` (`local_runner.py`) is the job's
+`LocalPeer`, so values cross as bytes in the wire's codec both ways. When a block raises, the
+caller gets that very exception (their traceback and line), as from a server.
+
 `isolate=True` (or `interlace.CONFIG.APP.ISOLATE_LOCAL`) adds the server's layer 3: the job
 runs in a confined worker process (`execution/process.py`) that loaded the model from the
 same files the caller's model came from (its path or hub id), one worker per model, kept for
@@ -33,6 +38,7 @@ from ..execution.process import WorkerSpec, WorkerSupervisor
 from ..execution.receive import prepare_payload
 from ..execution.run import run_prepared
 from ..tracing.backend import CapturedTrace
+from .local_runner import runner_for
 from .outbound import encode_for_remote, model_key_of, policy_for_simulation, warn_if_large
 
 __all__ = ["LocalSimulationBackend", "MSG_NOT_FROM_FILES", "close_isolated_workers"]
@@ -95,14 +101,26 @@ class LocalSimulationBackend:
             if e.problems:
                 raise RemoteValidationError(e.problems) from None
             raise RemoteException(e.message, category=f"HTTP {e.status}") from None
+        # The body's `with interlace.local():` blocks run here, on the caller's side of the
+        # same conversation a server holds with its client (`contract/local_block.py`).
+        runner = runner_for(trace, policy)
         try:
             if self.isolate:
-                result = _isolated_worker(self.model, key, policy).run(payload, _log)
+                result = _isolated_worker(self.model, key, policy).run(payload, _log, local=runner)
             else:
-                result = run_prepared(prepared, self.model, policy, log=_log)
+                result = run_prepared(prepared, self.model, policy, log=_log, local=runner)
         except JobFailed as e:
-            raise RemoteException(e.traceback_text, category=e.category) from None
-        return decode_result(result)
+            failed = e
+        else:
+            return decode_result(result)
+        finally:
+            if runner is not None:
+                runner.close()  # a block left waiting for a read when the job ended
+        if runner is not None and runner.failure is not None and failed.category.startswith("local-block"):
+            # The block's own exception, with the user's traceback and line (raised outside
+            # the `except` so that it does not chain the job's failure).
+            raise runner.failure
+        raise RemoteException(failed.traceback_text, category=failed.category)
 
 
 def _log(line: str) -> None:

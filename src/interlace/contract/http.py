@@ -19,13 +19,25 @@ with code `WS_CLOSE_BASE + status` (4401, 4404, 4426).
 
 Job states. `RECEIVED` (stored and validated) -> `QUEUED` -> `RUNNING` -> `COMPLETED` or
 `ERROR`; a queued job can become `CANCELLED`; a finished one becomes `EXPIRED` once its result
-is deleted. `LOG` is not a state but an event carrying one printed line.
+is deleted. `LOG` is not a state but an event carrying one printed line; `STREAM` is not one
+either: a transient event saying the job waits for the client's local block.
 
 Events. The stream (WS `JOB_EVENTS`) and the poll (GET `JOB_EVENTS`, `?after=N`) send the same
 event objects, `{"id", "seq", "status", "description", "queue_position", "time"}` (+
 `"error_category"` for ERROR). `seq` grows per job; a client that reconnects passes the last
 `seq` it saw as `after` (`AFTER_QUERY`) and misses nothing. `"seq": null` marks a transient
-queue-position update that is not stored.
+update that is not stored: a queue position, or a `STREAM` event.
+
+Local blocks (`with interlace.local():`, `contract/local_block.py`). When a running job reaches
+one, the server sends a transient `STREAM` event with `"exchange": n` (the job's n-th block,
+from 1) and `"line"`, and the job's status JSON shows `"local_block": {"exchange": n, "line":
+...}` while it waits (null otherwise), so a polling client sees it too. The client then GETs
+`JOB_LOCAL` (the values, octet-stream) and POSTs its messages there, one at a time, naming the
+kind in `LOCAL_HEADER` (`LOCAL_OPS`): `read` (JSON `{"path", "kind"}`; the answer, 200, is the
+value), `done` (the body is the block's values; 204) or `failed` (JSON `{"text", "category"}`;
+204). A client that can run the blocks follows the job with `?local=1` (`LOCAL_QUERY`): while
+none does (and nobody calls `JOB_LOCAL`), a waiting job gives up after the policy's
+`local_grace_seconds`.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ __all__ = [
     "CALLBACK_HEADER",
     "VERSION_QUERY",
     "AFTER_QUERY",
+    "LOCAL_QUERY",
     "WS_AUTH_FIELDS",
     "WS_CLOSE_BASE",
     "INFO",
@@ -49,6 +62,9 @@ __all__ = [
     "JOB",
     "JOB_EVENTS",
     "JOB_RESULT",
+    "JOB_LOCAL",
+    "LOCAL_HEADER",
+    "LOCAL_OPS",
     "path",
     "JobStatus",
     "TERMINAL",
@@ -67,10 +83,17 @@ CALLBACK_HEADER: Final = "X-Interlace-Callback"
 VERSION_QUERY: Final = "version"
 #: Events after this `seq` (GET and WS `JOB_EVENTS`).
 AFTER_QUERY: Final = "after"
+#: `?local=1` on JOB_EVENTS (WS or GET) and JOB: this client runs the job's local blocks, so its
+#: watching keeps a job that waits for one from giving up on it (`local_grace_seconds`).
+LOCAL_QUERY: Final = "local"
 #: The fields of the WebSocket's first message when the handshake carried no key.
 WS_AUTH_FIELDS: Final = ("key", "version")
 #: A refused WebSocket closes with this plus the HTTP status (4401, 4404, 4426).
 WS_CLOSE_BASE: Final = 4000
+#: On POST `JOB_LOCAL`: which message of a local block the body is (one of `LOCAL_OPS`).
+LOCAL_HEADER: Final = "X-Interlace-Local"
+#: The client's messages during a local block (`contract.local_block.message_to_wire`'s ops).
+LOCAL_OPS: Final = ("read", "done", "failed")
 
 # -- paths (templates; fill them with `path`) -------------------------------------------------
 
@@ -88,6 +111,9 @@ JOB: Final = "/v1/jobs/{job_id}"
 JOB_EVENTS: Final = "/v1/jobs/{job_id}/events"
 #: GET: the result bytes of a COMPLETED job.
 JOB_RESULT: Final = "/v1/jobs/{job_id}/result"
+#: GET: the values sent down to the job's local block number `exchange`. POST: the client's
+#: next message for it (`LOCAL_HEADER`).
+JOB_LOCAL: Final = "/v1/jobs/{job_id}/local/{exchange}"
 
 
 def path(template: str, **params: str) -> str:
@@ -107,6 +133,7 @@ class JobStatus(str, enum.Enum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     LOG = "LOG"  # an event, never a stored job state
+    STREAM = "STREAM"  # a transient event: the job waits for the client's local block
     COMPLETED = "COMPLETED"
     ERROR = "ERROR"
     CANCELLED = "CANCELLED"

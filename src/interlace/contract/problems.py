@@ -29,6 +29,7 @@ CATEGORIES = {
     "unknown-model": "the server does not host this model",
     "invalid-request": "the request itself is malformed or from an incompatible version",
     "class-base-not-allowed": "a shipped class derives from a class that cannot be sent",
+    "local-only-function": "an @interlace.trace function used outside `with interlace.local():`",
 }
 
 

@@ -29,10 +29,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..contract.local_block import LocalPeer
 from ..contract.policy import Policy
 from .channel import Channel, ChannelClosed
 from .confine import available_layers, bwrap_path
 from .errors import JobFailed
+from .local_channel import OP_LOCAL_REPLY, OP_LOCAL_START, LocalRelay, MalformedLocalMessage
+from .worker_host import cpu_seconds, empty_dir, gpu_devices, inside, readable_paths, rss_bytes, worker_pid
 
 __all__ = [
     "ENTRY_MODULE", "KEPT_ENV", "WorkerDied", "WorkerProcess", "WorkerSpec", "WorkerStartError", "WorkerSupervisor",
@@ -52,6 +55,7 @@ KEPT_ENV = ("LANG", "LC_ALL", "TZ", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
 # answer wakes the parent at once; only the limits wait for this tick.
 _POLL_S = 0.1
 _STDERR_LINES = 60
+_MALFORMED = "the job's worker sent a malformed message and was stopped; the server replaced it."
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ class WorkerProcess:
         cmd = self._command(fd)
         try:
             self.proc = subprocess.Popen(
-                cmd, pass_fds=(fd,), env=self._env(), cwd="/" if self.sandboxed else _empty_dir(),
+                cmd, pass_fds=(fd,), env=self._env(), cwd="/" if self.sandboxed else empty_dir(),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True,
             )
@@ -136,7 +140,7 @@ class WorkerProcess:
                                    + header.get("traceback", self.output_tail()))
         self.meta = json.loads(body) if body else None
         self.layers = {**available_layers(), **header.get("layers", {}), "namespaces": self.sandboxed}
-        self.host_pid = _worker_pid(self.proc.pid) if self.sandboxed else self.proc.pid
+        self.host_pid = worker_pid(self.proc.pid) if self.sandboxed else self.proc.pid
         return self
 
     @property
@@ -180,9 +184,11 @@ class WorkerProcess:
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def run(self, payload: bytes, log_line: Callable[[str], None]) -> tuple[bytes, bool]:
+    def run(self, payload: bytes, log_line: Callable[[str], None],
+            local: LocalPeer | None = None) -> tuple[bytes, bool]:
         """Run one job; returns (result bytes, recycle). Raises JobFailed (the job failed, and
-        `.recycle` says whether the worker must be replaced) or WorkerDied."""
+        `.recycle` says whether the worker must be replaced) or WorkerDied. `local` runs the
+        job's local blocks on its client (`local_channel.py`); without one they fail."""
         if not self.alive:
             raise WorkerDied(self._death_reason(), "crash", started=False)
         assert self.channel is not None
@@ -192,13 +198,20 @@ class WorkerProcess:
         except (ChannelClosed, OSError):
             raise WorkerDied(self._death_reason(), "crash", started=False) from None
         deadline = time.monotonic() + self.policy.timeout_seconds
-        cpu_start = _cpu_seconds(self.host_pid)
-        rss_start = _rss_bytes(self.host_pid)
+        cpu_start = cpu_seconds(self.host_pid)
+        rss_start = rss_bytes(self.host_pid)
+        relay = LocalRelay(local)
         while True:
             header, body = self._wait_for_message(deadline, cpu_start=cpu_start, rss_start=rss_start)
             op = header.get("op")
             if op == "log":
                 log_line(str(header.get("line", "")))
+            elif op in (OP_LOCAL_START, OP_LOCAL_REPLY):
+                # The worker waits (using no CPU) while the client runs the block: the wall
+                # clock stops for that time. Its CPU time and memory count as always.
+                waited = time.monotonic()
+                self._relay(relay, header, body)
+                deadline += time.monotonic() - waited
             elif op == "done":
                 return body, bool(header.get("recycle"))
             elif op == "failed":
@@ -208,6 +221,21 @@ class WorkerProcess:
             else:
                 self.kill(f"the worker sent an unexpected message {op!r}", "internal")
                 raise WorkerDied(f"the worker sent an unexpected message {op!r}", "internal")
+
+    def _relay(self, relay: LocalRelay, header: dict[str, Any], body: bytes) -> None:
+        assert self.channel is not None
+        try:
+            answer, data = relay.answer(header, body)
+        except MalformedLocalMessage:
+            self.kill(_MALFORMED, "internal")
+            self._reap()
+            raise WorkerDied(self._death_reason(), self._death_category()) from None
+        try:
+            with self._send_lock:
+                self.channel.send(answer, data)
+        except (ChannelClosed, OSError):
+            self._reap()
+            raise WorkerDied(self._death_reason(), self._death_category()) from None
 
     def _wait_for_message(self, deadline: float, *, starting: bool = False, cpu_start: float | None = None,
                           rss_start: int | None = None) -> tuple[dict[str, Any], bytes]:
@@ -235,8 +263,7 @@ class WorkerProcess:
                     self.kill(_wall_text(self.policy.timeout_seconds), "timeout")
                     continue
                 except (ValueError, RecursionError):  # not JSON: a broken or hostile worker
-                    self.kill("the job's worker sent a malformed message and was stopped; the server "
-                              "replaced it.", "internal")
+                    self.kill(_MALFORMED, "internal")
                     self._reap()
                     raise WorkerDied(self._death_reason(), self._death_category()) from None
                 except ChannelClosed:
@@ -253,11 +280,11 @@ class WorkerProcess:
                 self._check_limits(cpu_start, rss_start)
 
     def _check_limits(self, cpu_start: float | None, rss_start: int | None) -> None:
-        cpu = _cpu_seconds(self.host_pid)
+        cpu = cpu_seconds(self.host_pid)
         if cpu is not None and cpu_start is not None and cpu - cpu_start > self.policy.cpu_seconds:
             self.kill(_cpu_text(self.policy.cpu_seconds), "cpu-limit")
             return
-        rss = _rss_bytes(self.host_pid)
+        rss = rss_bytes(self.host_pid)
         if rss is not None and rss_start is not None and rss - rss_start > self.policy.max_memory_bytes:
             self.kill(_memory_text(self.policy.max_memory_bytes), "memory")
 
@@ -354,20 +381,20 @@ class WorkerProcess:
                 args += ["--ro-bind", top, top]
         hidden = self.spec.hidden_paths
         reads = [p for p in self.spec.read_paths if os.path.exists(p)]
-        bound = _readable_paths(self.spec, self._python_path())
-        bound += [p for p in reads if not any(_inside(p, h) for h in hidden)]
+        bound = readable_paths(self._python_path())
+        bound += [p for p in reads if not any(inside(p, h) for h in hidden)]
         for path in bound:
             args += ["--ro-bind", path, path]
         # A hidden path (the server's data directory) inside a bound directory becomes an
         # empty one; then model files inside it are bound again on top (the demo model lives
         # in the data directory). One outside every bound directory is not there at all.
         for path in hidden:
-            if os.path.isdir(path) and any(_inside(path, b) for b in bound):
+            if os.path.isdir(path) and any(inside(path, b) for b in bound):
                 args += ["--tmpfs", path]
         for path in reads:
-            if any(_inside(path, h) for h in hidden):
+            if any(inside(path, h) for h in hidden):
                 args += ["--ro-bind", path, path]
-        for dev in _gpu_devices():
+        for dev in gpu_devices():
             args += ["--dev-bind", dev, dev]
         for name, value in self._env().items():
             args += ["--setenv", name, value]
@@ -413,7 +440,8 @@ class WorkerSupervisor:
             self.worker, self.meta, self.layers = worker, worker.meta, worker.layers
         return self.worker
 
-    def run(self, payload: bytes, log_line: Callable[[str], None]) -> bytes:
+    def run(self, payload: bytes, log_line: Callable[[str], None], local: LocalPeer | None = None) -> bytes:
+        """Run one job on the worker (`WorkerProcess.run`); result bytes, or JobFailed."""
         with self._lock:
             for attempt in (1, 2):
                 try:
@@ -422,7 +450,7 @@ class WorkerSupervisor:
                     raise JobFailed(f"WorkerError: {exc}\nThis is a server problem, not your code; "
                                     "report it to the server's operator.", "internal") from None
                 try:
-                    result, recycle = worker.run(payload, log_line)
+                    result, recycle = worker.run(payload, log_line, local)
                 except WorkerDied as died:
                     self._drop()
                     if not died.started and attempt == 1:
@@ -491,97 +519,3 @@ def describe_death(returncode: int | None, sig: int | None, policy: Policy) -> s
                 "arguments) is the usual cause: check the job's inputs and calls.")
     return (f"the job's worker process exited (status {returncode}) while it ran; the server replaced "
             "it. Check that the job does not end the process.")
-
-
-# -- the host's processes and files ---------------------------------------------------------
-
-
-def _readable_paths(spec: WorkerSpec, python_path: list[str]) -> list[str]:
-    paths = ["/usr", sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
-             *python_path, _hf_cache()]
-    for name in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf", "passwd", "group",
-                 "alternatives"):
-        paths.append(f"/etc/{name}")
-    paths += ["/sys/devices/system/cpu", "/sys/fs/cgroup"]
-    if _gpu_devices():
-        paths += ["/sys", "/proc/driver/nvidia"]
-    seen: list[str] = []
-    for p in paths:
-        if p and os.path.exists(p) and p not in seen and not (p.startswith("/usr/") and "/usr" in seen):
-            seen.append(p)
-    return seen
-
-
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _hf_cache() -> str:
-    explicit = os.environ.get("HF_HUB_CACHE")
-    if explicit:
-        return explicit
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return os.path.join(home, "hub")
-
-
-def _gpu_devices() -> list[str]:
-    try:
-        return sorted(f"/dev/{n}" for n in os.listdir("/dev") if n.startswith("nvidia"))
-    except OSError:
-        return []
-
-
-def _empty_dir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()
-
-
-def _worker_pid(root: int) -> int | None:
-    """The Python process bubblewrap started (its deepest descendant): the one to measure."""
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        children[int(fields[1])].append(int(name))
-    pid, depth = root, 0
-    frontier = [(root, 0)]
-    while frontier:
-        current, d = frontier.pop()
-        if d > depth:
-            pid, depth = current, d
-        frontier.extend((c, d + 1) for c in children.get(current, ()))
-    return pid if pid != root else None
-
-
-def _cpu_seconds(pid: int | None) -> float | None:
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-def _rss_bytes(pid: int | None) -> int | None:
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

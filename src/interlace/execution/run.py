@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ..contract.local_block import LocalPeer
 from ..contract.policy import Policy
 from ..contract.result import UnsendableResult, encode_result
 from ..errors import collecting_warnings
@@ -29,6 +30,7 @@ from .errors import JobFailed
 from .hosted import HostedModel
 from .integrity import guard_for
 from .isolation import clear_grads, keep_edits, restore_edits, restore_grads
+from .local_exchange import LOCAL_HELPER, LocalBlockAborted, LocalBlocks
 from ..tracing.envoy import source_envoy
 
 if TYPE_CHECKING:
@@ -47,34 +49,40 @@ def execute_request(
     *,
     policy: Policy,
     log: Callable[[str], None] = print,
+    local: LocalPeer | None = None,
 ) -> dict[str, Any]:
-    """Run the request's body beside `model`; returns the saved values."""
+    """Run the request's body beside `model`; returns the saved values.
+
+    `local` runs the body's `with interlace.local():` blocks on the client (`local_exchange.py`);
+    without one, a body that reaches a local block fails with `local-block-no-client`."""
     # The client model's aliases (`rename=`) hold for this job only (a job holds its model alone).
     with model.renamed(request.rename):
-        return _execute(request, tensors, model, policy=policy, log=log)
+        return _execute(request, tensors, model, policy=policy, log=log, local=local)
 
 
 def _execute(request: TraceRequest, tensors: dict[str, Any], model: HostedModel, *, policy: Policy,
-             log: Callable[[str], None]) -> dict[str, Any]:
+             log: Callable[[str], None], local: LocalPeer | None) -> dict[str, Any]:
     filename = remote_filename(request.block.filename)
     block = block_from_source(request.block.source, filename, request.block.first_lineno)
     # Layer 2: the job's guards (its deadline and memory limit start now), protecting the
     # hosted model's modules, weights and buffers from the job's writes.
     guards = JobGuards(policy, protected=tuple(model._module.named_modules()), remote_module=REMOTE_MODULE)
     try:
-        return _execute_guarded(request, tensors, model, block, guards, policy=policy, log=log)
+        return _execute_guarded(request, tensors, model, block, guards, policy=policy, log=log, local=local)
     finally:
         guards.close()  # code the job left behind (a `__del__`) stops at its first tick
 
 
 def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: HostedModel, block: Any, guards: JobGuards,
-                     *, policy: Policy, log: Callable[[str], None]) -> dict[str, Any]:
+                     *, policy: Policy, log: Callable[[str], None], local: LocalPeer | None) -> dict[str, Any]:
     builtins_dict = restricted_builtins(policy, log, guards)
     objects = {key: spec.model_dump() for key, spec in request.objects.items()}
     decoder = ValueDecoder(tensors, extension=CodeDecoder(objects, policy, builtins_dict, model=model))
     # The engine's one namespace builder: the helpers capture's rewrites call are the same
     # here as in a local trace (only the builtins are the policy's).
     ns = body_namespace(builtins_dict=builtins_dict, name=REMOTE_MODULE)
+    # `with interlace.local():` in the body is a call of this (the block runs on the client).
+    ns[LOCAL_HELPER] = LocalBlocks(request, model, policy, local, guards)
     # Decoding rebuilds the user's values (and runs their class bodies and decorators): a
     # failure there is the job's error, shown to the user, never an internal server error.
     try:
@@ -103,6 +111,10 @@ def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: Host
         raise JobFailed(user_traceback(error, request), type(error).__name__) from None
     if block.as_name:
         ns[block.as_name] = tracer
+    set_log_line = getattr(tracer, "set_log_line", None)
+    if set_log_line is not None:  # `tracer.log(...)` in the body is a LOG line, as `print` is (bounded alike)
+        remote_print = builtins_dict.get("print", log)
+        set_log_line(lambda line: remote_print(line))
     registry = push_registry()
     modules = list(model._module.modules())
     # Layer 4: the model and the process as the job found them (`integrity.py`).
@@ -114,6 +126,8 @@ def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: Host
     try:
         with grad_mode, running_shipped_body():
             tracer.run_block(block, ns)
+    except LocalBlockAborted as aborted:  # the user's frames down to the block's `with` line, then why
+        raise JobFailed(_frames_text(aborted, request) + aborted.text, aborted.category) from None
     except BaseException as error:  # noqa: BLE001 - every failure becomes the job's ERROR
         # (A guard's refusal names its own category: `model-modified` for a weight write.)
         raise JobFailed(user_traceback(error, request), getattr(error, "category", None) or type(error).__name__) from None
@@ -157,6 +171,10 @@ def user_traceback(error: BaseException, request: TraceRequest | None = None) ->
 
     An error raised by the model itself (say, a keyword argument the model does not take) has
     no user frame; it is then shown at the trace's `with` line, as a local run shows it."""
+    return _frames_text(error, request) + "".join(traceback.format_exception_only(type(error), error)).rstrip("\n")
+
+
+def _frames_text(error: BaseException, request: TraceRequest | None) -> str:
     lines = ["Traceback (most recent call last):\n"]
     for frame in traceback.extract_tb(error.__traceback__):
         if not frame.filename.startswith("<interlace-remote:"):
@@ -166,8 +184,7 @@ def user_traceback(error: BaseException, request: TraceRequest | None = None) ->
             lines.append(f"    {frame.line.strip()}\n")
     if len(lines) == 1 and request is not None:
         lines.extend(_with_line(request))
-    lines.extend(traceback.format_exception_only(type(error), error))
-    return "".join(lines).rstrip("\n")
+    return "".join(lines)
 
 
 def _with_line(request: TraceRequest) -> list[str]:
@@ -183,10 +200,12 @@ def _where(name: str) -> str:
     return "<with block>" if name == "<module>" else name
 
 
-def run_prepared(prepared: "PreparedRequest", model: HostedModel, policy: Policy, log: Callable[[str], None]) -> bytes:
-    """Execute and encode the result; failures raise JobFailed with the user's traceback."""
+def run_prepared(prepared: "PreparedRequest", model: HostedModel, policy: Policy, log: Callable[[str], None],
+                 local: LocalPeer | None = None) -> bytes:
+    """Execute and encode the result; failures raise JobFailed with the user's traceback.
+    `local`: the client's side of the body's local blocks (`execute_request`)."""
     with collecting_warnings() as caught:  # they travel back with the result
-        values = execute_request(prepared.request, prepared.tensors, model, policy=policy, log=log)
+        values = execute_request(prepared.request, prepared.tensors, model, policy=policy, log=log, local=local)
     try:
         return encode_result(values, max_bytes=policy.max_result_bytes, warnings=caught)
     except UnsendableResult as e:

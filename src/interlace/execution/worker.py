@@ -5,13 +5,17 @@ A worker is started by `process.WorkerProcess` (the server's `ProcessJobRunner`,
 sits in `models/` because loading a model by its path is `models/`' work, which this layer may
 not import; it loads the model and calls `serve(...)` here with it.
 
-The conversation, one framed message each way per job (`channel.py`; never pickle):
+The conversation, framed messages over the socketpair (`channel.py`; never pickle):
 
     parent                                    worker
     {"op": "init", policy, threads, ...}  ->
                                           <-  {"op": "ready", layers} + model description (JSON)
     {"op": "job"} + payload bytes         ->
                                           <-  {"op": "log", "line"}        (any number)
+                                          <-  {"op": "local-start", "line"} + values
+    {"op": "local-msg", "msg"} + bytes    ->  (a local block, `local_channel.py`: "msg" is
+                                          <-  {"op": "local-reply"} + value    a read, done
+    {"op": "local-msg", "msg"} + bytes    ->   or failed; a reply per read; any number of blocks)
                                           <-  {"op": "done"} + result bytes
                                               or {"op": "failed", "text", "category"}
     {"op": "stop"} or the channel closes  ->  the worker exits
@@ -36,6 +40,7 @@ from .confine import confine, reset_cpu_limit
 from .errors import BadRequest, JobFailed
 from .hosted import HostedModel
 from .integrity import guard_for, needs_recycle
+from .local_channel import ChannelPeer
 from .receive import prepare_payload
 from .run import run_prepared
 
@@ -109,7 +114,8 @@ def _run_job(channel: Channel, payload: bytes, models: dict[str, Any], model: Ho
         # Checked again here although the parent checked it on receipt: this process decodes
         # the payload for itself and trusts nothing the parent did not send as bytes.
         prepared = prepare_payload(payload, policy, models)
-        result = run_prepared(prepared, model, policy, log)
+        # The body's local blocks run on the client, through the parent (`local_channel.py`).
+        result = run_prepared(prepared, model, policy, log, local=ChannelPeer(channel))
     except JobFailed as failed:
         # A MemoryError may leave the allocator fragmented or a cache half-filled: start afresh.
         recycle = failed.category in ("model-modified", "MemoryError") or needs_recycle(model)

@@ -11,6 +11,8 @@ from ..backends import select_backend
 from ..errors import TracingError
 from ..tracing.envoy import Envoy, mount_clashes
 from ..tracing.interleaver import Interleaver, Mediator, ModuleHooks, OrderTable
+from ..tracing.iteration import StepLoop, run_steps
+from ..tracing.local_block import local
 from ..tracing.tracer import InterleavingTracer, Session
 
 __all__ = ["NNsight"]
@@ -254,6 +256,14 @@ class NNsight(Envoy):
         kwargs.pop("trace", None)
         backend = self._backend_for(remote, backend, kwargs)
         return InterleavingTracer(self, *inputs, backend=backend, **kwargs)
+
+    def all(self) -> StepLoop:
+        """Every step of the run: `for step in model.all():`, or a bare `model.all()` (the rest runs each step)."""
+        return run_steps()
+
+    def local(self) -> contextlib.AbstractContextManager[None]:
+        """`with model.local():` is `with interlace.local():` (the block runs on the client)."""
+        return local()
 
     def _direct_call(self, kind: str, inputs: tuple, remote: Any, backend: Any, kwargs: dict[str, Any]) -> Any:
         """Run `kind` ("trace" or "generate") on `inputs` here, with no body, and return its

@@ -29,9 +29,13 @@ from ..contract.http import (
     INFO,
     JOB,
     JOB_EVENTS,
+    JOB_LOCAL,
     JOB_RESULT,
     JOBS,
     KEY_HEADER,
+    LOCAL_HEADER,
+    LOCAL_OPS,
+    LOCAL_QUERY,
     MODEL_META,
     POLICY,
     VERSION_HEADER,
@@ -40,22 +44,27 @@ from ..contract.http import (
     WS_CLOSE_BASE,
     JobStatus,
 )
+from ..contract.errors import WireFormatError
+from ..contract.local_block import message_from_wire
 from ..execution.errors import BadRequest
 from . import versions
 from .auth import MSG_INVALID_KEY, MSG_MISSING_KEY, User
 from .limits import TooManyRequests
+from .local_exchange import ExchangeError
 from .service import Conflict, JobService, NotFound
 from .settings import MiB, ServerSettings
 from .store import Event, JobRecord, queued_text
 from .types import JobRunner
 
-__all__ = ["create_app", "ApiError", "INLINE_BYTES"]
+__all__ = ["create_app", "ApiError", "INLINE_BYTES", "LOCAL_MESSAGE_BYTES"]
 
 log = logging.getLogger("interlace.server")
 
 # Payloads up to this size are validated on the event loop; larger ones in a thread.
 INLINE_BYTES = 1 * MiB
 WS_AUTH_TIMEOUT = 10.0
+# A local block's read or failure message is a little JSON (a failure: a traceback's text).
+LOCAL_MESSAGE_BYTES = 1 * MiB
 
 DESCRIPTION = f"""Run traces on hosted models. Submit with `POST {JOBS}` (payload bytes),
 follow `WS {JOB_EVENTS.format(job_id="{id}")}` (or poll `GET {JOB.format(job_id="{id}")}`), download
@@ -70,6 +79,16 @@ MSG_TOO_LARGE: Final = (
     "The payload is {amount} bytes; this server accepts at most {limit} bytes ({limit_mib:.0f} MiB). "
     "Send smaller inputs or save fewer values, or ask the operator to raise "
     "`interlace serve --max-upload-mb`."
+)
+MSG_LOCAL_TOO_LARGE: Final = (
+    "The values this local block sends back are {amount} bytes; this server accepts at most {limit} bytes "
+    "({limit_mib:.0f} MiB) per message. Send back fewer or smaller values (keep large objects inside the "
+    "block), or ask the operator to raise `interlace serve --max-upload-mb`."
+)
+MSG_LOCAL_OP: Final = (
+    "Say which message of the local block this is in the {header} header: one of {ops} (got {got!r}). "
+    "`read`: JSON {{\"path\": \"model.layers.0\", \"kind\": \"output\"}}; `done`: the block's values "
+    "(octet-stream); `failed`: JSON {{\"text\": ..., \"category\": \"local-block-error\"}}."
 )
 
 
@@ -134,11 +153,15 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
         return JSONResponse({"detail": exc.message, **exc.details}, status_code=429, headers=headers)
 
+    @app.exception_handler(ExchangeError)
+    async def _exchange_error(request: Request, exc: ExchangeError) -> JSONResponse:
+        return JSONResponse(_error_body(exc.text, None), status_code=exc.status)
+
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse(_error_body(str(exc), None), status_code=409)
 
-    def authenticate(request: Request) -> User:
+    def authenticate(request: Request, *, counted: bool = True) -> User:
         problem = versions.incompatibility(request.headers.get(VERSION_HEADER))
         if problem:
             raise ApiError(426, problem)
@@ -148,7 +171,8 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         user = service.keys.verify(key)
         if user is None:
             raise ApiError(401, MSG_INVALID_KEY)
-        service.rate.take(user.key_id)  # 429 past `requests_per_minute` (limits.py)
+        if counted:
+            service.rate.take(user.key_id)  # 429 past `requests_per_minute` (limits.py)
         return user
 
     # -- public ---------------------------------------------------------------------------
@@ -221,14 +245,20 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         return JSONResponse({"jobs": [service.status_json(r) for r in records]})
 
     @app.get(JOB, summary="A job's status (poll)")
-    async def job_status(request: Request, job_id: str) -> JSONResponse:
-        user = authenticate(request)
-        return JSONResponse(service.status_json(service.owned(user, job_id)))
-
-    @app.get(JOB_EVENTS, summary="A job's recorded events after `after` (polling fallback)")
-    async def job_events(request: Request, job_id: str, after: int = Query(0, alias=AFTER_QUERY)) -> JSONResponse:
+    async def job_status(request: Request, job_id: str, local: int = Query(0, alias=LOCAL_QUERY)) -> JSONResponse:
         user = authenticate(request)
         record = service.owned(user, job_id)
+        if local:
+            service.local_client_seen(job_id)
+        return JSONResponse(service.status_json(record))
+
+    @app.get(JOB_EVENTS, summary="A job's recorded events after `after` (polling fallback)")
+    async def job_events(request: Request, job_id: str, after: int = Query(0, alias=AFTER_QUERY),
+                         local: int = Query(0, alias=LOCAL_QUERY)) -> JSONResponse:
+        user = authenticate(request)
+        record = service.owned(user, job_id)
+        if local:
+            service.local_client_seen(job_id)
         events = service.store.events_after(job_id, after)
         return JSONResponse({"status": service.status_json(record), "events": [e.to_json() for e in events]})
 
@@ -260,6 +290,62 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         return StreamingResponse(store.iter_chunks(job_id), media_type="application/octet-stream",
                                  headers={"Content-Length": str(size)})
 
+    local_responses: dict[int | str, dict[str, Any]] = {
+        400: {"description": "bad exchange number or message (the answer names the problem)"},
+        401: {"description": "missing or bad key"},
+        404: {"description": "unknown job (or another user's), or no such local block"},
+        409: {"description": "the block is over (answered, timed out, the job ended), or not the client's turn"},
+        413: {"description": "message larger than the server accepts"},
+    }
+
+    @app.get(JOB_LOCAL, summary="The values sent down to a running job's local block (octet-stream)",
+             responses=local_responses)
+    async def local_values(request: Request, job_id: str, exchange: str) -> Response:
+        user = authenticate(request)
+        number = _exchange_number(exchange)
+        return Response(service.local_peer(user, job_id).values(number), media_type="application/octet-stream")
+
+    @app.post(
+        JOB_LOCAL, status_code=200,
+        summary=f"The client's next message for a running job's local block ({LOCAL_HEADER}: read, done, failed)",
+        responses={200: {"description": "read: the value (octet-stream)"},
+                   204: {"description": "done or failed: the job goes on"}, **local_responses},
+    )
+    async def local_message(request: Request, job_id: str, exchange: str) -> Response:
+        # A message the job is waiting for is not counted against `requests_per_minute`: the
+        # job's own pace bounds those (a streamed generation sends one per token), and a rate
+        # limit would only slow it down. A refused one counts, so floods still meet the limit.
+        user = authenticate(request, counted=False)
+        try:
+            return await _local_message(request, user, job_id, exchange)
+        except Exception:
+            service.rate.take(user.key_id)
+            raise
+
+    async def _local_message(request: Request, user: User, job_id: str, exchange: str) -> Response:
+        number = _exchange_number(exchange)
+        peer = service.local_peer(user, job_id)
+        op = request.headers.get(LOCAL_HEADER)
+        if op not in LOCAL_OPS:
+            raise ApiError(400, MSG_LOCAL_OP.format(header=LOCAL_HEADER, ops=", ".join(LOCAL_OPS), got=op))
+        if op == "done":
+            body = await _read_limited(request, service.limits.max_upload_bytes, MSG_LOCAL_TOO_LARGE)
+            header: Any = {"op": op}
+        else:
+            body = await _read_limited(request, LOCAL_MESSAGE_BYTES, MSG_LOCAL_TOO_LARGE)
+            header = _json_object(body, op)
+            header["op"] = op
+            body = b""
+        try:
+            message = message_from_wire(header, body)
+        except WireFormatError as exc:
+            raise ApiError(400, f"Bad `{op}` message for a local block: {exc}.") from None
+        answer = peer.post(number, message)
+        if answer is None:
+            return Response(status_code=204)
+        # The worker thread answers the read; this request waits on the loop, never blocking it.
+        return Response(await asyncio.wrap_future(answer), media_type="application/octet-stream")
+
     @app.websocket(JOB_EVENTS)
     async def events_ws(ws: WebSocket, job_id: str, after: int = Query(0, alias=AFTER_QUERY)) -> None:
         await ws.accept()
@@ -283,24 +369,46 @@ def _check_callback(url: str | None) -> str | None:
     return url
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """Read the body, refusing it (413) as soon as it is known to exceed `limit`."""
+async def _read_limited(request: Request, limit: int, template: str = MSG_TOO_LARGE) -> bytes:
+    """Read the body, refusing it (413, `template`'s text) as soon as it is known to exceed `limit`."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, _too_large_text(int(declared), limit))
+        raise ApiError(413, _too_large_text(int(declared), limit, template=template))
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, _too_large_text(size, limit, at_least=True))
+            raise ApiError(413, _too_large_text(size, limit, at_least=True, template=template))
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large_text(size: int, limit: int, at_least: bool = False) -> str:
+def _too_large_text(size: int, limit: int, at_least: bool = False, template: str = MSG_TOO_LARGE) -> str:
     amount = f"more than {limit}" if at_least else str(size)
-    return MSG_TOO_LARGE.format(amount=amount, limit=limit, limit_mib=limit / MiB)
+    return template.format(amount=amount, limit=limit, limit_mib=limit / MiB)
+
+
+def _exchange_number(text: str) -> int:
+    # ASCII digits only: `str.isdigit` also accepts '¹', which `int` refuses (found by the fuzzer).
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 2**31:
+        raise ApiError(400, f"A local block's exchange number is a whole number from 1 (the `exchange` of the "
+                            f"job's STREAM event), got {text!r}.")
+    return int(text)
+
+
+def _json_object(body: bytes, op: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(body or b"null")
+    except ValueError as exc:
+        parsed, problem = None, f"it is not JSON ({exc})"
+    else:
+        problem = "it must be a JSON object"
+    if not isinstance(parsed, dict):
+        example = '{"path": "model.layers.0", "kind": "output"}' if op == "read" else \
+            '{"text": "...", "category": "local-block-error"}'
+        raise ApiError(400, f"Bad `{op}` message for a local block: {problem}, like {example}.")
+    return parsed
 
 
 def _gone_text(job_id: str) -> str:
@@ -371,7 +479,7 @@ async def _stream_events(service: JobService, ws: WebSocket, job_id: str, after:
 
     # Subscribe before reading history: events committed meanwhile arrive on the queue and
     # are de-duplicated by seq, so nothing falls between the two.
-    sub = service.hub.subscribe(job_id)
+    sub = service.hub.subscribe(job_id, serves_local=ws.query_params.get(LOCAL_QUERY) == "1")
     receiver = asyncio.ensure_future(_until_disconnect(ws))
     try:
         events = service.store.events_after(job_id, after) or [service.current_event(record)]
@@ -386,6 +494,12 @@ async def _stream_events(service: JobService, ws: WebSocket, job_id: str, after:
         if position is not None and (not replayed or replayed[-1] != position):
             # The stored QUEUED event has the position at the time; say where it is now.
             await _send(ws, Event(job_id, JobStatus.QUEUED.value, queued_text(position), position, time.time()))
+        # A STREAM event is transient (not stored): a watcher that (re)connects while the job
+        # waits for a local block is told now. If the event was also published meanwhile, the
+        # client sees it twice and serves the exchange once (by its number).
+        stream = service.stream_event(job_id)
+        if stream is not None:
+            await _send(ws, stream)
         while True:
             getter = asyncio.ensure_future(sub.get())
             done, _ = await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)

@@ -21,8 +21,11 @@ SUBSCRIBER_BUFFER = 1000
 
 
 class Subscription:
-    def __init__(self, job_id: str, maxsize: int = SUBSCRIBER_BUFFER) -> None:
+    def __init__(self, job_id: str, maxsize: int = SUBSCRIBER_BUFFER, *, serves_local: bool = False) -> None:
         self.job_id = job_id
+        # The watcher said it runs the job's local blocks (`?local=1`): while it is here, a job
+        # waiting for one keeps waiting (`local_exchange.py`).
+        self.serves_local = serves_local
         self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
         self.lagged = False
 
@@ -61,8 +64,8 @@ class EventHub:
         self._loop = None
         self._loop_thread = None
 
-    def subscribe(self, job_id: str) -> Subscription:
-        sub = Subscription(job_id)
+    def subscribe(self, job_id: str, *, serves_local: bool = False) -> Subscription:
+        sub = Subscription(job_id, serves_local=serves_local)
         self._subs[job_id].add(sub)
         return sub
 
@@ -77,6 +80,10 @@ class EventHub:
         # Read from worker threads without a lock: a stale answer only costs one skipped or
         # one extra transient queue-position message.
         return job_id in self._subs
+
+    def has_local_watchers(self, job_id: str) -> bool:
+        """Whether a watcher that runs the job's local blocks follows it now (any thread)."""
+        return any(sub.serves_local for sub in tuple(self._subs.get(job_id, ())))
 
     def publish(self, event: Event) -> None:
         """Deliver `event`; callable from any thread. Call only after the event is committed."""

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ..contract.local_block import LocalPeer
 from ..contract.model_meta import NotDescribable, describe_model
 from ..contract.policy import DEFAULT_POLICY, Policy
 from ..execution.integrity import guard_for
@@ -43,10 +44,10 @@ class DefaultJobRunner:
     def prepare(self, payload: bytes) -> PreparedRequest:
         return prepare_payload(payload, self._policy, self.models)
 
-    def run(self, job: PreparedRequest, log: Callable[[str], None]) -> bytes:
+    def run(self, job: PreparedRequest, log: Callable[[str], None], local: LocalPeer | None = None) -> bytes:
         with self._locks[job.model_key]:
             model = self.models[job.model_key]
-            return run_prepared(job, model, self._policy, log)
+            return run_prepared(job, model, self._policy, log, local=local)
 
     def model_keys(self) -> list[str]:
         return list(self.models)
@@ -96,8 +97,10 @@ class ProcessJobRunner:
         prepared = prepare_payload(payload, self._policy, self.supervisors)
         return PayloadJob(prepared.model_key, payload)
 
-    def run(self, job: PayloadJob, log: Callable[[str], None]) -> bytes:
-        return self.supervisors[job.model_key].run(job.payload, log)
+    def run(self, job: PayloadJob, log: Callable[[str], None], local: LocalPeer | None = None) -> bytes:
+        # The worker asks its parent for local blocks over its channel; the supervisor relays
+        # them to `local` (the server's HTTP side).
+        return self.supervisors[job.model_key].run(job.payload, log, local=local)
 
     def model_keys(self) -> list[str]:
         return list(self.supervisors)

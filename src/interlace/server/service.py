@@ -15,6 +15,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,14 @@ from .auth import KeyStore, User
 from .db import Database
 from ..execution.errors import BadRequest, JobFailed
 from .events import EventHub
+from .local_exchange import ExchangeError, ServerLocalPeer
 from .limits import MSG_LOG_TRUNCATED, MSG_QUEUE_FULL, RateLimiter, TooManyRequests, served_limits
 from ..contract.model_meta import NotDescribable
 from .results import ResultStore
 from .settings import ServerSettings
 from .store import Event, JobRecord, JobStore, queued_text
-from ..contract.http import JobStatus
-from .types import JobRunner
+from ..contract.http import JOB, JobStatus
+from .types import JobRunner, LogFn
 from .workers import QueuedJob, WorkerPool
 
 __all__ = ["JobService", "NotFound", "Conflict", "TooManyRequests"]
@@ -67,6 +69,9 @@ class JobService:
         self._callbacks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="interlace-callback")
         self._started = False
         self._meta: dict[str, bytes] = {}  # model key -> its description (JSON bytes); never changes
+        # The local-block peer of each running job (`local_exchange.py`), for the HTTP side.
+        self._peers: dict[str, ServerLocalPeer] = {}
+        self._peers_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -201,8 +206,24 @@ class JobService:
             if logged is not None:
                 self.hub.publish(logged)
 
+        # Cheap, and most jobs never call it: the job's side of `with interlace.local():`.
+        peer = ServerLocalPeer(
+            job_id, block_seconds=self.limits.local_block_seconds, grace_seconds=self.limits.local_grace_seconds,
+            publish=self.hub.publish, watched=partial(self.hub.has_local_watchers, job_id),
+        )
+        with self._peers_lock:
+            self._peers[job_id] = peer
         try:
-            result = self.runner.run(job.prepared, emit_log)
+            self._run(job_id, job, emit_log, peer)
+        finally:
+            # After `_finish`: a client's request about the job now finds it ended (409).
+            peer.close()
+            with self._peers_lock:
+                self._peers.pop(job_id, None)
+
+    def _run(self, job_id: str, job: QueuedJob, emit_log: LogFn, peer: ServerLocalPeer) -> None:
+        try:
+            result = self.runner.run(job.prepared, emit_log, local=peer)
             if not isinstance(result, (bytes, bytearray, memoryview)):
                 raise TypeError(f"JobRunner.run returned {type(result).__name__}, expected bytes")
             data = bytes(result)
@@ -264,10 +285,39 @@ class JobService:
         return record
 
     def status_json(self, record: JobRecord) -> dict[str, Any]:
+        """The job's status JSON; `local_block` is the local block it waits for, else None."""
         position = None
         if record.status == JobStatus.QUEUED.value:
             position = self.pool.position(record.model_key, record.id)
-        return record.to_json(queue_position=position)
+        data = record.to_json(queue_position=position)
+        peer = self._peers.get(record.id)
+        pending = peer.pending() if peer is not None else None
+        data["local_block"] = None if pending is None else {"exchange": pending[0], "line": pending[1]}
+        return data
+
+    def local_client_seen(self, job_id: str) -> None:
+        """A client that runs the job's local blocks polled it (`?local=1`): it is still there."""
+        peer = self._peers.get(job_id)
+        if peer is not None:
+            peer.touch()
+
+    def local_peer(self, user: User, job_id: str) -> ServerLocalPeer:
+        """The local-block peer of `user`'s running job `job_id` (404 for another user's job,
+        exactly like an unknown one; ExchangeError when the job is not running)."""
+        record = self.owned(user, job_id)
+        peer = self._peers.get(job_id)
+        if peer is not None:
+            return peer
+        if record.terminal:
+            raise ExchangeError(409, f"Job {job_id} already ended ({record.status}); it waits for no local "
+                                     f"block. GET {JOB.format(job_id=job_id)} says how it ended.")
+        raise ExchangeError(404, f"Job {job_id} is {record.status} and waits for no local block now; a job "
+                                 "that reaches one says so with a STREAM event (follow its events).")
+
+    def stream_event(self, job_id: str) -> Event | None:
+        """The STREAM event of the local block job `job_id` waits for now, if any."""
+        peer = self._peers.get(job_id)
+        return peer.stream_event() if peer is not None else None
 
     def current_event(self, record: JobRecord) -> Event:
         """The job's state as one event (for a client reconnecting with nothing new to see)."""

@@ -7,6 +7,7 @@ loses a job" holds: anything a client was told is already on disk.
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ __all__ = ["Event", "JobRecord", "JobStore", "queued_text"]
 @dataclass(frozen=True)
 class Event:
     """One status message, as sent on the WebSocket. `seq` is None for transient updates
-    (queue position changes), which are not stored."""
+    (queue position changes, STREAM), which are not stored."""
 
     job_id: str
     status: str
@@ -30,9 +31,15 @@ class Event:
     time: float
     seq: int | None = None
     category: str | None = None  # ERROR events: the error category
+    # STREAM events (transient, never stored): the local block the job waits for, numbered
+    # per job from 1, and its `with` line in the user's code.
+    exchange: int | None = None
+    line: int | None = None
+    # ... and, when small, the values sent down to it (saves the client a GET per block).
+    values: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = {
+        data: dict[str, Any] = {
             "id": self.job_id,
             "seq": self.seq,
             "status": self.status,
@@ -42,6 +49,11 @@ class Event:
         }
         if self.category is not None:
             data["error_category"] = self.category
+        if self.exchange is not None:
+            data["exchange"] = self.exchange
+            data["line"] = self.line
+            if self.values is not None:
+                data["values"] = base64.b64encode(self.values).decode("ascii")
         return data
 
     @property

@@ -8,7 +8,10 @@ speaks in are the protocol's: `interlace.contract.http.JobStatus`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..contract.local_block import LocalPeer
 
 __all__ = ["PreparedJob", "JobRunner", "LogFn"]
 
@@ -26,10 +29,12 @@ class JobRunner(Protocol):
         """Decode and validate; raise `errors.BadRequest` (400/404/413/422) if unacceptable."""
         ...
 
-    def run(self, job: PreparedJob, log: Callable[[str], None]) -> bytes:
+    def run(self, job: PreparedJob, log: Callable[[str], None], local: "LocalPeer | None" = None) -> bytes:
         """Execute; return the encoded result bytes (opaque to the server).
 
-        `log(line)` streams the user's print output as LOG statuses. Raise
+        `log(line)` streams the user's print output as LOG statuses. `local` is the job's side
+        of `with interlace.local():` blocks (`server/local_exchange.py`: it waits for the
+        client over HTTP); pass it down to the execution layer. Raise
         `errors.JobFailed(traceback_text, category)` when the job fails.
         """
         ...

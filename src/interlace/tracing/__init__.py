@@ -17,6 +17,7 @@ from .envoy import Envoy, OperationEnvoy, SourceEnvoy, mount_clashes, source_env
 from .frames import user_location
 from .host import EnvoyLike, Host
 from .interleaver import Interleaver, ModuleHooks, OrderTable
+from .local_block import LOCAL_HELPER, LOCAL_ONLY_ATTR, List, LocalBlockCode, is_local_only, local, trace
 from .mediator import INPUT, OUTPUT, Mediator, current_mediator
 from .namespace import MISSING, body_namespace
 from .outer_names import first_uses, free_names
@@ -42,4 +43,6 @@ __all__ = [
     # shipping bodies (for backends/, execution/)
     "Block", "block_from_source", "body_namespace", "MISSING", "push_registry", "pop_registry",
     "source_envoy", "source_paths", "first_uses", "free_names", "user_location",
+    # hybrid bodies: `with interlace.local():` blocks (their code stays on the client)
+    "LocalBlockCode", "LOCAL_HELPER", "LOCAL_ONLY_ATTR", "List", "is_local_only", "local", "trace",
 ]

@@ -31,6 +31,10 @@ from typing import Any, Callable
 from ..errors import SourceNotFoundError, TracingError
 from .backward import BACKWARD_HELPER, rewrite_backward  # `with loss.backward():` blocks
 from .frames import bind_from_trace_callback
+from .local_block import (  # `with interlace.local():` blocks, a bare `model.all()`
+    ALL_HELPER, STEP_NAME, LocalBlockCode, find_local_blocks, local_block_codes, rewrite_bare_all,
+    rewrite_local_blocks, shipped_text,
+)
 from .reads import Read, Segment, body_segments, first_output_read
 from .syntax import compile_tree, parse
 
@@ -46,8 +50,9 @@ class Block:
     """One `with` block, compiled.
 
     `source` is the dedented text of the whole `with` statement and `first_lineno` the line
-    it starts on in `filename`; together they are what travels to a server, which rebuilds
-    the same Block with `block_from_source`.
+    it starts on in `filename`; `shipped_source` (the same text without the code of its local
+    blocks) and `first_lineno` are what travels to a server, which rebuilds the Block with
+    `block_from_source`.
     """
 
     filename: str
@@ -71,6 +76,17 @@ class Block:
     #: The compiled (rewritten) statements, for `rest_code`.
     statements: tuple[ast.stmt, ...] = field(default=(), compare=False, repr=False)
     _rest: dict[int, types.CodeType] = field(default_factory=dict, compare=False, repr=False)
+    #: The body's `with interlace.local():` blocks (`local_block.py`), outermost first: their
+    #: code runs on the client of a remote trace.
+    local_blocks: tuple[LocalBlockCode, ...] = ()
+    #: `source` as it travels: each local block's body replaced by `pass`, its other lines
+    #: blank (the same line numbers). Empty for "the same as `source`" (see `shipped_source`).
+    _shipped: str = field(default="", compare=False, repr=False)
+
+    @property
+    def shipped_source(self) -> str:
+        """The text a server gets: `source` without the local blocks' code."""
+        return self._shipped or self.source
 
     def rest_code(self, position: int) -> types.CodeType:
         """The body from statement `position` on: where a greenlet takes over from inline
@@ -299,11 +315,25 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
     is_empty = all(isinstance(s, ast.Pass) for s in body)
     _reject_returns(body, filename)
     saved_names = _statically_saved(body)
+    transform = _transform_for(filename) if _SOURCE_TRANSFORMS else None
+    local_blocks: tuple[LocalBlockCode, ...] = ()
+    shipped = ""
+    if ".local" in source:  # (the text check keeps bodies without local blocks as fast as before)
+        found = find_local_blocks(body, filename)
+        if found:
+            # Before any rewrite: the blocks' code is the user's, as written.
+            local_blocks = local_block_codes(body, found, filename, as_name)
+            shipped = shipped_text(chunk, first, found)
+            # Shipped code: each block is the server's side of it. Here the block stays, on a copy:
+            # the rewrites below change statements in place, and the cached tree must keep the
+            # blocks' code as written for a later compile of them.
+            body = rewrite_local_blocks(body, found) if transform is not None else copy.deepcopy(body)
+    if ".all()" in source:
+        body = rewrite_bare_all(body) or body
     module = ast.Module(body=[_SaveRewriter().visit(rewrite_backward(s)) for s in body], type_ignores=[])
     ast.fix_missing_locations(module)
     first_read = first_output_read(module.body[0]) if module.body else None
     plain = module
-    transform = _transform_for(filename) if _SOURCE_TRANSFORMS else None
     try:
         if transform is not None:  # after the engine's rewrites, whose helpers it keeps
             module = transform(copy.deepcopy(module), filename)
@@ -327,6 +357,8 @@ def _compile_with_node(node: ast.With | ast.AsyncWith, lines: list[str], filenam
         segments=segments,
         guarded=transform is not None,
         statements=tuple(module.body),
+        local_blocks=local_blocks,
+        _shipped=shipped,
     )
 
 
@@ -380,6 +412,9 @@ def _names(code: types.CodeType) -> tuple[set[str], set[str]]:
         stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
     loaded.discard(SAVE_HELPER)
     loaded.discard(BACKWARD_HELPER)
+    loaded.discard(ALL_HELPER)
+    # (LOCAL_HELPER stays: a nested body's namespace copies the job's binding of it.)
+    stored.discard(STEP_NAME)
     return loaded, stored
 
 

@@ -19,7 +19,20 @@ if TYPE_CHECKING:
     from .host import Host
     from .interleaver import Interleaver
 
-__all__ = ["Envoy", "OperationEnvoy", "SourceEnvoy", "make_envoy", "mount_clashes", "source_envoy"]
+__all__ = [
+    "LOCAL_READER", "MSG_OPERATION_IN_LOCAL_BLOCK", "Envoy", "OperationEnvoy", "SourceEnvoy", "make_envoy",
+    "mount_clashes", "source_envoy",
+]
+
+#: The greenlet attribute of a local block's reader. A `with interlace.local():` block runs on
+#: the client (`backends/local_runner.py`) on a greenlet of its own that has no mediator (it
+#: must never see the server's, which may be the greenlet that started it under
+#: `remote='local'`) and has this attribute instead: a module access there finds no mediator,
+#: so it reaches `Envoy._scanned(what)`, which asks `reader.stand_in(envoy, what)` for the
+#: mediator-like object of that one access (`request`, `swap`, `skip`, as `_ScannedValues`).
+#: Knowing the envoy, the reader asks the server for `envoy.path` and the kind (`what`:
+#: "output", "input", "inputs", "next()", ...). Costs nothing on the paths inside a trace.
+LOCAL_READER = "local_reader"
 
 
 def _outside_trace(path: str, what: str) -> TracingError:
@@ -171,9 +184,13 @@ class Envoy:
             return self._scanned(what)  # type: ignore[return-value]
         return mediator
 
-    def _scanned(self, what: str) -> "_ScannedValues":
-        """Outside a trace, after `model.scan(...)`: what the scan saw this module take and
+    def _scanned(self, what: str) -> Any:
+        """Outside a trace: inside a local block running on the client, the block's reader
+        (see `LOCAL_READER`); after `model.scan(...)`, what the scan saw this module take and
         give (fake tensors, for their shapes), as in nnsight; otherwise an error."""
+        reader = getattr(getcurrent(), LOCAL_READER, None)
+        if reader is not None:
+            return reader.stand_in(self, what)
         scanned = self._root.__dict__.get("_scanned")
         seen = scanned.get(id(self._module)) if scanned else None
         if seen is None or seen[0] is not self._module:
@@ -355,6 +372,14 @@ class SourceEnvoy:
         return "\n".join(out)
 
 
+MSG_OPERATION_IN_LOCAL_BLOCK = (
+    "`{path}` is an operation inside a forward; a local block (`with interlace.local():`) can "
+    "read modules (`.output`, `.input`, `.inputs`) but not operations. Read it in the body, "
+    "before the block, and use the name inside:\n\n"
+    "    value = {path}.{what}\n    with interlace.local():\n        ...  # use `value`"
+)
+
+
 class OperationEnvoy(Envoy):
     """One call in a forward: `.output`, `.input`, `.inputs` (get and set), `.skip(value)`, and
     `.source` (inside a trace) for the calls inside the function it calls."""
@@ -368,6 +393,8 @@ class OperationEnvoy(Envoy):
 
     def _running(self, what: str = "output.save()") -> Mediator:
         mediator = current_mediator()
+        if mediator is None and getattr(getcurrent(), LOCAL_READER, None) is not None:
+            raise TracingError(MSG_OPERATION_IN_LOCAL_BLOCK.format(path=self._path, what=what))
         if mediator is None or mediator.interleaver is None:
             raise TracingError(
                 f"`{self._path}` can only be used inside a traced block that runs the model:\n\n"

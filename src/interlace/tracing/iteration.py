@@ -22,7 +22,14 @@ from .frames import is_namespace
 from .mediator import current_mediator
 from .namespace import new_namespace
 
-__all__ = ["IterProxy", "StepLoop", "StepSource"]
+__all__ = ["IterProxy", "StepLoop", "StepSource", "run_steps", "MSG_ALL_OUTSIDE_RUN"]
+
+MSG_ALL_OUTSIDE_RUN = (
+    "model.all() can only be used inside a traced body while the model runs:\n\n"
+    "    with model.generate(prompt, max_new_tokens=5):\n"
+    "        model.all()\n"
+    "        tokens.append(model.lm_head.output.argmax(-1))"
+)
 
 
 class StepSource(Protocol):
@@ -111,3 +118,24 @@ class StepLoop:
         finally:
             mediator.step = previous
             mediator.iter_depth -= 1
+
+
+class _RunSteps:
+    """The running interleaver's number of steps, as a `StepSource`."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self, steps: int | None) -> None:
+        self.steps = steps
+
+    def _steps(self) -> int | None:
+        return self.steps
+
+
+def run_steps() -> StepLoop:
+    """Every step of the run the calling body is part of: `model.all()` (where the tracer is
+    not at hand, as with a model-level `llama.all()` in a shipped body)."""
+    mediator = current_mediator()
+    if mediator is None:
+        raise TracingError(MSG_ALL_OUTSIDE_RUN)
+    return IterProxy(_RunSteps(getattr(mediator.interleaver, "steps", None)))[:]

@@ -1,7 +1,8 @@
 """The one builder of the namespace a captured body runs in.
 
 Capture rewrites bodies to call helpers by reserved names (`.save()` -> `__interlace_save__`,
-`with loss.backward():` -> `__interlace_backward__`). Every place that runs a body (a local
+`with loss.backward():` -> `__interlace_backward__`, a bare `model.all()` -> a loop over
+`__interlace_all__(model)`). Every place that runs a body (a local
 trace, an invoke inside a helper function, an edit, the server's executor and so the
 simulation) builds its namespace here, so a helper added to capture's rewrites is available
 everywhere at once instead of being missed by one runner (a remote `loss.backward()` once
@@ -12,20 +13,45 @@ from __future__ import annotations
 
 import builtins
 import types
-from typing import Any
+from typing import Any, Final
 
+from ..errors import TracingError
 from .backward import BACKWARD_HELPER, backward_helper
 from .capture import SAVE_HELPER, Block
 from .frames import NAMESPACE_MARKER
+from .local_block import ALL_HELPER
 from .saving import save_in_body
 from .placeholder import Placeholder
 
-__all__ = ["BODY_HELPERS", "MISSING", "FrameNames", "body_namespace", "new_namespace"]
+__all__ = ["BODY_HELPERS", "MISSING", "MSG_BARE_ALL", "FrameNames", "body_namespace", "every_step", "new_namespace"]
+
+MSG_BARE_ALL: Final = (
+    "`{name}.all()` on a line of its own runs the rest of the body at every step, so `{name}` must be "
+    "the model or the tracer, not {what}:\n\n"
+    "    with model.generate(prompt, max_new_tokens=5) as tracer:\n"
+    "        model.all()   # or tracer.all()\n"
+    "        tokens.append(model.lm_head.output.argmax(-1))"
+)
+
+
+def every_step(owner: Any, name: str = "model") -> Any:
+    """The steps of a bare `model.all()` / `tracer.all()` statement's loop (capture's
+    `local_block.rewrite_bare_all`; `name` is the owner's name in the source): `owner.all()`,
+    which must be a step loop (the tracer's, or the model's: `NNsight.all()`)."""
+    try:
+        loop = owner.all()
+    except AttributeError:  # (an envoy of a submodule has no `all`)
+        loop = None
+    if type(getattr(loop, "steps", None)) is not list:
+        raise TracingError(MSG_BARE_ALL.format(name=name, what=f"a {type(owner).__name__}"))
+    return loop
+
 
 #: What the names that capture's rewrites call are bound to, in every body's namespace.
 BODY_HELPERS: dict[str, Any] = {
     SAVE_HELPER: save_in_body,
     BACKWARD_HELPER: backward_helper,
+    ALL_HELPER: every_step,
 }
 
 MISSING = object()

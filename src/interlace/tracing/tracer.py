@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Final
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Callable, Final
+
+import torch
 
 from ..errors import TracingError
 from .capture import Block, BodySkipper, SkipBody, capture_block
+from .local_block import local
 from .frames import NAMESPACE_MARKER, clean_traceback, is_namespace, push_to_frame
 from .interleaver import Interleaver, Mediator, StopForward, current_mediator
 from .inline import run_one_read
@@ -133,6 +137,32 @@ class Tracer:
 
     def _describe(self) -> str:
         return "model.trace(...)"
+
+    # -- body-side API of every context -------------------------------------------------------
+
+    _log_line: Callable[[str], None] | None = None
+
+    def local(self) -> AbstractContextManager[None]:
+        """`with tracer.local():` the same as `with interlace.local():` (`local_block.py`):
+        in a remote trace the block runs on the client; here it simply runs."""
+        return local()
+
+    def log(self, *args: Any, sep: str = " ", end: str = "") -> None:
+        """Like `print` in the body: on a server, one line of the job's log, which the client
+        shows as it arrives; here (and inside a local block) printed. A tensor shows without
+        its autograd history (`grad_fn=`), which is no part of its value and which a server's
+        run, without autograd unless the body asks for gradients, does not have: the same line
+        in every mode."""
+        line = sep.join(str(a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a) for a in args) + end
+        log_line = self._log_line
+        if log_line is not None:
+            log_line(line)
+        else:
+            print(line)
+
+    def set_log_line(self, log_line: Callable[[str], None] | None) -> None:
+        """Where `log` sends its lines (the server's job log); None: print them."""
+        self._log_line = log_line
 
     def _run_backend(self) -> dict[str, Any]:
         backend = self.backend

@@ -29,9 +29,16 @@ from ..guard.modules import body_api_name
 from ..policy import ENGINE_MODULE, Policy, module_allowed
 from ..problems import Problem, first_line
 from .origin import FUTURE_ANNOTATIONS, is_envoy, is_remote_decorated, resolve_qualname, user_source_available
+from ...tracing.local_block import List, is_local_only
 from ...tracing.syntax import parse
 
-__all__ = ["CodeEncoder"]
+__all__ = ["CodeEncoder", "MSG_LOCAL_ONLY", "local_only_fix"]
+
+#: A `@interlace.trace` function the shipped body would use (outside a local block).
+MSG_LOCAL_ONLY = (
+    "`{name}` is marked @interlace.trace: it runs only on your machine, inside `with interlace.local():`, "
+    "and is never sent to the server"
+)
 
 _BUILTIN_NAMES = set(dir(builtins))
 
@@ -62,6 +69,12 @@ class CodeEncoder:
             return self._module(value)
         if is_envoy(value):
             return self._model_ref(value)
+        if type(value) is List:  # `interlace.list()`: a plain list on the wire
+            return encoder.encode(list(value))
+        if is_local_only(value):
+            name = getattr(value, "__name__", "?")
+            self._problem("local-only-function", MSG_LOCAL_ONLY.format(name=name), local_only_fix(name, *self.where))
+            return None
         if isinstance(value, (types.FunctionType, type)):
             ref = self._reference(value)
             if ref is not None:
@@ -262,6 +275,20 @@ class CodeEncoder:
             except (OSError, TypeError):
                 pass  # no source: keep the trace line that uses it
         self.problems.append(Problem(category=category, message=message, filename=filename, lineno=lineno, fix=fix))
+
+
+def local_only_fix(name: str, filename: str, lineno: int) -> str:
+    """The fix for a local-only function used at `filename:lineno`: that statement in a local block."""
+    statement = f"result = {name}(...)"
+    line = linecache.getline(filename, lineno).strip()
+    if name in line:
+        try:
+            tree = parse(line)
+        except SyntaxError:
+            tree = None
+        if tree is not None and len(tree.body) == 1 and not isinstance(tree.body[0], ast.With):
+            statement = ast.unparse(tree.body[0])  # (without its comment)
+    return f"with interlace.local():\n    {statement}"
 
 
 def _is_torch_layer(value: Any) -> bool:

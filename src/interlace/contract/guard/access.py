@@ -19,8 +19,9 @@ the unpacking ones are RestrictedPython's own `Guards`). Their policy is ours:
 - `_tick_` (inserted at the top of every loop body, function body and comprehension) enforces
   the job's wall-clock deadline and memory growth in-process, raising `JobLimitExceeded`, a
   `BaseException`, so `except Exception:` does not swallow it; once tripped it raises on every
-  later tick. A C loop (`sum(range(10**12))`) never ticks: the worker process (layer 3) kills
-  that.
+  later tick. `paused()` stops the wall clock while the job waits for its client (a local
+  block), so the limit counts the server's own time only. A C loop (`sum(range(10**12))`)
+  never ticks: the worker process (layer 3) kills that.
 RestrictedPython's own `safer_getattr` and `full_write_guard` fit a CMS (they refuse writes on
 anything without `_guarded_writes`, which would refuse `self.x = 1` in a shipped class, and know
 nothing of tensors or envoys), hence these.
@@ -29,14 +30,16 @@ nothing of tensors or envoys), hence these.
 from __future__ import annotations
 
 import abc
+import contextlib
 import operator
 import time
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
 from ..policy import DENIED_ATTRIBUTES, INSPECT_ATTRIBUTES, SAFE_DUNDER_METHODS, SAFE_DUNDER_READS, Policy
+from ...tracing.local_block import List
 from .modules import BodyAPI, ModuleProxy, proxy_for
 
 __all__ = ["AccessRefused", "JobLimitExceeded", "JobGuards", "GuardedType", "guarded_metaclass", "MSG_PRIVATE", "MSG_WALL_TIME", "MSG_MEMORY"]
@@ -195,6 +198,17 @@ class JobGuards:
                 raise JobLimitExceeded(self.tripped)
         return True
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the job's wall clock while it waits for something outside it (a local block
+        running on the client): the deadline moves on by the time spent here. The memory
+        limit still holds: it is checked at the next tick."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.deadline += time.monotonic() - start
+
     def close(self) -> None:
         """The job is over: code it left behind (a `__del__`, a callback) stops at its first tick."""
         self.tripped = "the job this code belongs to has ended"
@@ -279,7 +293,7 @@ class JobGuards:
 
     def write(self, obj: Any) -> Any:
         t = type(obj)
-        if t is list or t is dict or t is set:
+        if t is list or t is dict or t is set or t is List:  # `interlace.list()` is the body's own
             return obj
         if isinstance(obj, self._tensor):
             if self._is_protected(obj):

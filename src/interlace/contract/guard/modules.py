@@ -315,9 +315,12 @@ class BodyAPI:
 
 def _body_names() -> dict[str, Any]:
     from ... import errors
+    from ...tracing.local_block import List, local
     from ...tracing.saving import save
 
-    names: dict[str, Any] = {"save": save}
+    # `local`: `with interlace.local():` in shipped code is compiled away (the server's side of
+    # the block runs instead), but `from interlace import local` must still resolve.
+    names: dict[str, Any] = {"save": save, "local": local, "list": List}
     for name in ("InterlaceError", "TracingError", "OutOfOrderError", "MissedProviderError",
                  "ModuleNotCalledError", "NotSavedError", "GenerationEndedWarning"):
         if hasattr(errors, name):

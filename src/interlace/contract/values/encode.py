@@ -84,6 +84,7 @@ import torch
 from ..errors import UnsupportedValueError, WireFormatError
 from ..wire.encode import check_tensor
 from ...tracing.cache_entries import NOT_CACHED, Cache, CacheEntry
+from ...tracing.local_block import List
 from .grammar import Decoding, CANONICAL_NAN, DEFAULT_FIX, DEFAULT_MAX_DEPTH, Extension, MAX_INT_DIGITS, MAX_SAFE_INT, NAN_BITS, NP_KINDS, Node, format_path, is_batch_encoding, is_dynamic_cache, is_hf_output_class
 
 __all__ = [
@@ -418,9 +419,11 @@ def _b64(data: bytes | bytearray) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-_SEQ_TAGS: dict[type, str] = {list: "list", tuple: "tuple", set: "set", frozenset: "frozenset"}
+# `interlace.list()` (append returns the list) travels as the plain list it is.
+_SEQ_TAGS: dict[type, str] = {list: "list", List: "list", tuple: "tuple", set: "set", frozenset: "frozenset"}
 _ENCODERS: dict[type, Any] = {
     list: ValueEncoder._seq,
+    List: ValueEncoder._seq,
     tuple: ValueEncoder._seq,
     set: ValueEncoder._seq,
     frozenset: ValueEncoder._seq,
