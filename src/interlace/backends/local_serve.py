@@ -16,20 +16,27 @@ from typing import Any, Callable
 import httpx
 
 from ..contract.http import LOCAL_HEADER
-from ..contract.local_block import CATEGORY_RAISED, BlockFailed, ClientMessage, LocalPeer, ReadRequest, message_to_wire
+from ..contract.local_block import CATEGORY_RAISED, BlockFailed, LocalPeer, ReadRequest, message_to_wire
 from ..errors import RemoteRequestError
 
-__all__ = ["serve_local", "Request"]
+__all__ = ["serve_local", "Request", "SendFinal"]
 
 #: `RemoteClient._request`: (method, url, **httpx options) -> the answer; raises
 #: RemoteRequestError for a 4xx/5xx and ServerUnreachableError (a ConnectionError) for no answer.
 Request = Callable[..., httpx.Response]
 
 
-def serve_local(request: Request, url: str, line: int, runner: LocalPeer, values: bytes | None = None) -> None:
+#: Sends a block's final message (`message_to_wire`'s header and body) another way, the job's
+#: WebSocket; False when it cannot (no socket open, a message too large), and it is POSTed.
+SendFinal = Callable[[dict, bytes], bool]
+
+
+def serve_local(request: Request, url: str, line: int, runner: LocalPeer, values: bytes | None = None,
+                send_final: SendFinal | None = None) -> None:
     """Run the local block at `line` whose endpoint is `url` with `runner`: GET the values sent
     down (unless the STREAM event carried them: `values`), then POST each message the runner
-    gives (a read's answer is the value it asked for) until its last one (done or failed).
+    gives (a read's answer is the value it asked for) until its last one (done or failed),
+    which goes through `send_final` when it takes it.
     Blocking; RemoteRequestError 404/409 when the server no longer waits for this block (it
     timed out, the job ended)."""
     if values is None:
@@ -47,13 +54,15 @@ def serve_local(request: Request, url: str, line: int, runner: LocalPeer, values
         # job fail now rather than wait for the server's limit, then raise it here.
         with contextlib.suppress(Exception):
             text = f"the client's local-block runner failed: {type(exc).__name__}: {exc}"
-            _post_final(request, url, BlockFailed(text, CATEGORY_RAISED))
+            _post_final(request, url, *message_to_wire(BlockFailed(text, CATEGORY_RAISED)))
         raise
-    _post_final(request, url, message)
-
-
-def _post_final(request: Request, url: str, message: ClientMessage) -> None:
     header, body = message_to_wire(message)
+    if send_final is not None and send_final(header, body):
+        return
+    _post_final(request, url, header, body)
+
+
+def _post_final(request: Request, url: str, header: dict, body: bytes) -> None:
     op = header.pop("op")
     options: dict[str, Any]
     if op == "done":

@@ -36,6 +36,7 @@ from ..contract.http import (
     LOCAL_HEADER,
     LOCAL_OPS,
     LOCAL_QUERY,
+    WS_LOCAL_MAX_BYTES,
     MODEL_META,
     POLICY,
     VERSION_HEADER,
@@ -43,9 +44,10 @@ from ..contract.http import (
     WS_AUTH_FIELDS,
     WS_CLOSE_BASE,
     JobStatus,
+    parse_local_frame,
 )
 from ..contract.errors import WireFormatError
-from ..contract.local_block import message_from_wire
+from ..contract.local_block import ReadRequest, message_from_wire
 from ..execution.errors import BadRequest
 from . import versions
 from .auth import MSG_INVALID_KEY, MSG_MISSING_KEY, User
@@ -480,7 +482,7 @@ async def _stream_events(service: JobService, ws: WebSocket, job_id: str, after:
     # Subscribe before reading history: events committed meanwhile arrive on the queue and
     # are de-duplicated by seq, so nothing falls between the two.
     sub = service.hub.subscribe(job_id, serves_local=ws.query_params.get(LOCAL_QUERY) == "1")
-    receiver = asyncio.ensure_future(_until_disconnect(ws))
+    receiver = asyncio.ensure_future(_until_disconnect(ws, service, user, job_id))
     try:
         events = service.store.events_after(job_id, after) or [service.current_event(record)]
         last = after
@@ -528,10 +530,31 @@ async def _send(ws: WebSocket, event: Event) -> None:
     await ws.send_text(json.dumps(event.to_json()))
 
 
-async def _until_disconnect(ws: WebSocket) -> None:
-    """Completes when the client closes; client messages after the handshake are ignored."""
+async def _until_disconnect(ws: WebSocket, service: JobService, user: User, job_id: str) -> None:
+    """Completes when the client closes. The only client message after the handshake is a local
+    block's final message as a binary frame (`contract.http.local_frame`): the same message as
+    the POST to `JOB_LOCAL`, from the job's authenticated owner, without an HTTP round trip."""
     with suppress(Exception):
         while True:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            frame = message.get("bytes")
+            if frame:
+                _take_local_frame(service, user, job_id, frame)
+
+
+def _take_local_frame(service: JobService, user: User, job_id: str, frame: bytes) -> None:
+    """Hand a WebSocket frame's final message to the job's local block. A frame that is not one
+    (or comes too late: the block timed out, the job ended) is dropped: the client learns what
+    became of the block from the job's events, as after a POST answered 404/409."""
+    if len(frame) > WS_LOCAL_MAX_BYTES + 64 * 1024:
+        return
+    try:
+        number, header, body = parse_local_frame(frame)
+        message = message_from_wire(header, body)
+        if isinstance(message, ReadRequest):  # a read needs its answer: POST it
+            return
+        service.local_peer(user, job_id).post(number, message)
+    except (ValueError, WireFormatError, ExchangeError, NotFound):
+        return
