@@ -81,6 +81,20 @@ def tiny_gpt2_sdpa_path(tiny_gpt2_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _history_in_temp_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The local job history (every remote and simulated run records itself) goes to a
+    session temp dir, never the user's real `~/.local/share/interlace`. Tests of the history
+    itself point it at a dir of their own (`tests/backends/test_history.py`)."""
+    previous = os.environ.get("INTERLACE_DATA_DIR")
+    os.environ["INTERLACE_DATA_DIR"] = str(tmp_path_factory.mktemp("interlace-data"))
+    yield
+    if previous is None:
+        os.environ.pop("INTERLACE_DATA_DIR", None)
+    else:
+        os.environ["INTERLACE_DATA_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread (and do not fight parallel jobs for cores)."""

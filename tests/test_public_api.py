@@ -122,3 +122,12 @@ def test_hybrid_execution_names() -> None:
 
     assert interlace_list is interlace.list and issubclass(interlace.list, list) and interlace.list is not list
     assert interlace.list().append(1) == [1]
+
+
+def test_jobs_is_the_job_history() -> None:
+    """`interlace.jobs` is an object (the history API), not the `backends.history` module."""
+    from interlace.backends.history import JobHistory
+
+    assert isinstance(interlace.jobs, JobHistory) and "jobs" in interlace.__all__
+    for name in ("list", "show", "rerun", "diff", "prune"):
+        assert callable(getattr(interlace.jobs, name)), name

@@ -5,6 +5,7 @@ Run a traced block here (`remote=False`), in a faithful in-process simulation of
 """
 
 from ._version import __version__
+from .backends.history import JobHistory as _JobHistory
 from .backends.pending import ResultNotReadyError
 from .backends.remote import RemoteJob, attach
 from .config import CONFIG
@@ -34,6 +35,7 @@ from .tracing.saving import save
 __all__ = [
     "__version__",
     "CONFIG",
+    "jobs",
     "NNsight",
     "LanguageModel",
     "Envoy",
@@ -61,6 +63,18 @@ __all__ = [
     "TracingError",
     "WaitTimeout",
 ]
+
+
+def _load_for_rerun(spec: dict) -> object:
+    """Load a recorded job's model from its files, as a worker process does (`jobs.rerun`)."""
+    from .models.worker import load_model
+
+    return load_model(spec)
+
+
+#: The local job history: `jobs.list()`, `jobs.show(id)`, `jobs.rerun(id, remote=...)`,
+#: `jobs.diff(a, b)`, `jobs.prune(...)` (`backends/history.py`).
+jobs = _JobHistory(load_model=_load_for_rerun)
 
 
 def __getattr__(name: str) -> object:

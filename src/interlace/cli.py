@@ -1,4 +1,4 @@
-"""The `interlace` command: serve, keys, jobs, env.
+"""The `interlace` command: serve, keys, jobs (the local job history), env.
 
 Heavy imports (the server app, models, torch) happen inside the command that needs them, so
 `interlace keys list` and `interlace --help` stay quick.
@@ -240,10 +240,45 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    """`interlace jobs ...`: the local job history (`interlace.jobs`), or with `list
+    --server-data DIR` a server's job store, for its operator."""
+    if args.jobs_command == "list" and args.server_data:
+        return _server_jobs(args)
+    import interlace
+    from .backends.history import JobHistoryError
+
+    try:
+        if args.jobs_command == "list":
+            return _print_history(interlace.jobs.list(args.limit, mode=args.mode, status=args.status))
+        if args.jobs_command == "show":
+            return _print_record(interlace.jobs.show(args.id))
+        if args.jobs_command == "rerun":
+            remote = {"local": "local", "server": True, None: None}[args.remote]
+            values = interlace.jobs.rerun(args.id, remote, model_key=args.model_key)
+            print(f"Reran {args.id} ({'where it ran' if remote is None else args.remote}); saved values:")
+            for name, value in values.items():
+                print(f"  {name}: {_describe_value(value)}")
+            return 0
+        if args.jobs_command == "diff":
+            print(interlace.jobs.diff(args.a, args.b))
+            return 0
+        if args.jobs_command == "prune":
+            removed = interlace.jobs.prune(args.older_than, args.keep)
+            print(f"Removed {len(removed)} record{'s' if len(removed) != 1 else ''} from {interlace.jobs.path}.")
+            for job_id in removed:
+                print(f"  {job_id}")
+            return 0
+    except (JobHistoryError, ValueError) as exc:
+        return _fail(str(exc), 1)
+    return _fail("choose one of: jobs list, jobs show, jobs rerun, jobs diff, jobs prune")
+
+
+def _server_jobs(args: argparse.Namespace) -> int:
+    from .server.db import Database
     from .server.store import JobStore
 
-    db, data_dir = _open_db(args)
-    records = JobStore(db).list_jobs(args.user, status=args.status, limit=args.limit)
+    data_dir = Path(args.server_data).expanduser()
+    records = JobStore(Database(data_dir / "interlace.db")).list_jobs(args.user, status=args.status, limit=args.limit)
     if not records:
         print(f"No jobs in {data_dir}.")
         return 0
@@ -252,6 +287,59 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(f"{r.id:32} {r.owner[:16]:16} {r.model_key[:24]:24} {r.status:10} {_when(r.created):19} "
               f"{_when(r.started):19} {_when(r.finished)}")
     return 0
+
+
+def _print_history(records: list[Any]) -> int:
+    from .backends.history_store import history_path
+
+    if not records:
+        print(f"No recorded jobs in {history_path()}.")
+        return 0
+    print(f"{'ID':12} {'CREATED':19} {'MODE':6} {'STATUS':9} {'MODEL':28} {'PAYLOAD':>8} {'RESULT':>8} BODY")
+    for r in records:
+        marks = "".join((" [dry run]" if r.dry_run else "", " [mocked]" if r.mocked else "",
+                         f" [rerun of {r.rerun_of[:12]}]" if r.rerun_of else ""))
+        print(f"{r.id[:12]:12} {_when(r.created):19} {r.mode:6} {r.status:9} {r.model_key[-28:]:28} "
+              f"{r.payload_size:>8} {'-' if r.result_size is None else r.result_size:>8} "
+              f"{Path(r.filename).name}:{r.lineno}{marks}")
+    return 0
+
+
+def _print_record(r: Any) -> int:
+    print(f"id:        {r.id}")
+    print(f"created:   {_when(r.created)}")
+    print(f"mode:      {r.mode}" + (f" ({r.host}, server job {r.server_job_id})" if r.server_job_id else ""))
+    print(f"kind:      {r.kind}")
+    print(f"model:     {r.model_key}" + (f" (loads from {r.model_source['path']})" if r.model_source else ""))
+    print(f"status:    {r.status}")
+    print("timeline:  " + "  ".join(f"{status} {time.strftime('%H:%M:%S', time.localtime(at))}.{int(at % 1 * 1000):03d}"
+                                    for status, at in r.timeline))
+    print(f"sizes:     payload {r.payload_size} bytes, result "
+          + ("-" if r.result_size is None else f"{r.result_size} bytes")
+          + (" (recorded)" if r.result is not None else ""))
+    if r.dry_run:
+        print("dry run:   yes (values were fake)")
+    if r.mocked:
+        print(f"mocked:    {', '.join(r.mocked)}")
+    if r.rerun_of:
+        print(f"rerun of:  {r.rerun_of}")
+    if r.error is not None:
+        print(f"error:     {r.error_category}")
+        print("  " + r.error.rstrip("\n").replace("\n", "\n  "))
+    print(f"body:      {r.filename}:{r.lineno}")
+    print("  " + r.source.rstrip("\n").replace("\n", "\n  "))
+    return 0
+
+
+def _describe_value(value: Any) -> str:
+    """One line for a saved value: a tensor's shape, dtype and mean; anything else, its repr."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None and hasattr(value, "double"):
+        mean = value.double().mean().item() if value.numel() else float("nan")
+        return f"tensor {tuple(shape)} {str(dtype).removeprefix('torch.')}, mean {mean:.6g}"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 # -- env --------------------------------------------------------------------------------------
@@ -390,11 +478,29 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--data-dir", help=data_help)
     keys.set_defaults(func=cmd_keys)
 
-    jobs = sub.add_parser("jobs", help="list jobs on this server's data directory")
-    jobs.add_argument("--data-dir", help=data_help)
-    jobs.add_argument("--user")
-    jobs.add_argument("--status")
-    jobs.add_argument("--limit", type=int, default=50)
+    jobs = sub.add_parser("jobs", help="your job history: every remote=True and remote='local' run")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_sub.add_parser("list", help="recorded jobs, newest first")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--mode", choices=["local", "server"])
+    listing.add_argument("--status", help="COMPLETED, ERROR, ...")
+    listing.add_argument("--server-data", metavar="DIR",
+                         help="instead, list the jobs in a server's data directory (for its operator)")
+    listing.add_argument("--user", help="with --server-data: only this user's jobs")
+    show = jobs_sub.add_parser("show", help="one job: timeline, sizes, body, error")
+    show.add_argument("id", help="a job id or a unique prefix of one")
+    rerun = jobs_sub.add_parser("rerun", help="replay a job's recorded request and print its saved values")
+    rerun.add_argument("id")
+    rerun.add_argument("--remote", choices=["local", "server"],
+                       help="where to run it (default: where it ran): 'local' simulates here, 'server' "
+                            "sends it to the configured server ($INTERLACE_HOST)")
+    rerun.add_argument("--model-key", help="with --remote server: the server's model to run it on")
+    diff = jobs_sub.add_parser("diff", help="what differs between two jobs")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    prune = jobs_sub.add_parser("prune", help="remove old records")
+    prune.add_argument("--older-than", type=float, metavar="DAYS", help="remove records older than this")
+    prune.add_argument("--keep", type=int, metavar="N", help="never remove the N newest")
     jobs.set_defaults(func=cmd_jobs)
 
     env = sub.add_parser("env", help="show the local environment and the configured server's")

@@ -5,6 +5,10 @@ Defaults come from the pydantic models below, then the user's config file
 `~/.config/interlace/config.json`), then environment variables (`INTERLACE_HOST`,
 `INTERLACE_API_KEY`). The file lives in the user's home, never inside the installed package,
 so saving a key works in read-only and shared installs.
+
+What Interlace writes (the local job history, a server's database) goes under `data_dir()`,
+beside the config directory: `$INTERLACE_DATA_DIR`, else `$XDG_DATA_HOME/interlace`, else
+`~/.local/share/interlace`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CONFIG", "Config", "ApiConfig", "AppConfig", "DEFAULT_HOST", "config_dir", "config_path"]
+__all__ = ["CONFIG", "Config", "ApiConfig", "AppConfig", "DEFAULT_HOST", "config_dir", "config_path", "data_dir"]
 
 DEFAULT_HOST = "http://127.0.0.1:8000"
 
@@ -37,6 +41,12 @@ class AppConfig(BaseModel):
     #: `remote='local'` runs each job in a confined worker process (as a server does), as if
     #: every trace passed `isolate=True`; a trace's own `isolate=` wins.
     ISOLATE_LOCAL: bool = False
+    #: Record every `remote=True` and `remote='local'` run in the local job history
+    #: (`interlace.jobs`, `interlace jobs list`), under `data_dir()`.
+    HISTORY: bool = True
+    #: Keep each recorded run's result bytes too (`jobs.diff` then compares saved values);
+    #: off by default, since results can be large.
+    HISTORY_RESULTS: bool = False
 
 
 def config_dir() -> Path:
@@ -51,6 +61,18 @@ def config_dir() -> Path:
 
 def config_path() -> Path:
     return config_dir() / "config.json"
+
+
+def data_dir() -> Path:
+    """Directory of what Interlace writes for the user (the job history; a server's data):
+    `$INTERLACE_DATA_DIR`, else `$XDG_DATA_HOME/interlace`, else `~/.local/share/interlace`.
+    Read on each call, so a changed environment variable takes effect at once."""
+    explicit = os.environ.get("INTERLACE_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "interlace"
 
 
 class Config(BaseModel):

@@ -9,6 +9,7 @@ Python (or for nnsight) keeps working::
     ├── TracingError [ValueError]                a trace used in a way that cannot work
     │   ├── SourceNotFoundError                  the `with` block's source cannot be read
     │   ├── NotSavedError [UnboundLocalError]    a name used after the block, never saved
+    │   ├── MockError                            tracing/mock.py: a `mocks=` entry that cannot apply
     │   ├── HostedModelError                     models/hosted.py: a model known only by its key
     │   └── LocalBlockError                      backends/local_runner.py: a local block that could not run or send
     ├── MissedProviderError                      a module value that was never delivered
@@ -24,11 +25,14 @@ Python (or for nnsight) keeps working::
     │   └── Remote<Name> [<Name>]                ... and its code raised <Name> (IndexError, ...)
     ├── ServerUnreachableError [ConnectionError] no server answers at the configured host
     ├── WaitTimeout [TimeoutError]               `wait(timeout=)` ran out; the job goes on
+    ├── JobHistoryError [LookupError]            backends/history.py: an unknown job id, an impossible rerun
+    ├── FakeValueError [RuntimeError]            backends/dry_run.py: a dry run's fake value asked for data
     └── ResultNotReadyError [RuntimeError]       backends/pending.py: a `blocking=False` value used early
 
     Warning
     └── UserWarning
         ├── GenerationEndedWarning               generation stopped before a step the body awaited
+        ├── DryRunWarning                        backends/dry_run.py: what a dry run would save (values fake)
         └── LocalBlockUnserved                   backends/follow.py: a job waits for a local block this client cannot run
 
 Classes live here unless they need a layer above this one (a `Problem`, a placeholder): those

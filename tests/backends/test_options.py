@@ -48,7 +48,8 @@ def raw_block_output(lm, prompt, layer):
 # -- each option in each mode ----------------------------------------------------------------
 
 VALUES = {"verbose": False, "strict_remote": False, "max_upload_mb": 10.0, "isolate": False, "blocking": True,
-          "callback": None, "host": None, "api_key": None}
+          "callback": None, "host": None, "api_key": None, "mocks": {"transformer.h.0.mlp": lambda hidden: hidden},
+          "dry_run": True}
 
 
 REFUSED = [(name, remote) for name, takes in sorted(CLIENT_OPTIONS.items())

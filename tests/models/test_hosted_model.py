@@ -187,7 +187,7 @@ def test_hosted_model_refuses_local_runs(use_server, tiny_gpt2_path, remote):
             with model.trace(SHORT, remote=remote):
                 hidden = model.transformer.h[0].output.save()
         text = str(info.value)
-        assert "no weights" in text and "remote=True" in text and "not available yet" in text
+        assert "no weights" in text and "remote=True" in text and "dry_run=True" in text
         assert repr(remote) in text
         with pytest.raises(HostedModelError, match="no weights"):
             with model.session(remote=remote):
@@ -349,3 +349,27 @@ def test_only_plain_non_code_files_are_written(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "spiece.model"]
     assert (folder / "spiece.model").read_bytes() == b"\x00\x01\x02"
     assert not (tmp_path / "outside.json").exists()
+
+
+def test_a_model_known_only_by_its_key_takes_a_dry_run(use_server, tiny_gpt2_path):
+    """The model too big to load: built on the meta device from the server's config, it can
+    still check a trace meant for the server (shapes from the architecture, values fake)."""
+    import warnings
+
+    from interlace.backends.dry_run import FakeValueError
+
+    hosted = LanguageModel(model_key=str(tiny_gpt2_path))
+    local = LanguageModel(str(tiny_gpt2_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with hosted.trace(ET_PROMPT, remote="local", dry_run=True):
+            fake = hosted.transformer.h[1].output.save()
+    with local.trace(ET_PROMPT):
+        real = local.transformer.h[1].output.save()
+    assert tuple(fake.shape) == tuple(real.shape) and fake.dtype == real.dtype
+    with pytest.raises(FakeValueError):
+        fake.tolist()
+    assert all(p.device.type == "meta" for p in hosted._module.parameters())
+    with pytest.raises(interlace.InterlaceError, match="remote=True"):
+        with hosted.trace(ET_PROMPT, remote="local"):  # without dry_run: still no weights here
+            hosted.transformer.h[1].output.save()

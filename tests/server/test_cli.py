@@ -35,7 +35,7 @@ def test_jobs_lists_everyone(tmp_path, capsys):
     for name in ("alice", "bob"):
         user = service.keys.verify(service.keys.create(name)[0])
         service.accept(user, fake_payload(), callback=None, client_version=None)
-    assert cli.main(["jobs", "--data-dir", str(tmp_path)]) == 0
+    assert cli.main(["jobs", "list", "--server-data", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "alice" in out and "bob" in out and out.count("QUEUED") == 2 and "fake" in out
 

@@ -366,6 +366,8 @@ class Job:
         self.client = client
         self.id = job_id
         self.last_status = last_status
+        #: (status, server time) of each state the last wait saw (`follow.Follow.timeline`).
+        self.timeline: list[tuple[str, float]] = []
 
     def __repr__(self) -> str:
         status = (self.last_status or {}).get("status", "?")
@@ -423,6 +425,8 @@ class Job:
     def _ended(self, follow: Follow) -> None:
         if follow.final is not None:
             self.last_status = follow.final
+        if follow.timeline:  # each wait follows the events from the first
+            self.timeline = follow.timeline
         follow.display.finish()
 
 

@@ -178,6 +178,8 @@ class Follow:
         self.ws_failures_before_polling = ws_failures_before_polling
         self.last_seq = 0
         self.final: dict[str, Any] | None = None
+        #: (status, the server's time) of each state event seen: the job history's timeline.
+        self.timeline: list[tuple[str, float]] = []
         self.local = local  # the trace's local-block runner; None when re-attached by id
         self.served: set[int] = set()  # local-block exchanges served (or given up on): never twice
         self._due: tuple[int, int, bytes | None] | None = None  # (exchange, line, values) to serve next
@@ -196,6 +198,8 @@ class Follow:
             # Not shown: the block itself is what the user sees now.
             self._offer(event.get("exchange"), event.get("line"), event.get("values"))
             return False
+        if status != JobStatus.LOG and isinstance(event.get("time"), (int, float)):
+            self.timeline.append((getattr(status, "value", status), float(event["time"])))
         # An ERROR's description is the traceback: it is raised, not squeezed into the line.
         shown = "" if status == JobStatus.ERROR else event.get("description") or ""
         self.display.update(self.job_id, status, shown)

@@ -16,6 +16,10 @@ runs in a confined worker process (`execution/process.py`) that loaded the model
 same files the caller's model came from (its path or hub id), one worker per model, kept for
 the session. That worker's model is the one on disk: changes the caller made to its own
 model in memory (weights set by hand) are not in it, as they would not be on a server.
+
+Each run is recorded in the local job history (`history_store.JobRun`, finished in
+`run_payload` however the run ends); `run_payload` is also how `interlace.jobs.rerun` replays
+recorded request bytes here.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..execution.process import WorkerSpec, WorkerSupervisor
 from ..execution.receive import prepare_payload
 from ..execution.run import run_prepared
 from ..tracing.backend import CapturedTrace
+from .history_store import JobRun, ModelNotFromFiles, model_load_spec
 from .local_runner import runner_for
 from .outbound import encode_for_remote, model_key_of, policy_for_simulation, warn_if_large
 
@@ -75,6 +80,9 @@ class LocalSimulationBackend:
         self.isolate = CONFIG.APP.ISOLATE_LOCAL if isolate is None else bool(isolate)
         self.last_payload_size = 0
         self._last_payload: bytes | None = None
+        #: The modules `mocks=` replaced in this backend's runs (set by `mocks.with_mocks`,
+        #: which applies them around each call), as the user wrote them: for the job history.
+        self.mocked: tuple[str, ...] = ()
 
     def get_last_payload(self) -> bytes | None:
         return self._last_payload
@@ -95,24 +103,44 @@ class LocalSimulationBackend:
             if shipped_refs:
                 print(f"[LocalSimulation] Model refs in shipped code: {shipped_refs}")
         warn_if_large(payload, self.max_upload_mb)
+        run = JobRun.for_trace("local", trace, key, mocked=self.mocked)
+        return decode_result(self.run_payload(payload, key, policy, trace=trace, run=run))
+
+    def run_payload(self, payload: bytes, key: str, policy: Policy, *, trace: CapturedTrace | None = None,
+                    run: JobRun | None = None) -> bytes:
+        """Receive and run request bytes as a server would, against this backend's model under
+        `key`; the result bytes. `trace`: whose `with interlace.local():` blocks run here.
+        `run`: the job history's record of it (`history_store.py`), finished however it ends.
+        `interlace.jobs.rerun` replays a recorded payload through here."""
+        try:
+            result = self._receive_and_run(payload, key, policy, trace, run)
+        except BaseException as error:
+            if run is not None:
+                run.finish(payload, error=error)
+            raise
+        if run is not None:
+            run.finish(payload, result=result)
+        return result
+
+    def _receive_and_run(self, payload: bytes, key: str, policy: Policy, trace: CapturedTrace | None,
+                         run: JobRun | None) -> bytes:
         try:
             prepared = prepare_payload(payload, policy, {key: self.model})
         except BadRequest as e:
             if e.problems:
                 raise RemoteValidationError(e.problems) from None
             raise RemoteException(e.message, category=f"HTTP {e.status}") from None
+        if run is not None:
+            run.status("RUNNING")
         # The body's `with interlace.local():` blocks run here, on the caller's side of the
         # same conversation a server holds with its client (`contract/local_block.py`).
-        runner = runner_for(trace, policy)
+        runner = runner_for(trace, policy) if trace is not None else None
         try:
             if self.isolate:
-                result = _isolated_worker(self.model, key, policy).run(payload, _log, local=runner)
-            else:
-                result = run_prepared(prepared, self.model, policy, log=_log, local=runner)
+                return _isolated_worker(self.model, key, policy).run(payload, _log, local=runner)
+            return run_prepared(prepared, self.model, policy, log=_log, local=runner)
         except JobFailed as e:
             failed = e
-        else:
-            return decode_result(result)
         finally:
             if runner is not None:
                 runner.close()  # a block left waiting for a read when the job ended
@@ -149,25 +177,17 @@ def _isolated_worker(model: Any, key: str, policy: Policy) -> WorkerSupervisor:
 
 def _model_spec(model: Any) -> dict[str, Any]:
     """How a worker loads the caller's model: its path or hub id, with its load options."""
-    path = model.__dict__.get("repo_id")
-    module_name = type(getattr(model, "_module", None)).__name__
-    # A LanguageModel built from a module in memory without a config path has its class name here.
-    if not isinstance(path, str) or not path or (path == module_name and not os.path.exists(path)):
-        raise RemoteException(MSG_NOT_FROM_FILES.format(kind=type(model).__name__), category="isolate")
-    options: dict[str, Any] = {}
-    for name, value in (model.__dict__.get("_load_kwargs") or {}).items():
-        if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
-            value = str(value).removeprefix("torch.")  # from_pretrained takes the name
-        try:
-            json.dumps(value)
-        except TypeError:
-            raise RemoteException(
-                f"`isolate=True` cannot pass the load option {name}={value!r} to the worker process "
-                "(only plain values travel); load the model without it, or trace without `isolate=True`.",
-                category="isolate",
-            ) from None
-        options[name] = value
-    return {"kind": "language_model", "path": path, "load_kwargs": options}
+    try:
+        return model_load_spec(model)
+    except ModelNotFromFiles as e:
+        if e.option is None:
+            raise RemoteException(MSG_NOT_FROM_FILES.format(kind=e.kind), category="isolate") from None
+        name, value = e.option
+        raise RemoteException(
+            f"`isolate=True` cannot pass the load option {name}={value!r} to the worker process "
+            "(only plain values travel); load the model without it, or trace without `isolate=True`.",
+            category="isolate",
+        ) from None
 
 
 def close_isolated_workers() -> None:

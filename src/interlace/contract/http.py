@@ -2,10 +2,11 @@
 speak: header names, URL paths, query names and job states. Both sides import them from here,
 so neither can drift from the other. The full protocol, with examples: docs/http-api.md.
 
-Authentication. Every job endpoint, every status stream and `/v1/models/{key}/meta` needs an
-API key in the `KEY_HEADER` (`X-Interlace-Key`). `/v1/info`, `/v1/policy`, `/openapi.json` and
-`/docs` need none. A browser, which cannot set headers on a WebSocket, sends the key as the
-stream's first message instead: `{"key": "...", "version": "..."}` (`WS_AUTH_FIELDS`).
+Authentication. Every job endpoint, every status stream, `/v1/status` and
+`/v1/models/{key}/meta` need an API key in the `KEY_HEADER` (`X-Interlace-Key`). `/v1/info`,
+`/v1/policy`, `/openapi.json`, `/docs` and the status page (`STATUS_PAGE`: it asks for a key
+and sends it) need none. A browser, which cannot set headers on a WebSocket, sends the key as
+the stream's first message instead: `{"key": "...", "version": "..."}` (`WS_AUTH_FIELDS`).
 
 Versions. Clients send `VERSION_HEADER` (`X-Interlace-Version`) with their version; a server
 accepts the same major version as its own and answers 426 otherwise (the rule itself is the
@@ -66,6 +67,8 @@ __all__ = [
     "JOB_EVENTS",
     "JOB_RESULT",
     "JOB_LOCAL",
+    "STATUS",
+    "STATUS_PAGE",
     "LOCAL_HEADER",
     "LOCAL_OPS",
     "WS_LOCAL_MAX_BYTES",
@@ -147,6 +150,11 @@ JOB_RESULT: Final = "/v1/jobs/{job_id}/result"
 #: GET: the values sent down to the job's local block number `exchange`. POST: the client's
 #: next message for it (`LOCAL_HEADER`).
 JOB_LOCAL: Final = "/v1/jobs/{job_id}/local/{exchange}"
+#: GET: the server's state for the key: hosted models, queues, the key's recent jobs with their
+#: timelines, versions, policy and limits (JSON; what the status page shows).
+STATUS: Final = "/v1/status"
+#: GET: the status page (HTML, no key: it asks for one and reads `STATUS` with it).
+STATUS_PAGE: Final = "/status"
 
 
 def path(template: str, **params: str) -> str:

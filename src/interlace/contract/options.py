@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from ..errors import InterlaceError
 
-__all__ = ["CLIENT_OPTIONS", "TraceOptionError", "split_client_options", "forbidden_server_option", "mode_name"]
+__all__ = ["CLIENT_OPTIONS", "MSG_DRY_RUN_LOCAL_ONLY", "MSG_MOCKS_NOT_REMOTE", "TraceOptionError", "split_client_options", "forbidden_server_option", "mode_name"]
 
 #: Every client-side option, with the `remote=` values that take it.
 CLIENT_OPTIONS: dict[str, tuple[Any, ...]] = {
@@ -31,7 +31,30 @@ CLIENT_OPTIONS: dict[str, tuple[Any, ...]] = {
     "callback": (True,),
     "host": (True,),
     "api_key": (True,),
+    # Stand-ins run in this process only: a mocked run never goes to a server (see MSG_MOCKS_NOT_REMOTE).
+    "mocks": (False, "local"),
+    # Fake tensors through the simulation's path (`backends/dry_run.py`); see MSG_DRY_RUN_LOCAL_ONLY.
+    "dry_run": ("local",),
 }
+
+#: Why `mocks=` is refused with `remote=True`, after the usual text of `option_message`.
+MSG_MOCKS_NOT_REMOTE = (
+    "A mocked run never goes to a server: the stand-ins are code in this process, so a server "
+    "would run the real modules and the results would not be the ones you tested. Try the "
+    "logic with `remote='local'` (the server's whole path, in this process, stand-ins "
+    "included), then drop `mocks=` to run the real model with `remote=True`."
+)
+
+#: Why `dry_run=` is refused with `remote=False` and `remote=True`, after `option_message`'s text.
+MSG_DRY_RUN_LOCAL_ONLY = (
+    "A dry run checks a trace for a model whose weights you do not have (shapes, order of access, "
+    "what can be sent, the server's policy, the result's size) by running the server's path here "
+    "on fake tensors, so it is a kind of `remote='local'` run; with remote=True the server would "
+    "compute for real, and with remote=False nothing is checked against a server."
+)
+
+#: An option's reason, added to its refusal (`option_message`).
+_WHY_REFUSED = {"mocks": MSG_MOCKS_NOT_REMOTE, "dry_run": MSG_DRY_RUN_LOCAL_ONLY}
 
 #: Arguments of `model.trace` itself; a request that carries them as model options is forged
 #: or from a broken client (`remote=True` on the server would submit a job from the server).
@@ -40,6 +63,8 @@ _TRACE_ARGUMENTS = ("remote", "backend")
 _EXAMPLE_VALUES = {
     "verbose": "True", "strict_remote": "True", "max_upload_mb": "50", "isolate": "True", "blocking": "False",
     "callback": '"https://example.org/hook"', "host": '"https://my-server:8000"', "api_key": '"..."',
+    "mocks": '{"transformer.h.0.mlp": stand_in}',
+    "dry_run": "True",
 }
 
 
@@ -64,9 +89,10 @@ def option_message(name: str, remote: Any) -> str:
     """Why `remote`'s mode does not take client option `name`, and how to write it instead."""
     modes = CLIENT_OPTIONS[name]
     example = f"model.trace(x, {mode_name(modes[0])}, {name}={_EXAMPLE_VALUES[name]})"
+    why = _WHY_REFUSED.get(name)
     return (
         f"`{name}=` applies only with {_modes_text(modes)}, not with {mode_name(remote)}. "
-        f"Remove it, or run in a mode that takes it: `{example}`."
+        f"Remove it, or run in a mode that takes it: `{example}`." + (f" {why}" if why else "")
     )
 
 

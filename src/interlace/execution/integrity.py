@@ -44,6 +44,7 @@ import torch
 
 from ..tracing.source import accessors
 from . import process_state
+from .fake import fake_run_active
 
 __all__ = [
     "Integrity", "ModelGuard", "SIMULATION_SNAPSHOT_MAX_BYTES", "guard_for", "needs_recycle",
@@ -184,7 +185,7 @@ class _Tensor:
     def read_sample(self) -> bytes:
         if self.view is not None:
             return self.view[self.index].tobytes()
-        if self.tensor.numel() == 0:
+        if self.tensor.numel() == 0 or self.tensor.is_meta:  # meta: no values (a dry run's model)
             return b""
         # Not on the CPU (or a dtype numpy lacks): a gather on the tensor's device.
         with torch.no_grad():
@@ -485,6 +486,11 @@ def guard_for(model: Any, *, server: bool = False, pristine: bool = True) -> "Mo
     guard = _GUARDS.get(module)
     if guard is None or (server and guard.follow_caller):
         if any(t.is_meta for t in _tensors(list(module.modules()))):
+            if fake_run_active():
+                # A dry run (`fake.py`): the weights stay unloaded; the baseline is of
+                # everything but their values (there are none to sample or copy).
+                # Not kept: a real run of this model loads its weights and needs a real guard.
+                return ModelGuard(module, pristine=False, follow_caller=True, host=model)
             # Weights not loaded yet (a lazy `LanguageModel` before its first run): load them
             # now, as the run would, so the baseline is of the weights the job runs beside.
             dispatch = getattr(model, "dispatch", None)

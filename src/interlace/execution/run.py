@@ -27,6 +27,7 @@ from ..tracing.namespace import body_namespace
 from ..tracing.backend import running_shipped_body
 from ..tracing.saving import pop_registry, push_registry
 from .errors import JobFailed
+from .fake import body_mode
 from .hosted import HostedModel
 from .integrity import guard_for
 from .isolation import clear_grads, keep_edits, restore_edits, restore_grads
@@ -124,7 +125,7 @@ def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: Host
     grads = clear_grads(modules) if grad_mode is _GRAD_ON else None
     edits = keep_edits(model)
     try:
-        with grad_mode, running_shipped_body():
+        with grad_mode, running_shipped_body(), body_mode():  # body_mode: a dry run's fake tensors (`fake.py`)
             tracer.run_block(block, ns)
     except LocalBlockAborted as aborted:  # the user's frames down to the block's `with` line, then why
         raise JobFailed(_frames_text(aborted, request) + aborted.text, aborted.category) from None

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from ..errors import TracingError
+from ..execution.fake import fake_run_active
 from ..contract.model_meta import FILE_NAME, META_FORMAT, REFUSED_SUFFIXES
 
-__all__ = ["HostedModel", "HostedModelError", "load_hosted", "build_hosted", "no_local_weights_error"]
+__all__ = ["HostedModel", "HostedModelError", "load_hosted", "build_hosted", "no_local_weights_error", "refuse_local_run"]
 
 
 class HostedModelError(TracingError):
@@ -137,7 +138,16 @@ def no_local_weights_error(model_key: str, remote: Any) -> HostedModelError:
         f"{model_key!r} was built from the server's description (model_key=...): it has the module "
         f"tree and config but no weights here, so {how} cannot run it. Run it on the server:\n\n"
         "    with model.trace(inputs, remote=True):\n        ...\n\n"
-        "remote='local' runs the server path in-process on local weights; a dry run of a model "
-        "known only by its key is a planned feature, not available yet. To run locally, load the "
+        "remote='local' runs the server path in-process on local weights. To check a trace "
+        "without them (shapes, order of access, what can be sent; values fake): "
+        "`model.trace(inputs, remote='local', dry_run=True)`. To run locally, load the "
         f"weights: `LanguageModel({model_key!r})` (by hub id or path) or `NNsight(module)`."
     )
+
+
+def refuse_local_run(model_key: str, remote: Any, kwargs: dict[str, Any]) -> None:
+    """Raise `no_local_weights_error` unless this run is a dry run (which needs no weights):
+    the user's `dry_run=True`, or the dry run's own inner trace (`execution.fake`)."""
+    if kwargs.get("dry_run") or fake_run_active():
+        return
+    raise no_local_weights_error(model_key, remote)

@@ -347,9 +347,9 @@ class NNsight(Envoy):
             if d["_remote_api_key"] is not None:
                 kwargs.setdefault("api_key", d["_remote_api_key"])
         elif d["_hosted"] is not None and remote in (False, None, "local"):
-            from .hosted import no_local_weights_error
+            from .hosted import refuse_local_run
 
-            raise no_local_weights_error(d["_hosted"].key, remote or False)
+            refuse_local_run(d["_hosted"].key, remote or False, kwargs)
         return select_backend(self, remote, kwargs)
 
     # -- torch.nn.Module methods that return the module (see SELF_RETURNING_METHODS) -----------

@@ -39,6 +39,8 @@ from ..contract.http import (
     WS_LOCAL_MAX_BYTES,
     MODEL_META,
     POLICY,
+    STATUS,
+    STATUS_PAGE,
     VERSION_HEADER,
     VERSION_QUERY,
     WS_AUTH_FIELDS,
@@ -55,6 +57,8 @@ from .limits import TooManyRequests
 from .local_exchange import ExchangeError
 from .service import Conflict, JobService, NotFound
 from .settings import MiB, ServerSettings
+from .status import RECENT_JOBS, server_status
+from .status_page import page_response
 from .store import Event, JobRecord, queued_text
 from .types import JobRunner
 
@@ -209,6 +213,17 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
         # Writing and reading the tokenizer files takes milliseconds: off the loop (once per key).
         body = await anyio.to_thread.run_sync(service.model_meta, model_key)
         return Response(body, media_type="application/json")
+
+    @app.get(STATUS, summary="The server's state for your key: models, queues, your recent jobs, versions, limits",
+             responses={401: {"description": "missing or bad key"}})
+    async def status(request: Request, limit: int = RECENT_JOBS) -> JSONResponse:
+        user = authenticate(request)
+        return JSONResponse(server_status(service, user, limit=limit))
+
+    @app.get(STATUS_PAGE, include_in_schema=False)  # the same data as a page (server/status.html)
+    @app.get("/", include_in_schema=False)
+    async def status_page() -> Response:
+        return page_response()
 
     # -- jobs -----------------------------------------------------------------------------
 

@@ -214,6 +214,19 @@ class JobStore:
         )
         return _event_from_row(row) if row else None
 
+    def timelines(self, job_ids: list[str]) -> dict[str, list[Event]]:
+        """Each job's stored state events, oldest first, without its LOG lines (up to
+        `max_log_events` a job, which a timeline does not need): one query for all the jobs."""
+        found: dict[str, list[Event]] = {job_id: [] for job_id in job_ids}
+        if found:
+            marks = ",".join("?" * len(found))
+            rows = self.db.query(
+                f"SELECT * FROM events WHERE job_id IN ({marks}) AND status != 'LOG' ORDER BY seq", tuple(found)
+            )
+            for row in rows:
+                found[row["job_id"]].append(_event_from_row(row))
+        return found
+
     def expired(self, now: float) -> list[JobRecord]:
         names = tuple(s.value for s in TERMINAL if s is not JobStatus.EXPIRED)
         rows = self.db.query(

@@ -19,6 +19,7 @@ from .host import EnvoyLike, Host
 from .interleaver import Interleaver, ModuleHooks, OrderTable
 from .local_block import LOCAL_HELPER, LOCAL_ONLY_ATTR, List, LocalBlockCode, is_local_only, local, trace
 from .mediator import INPUT, OUTPUT, Mediator, current_mediator
+from .mock import Mock, MockError, mocks_applied, resolve_mocks
 from .namespace import MISSING, body_namespace
 from .outer_names import first_uses, free_names
 from .placeholder import Placeholder
@@ -37,6 +38,8 @@ __all__ = [
     # the seams: the model it runs beside, and how a trace reaches a run
     "Host", "EnvoyLike", "Backend", "CapturedTrace", "LocalBackend", "TraceOutcome",
     "forced_local", "running_shipped_body",
+    # mocks= (for backends/): stand-ins in place of modules for a run
+    "Mock", "MockError", "mocks_applied", "resolve_mocks",
     # running bodies (for models/)
     "Interleaver", "Mediator", "ModuleHooks", "OrderTable", "current_mediator", "INPUT", "OUTPUT",
     "mount_clashes", "edit_mediators", "export_edits", "import_edits", "enters_with",

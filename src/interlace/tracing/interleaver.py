@@ -59,6 +59,7 @@ from greenlet import getcurrent
 from ..errors import GenerationEndedWarning, ModuleNotCalledError, TracingError, warn
 from .batching import narrow, whole
 from .inline import InlineBodies
+from .mock import not_run_message
 from .mediator import (  # noqa: F401 - INPUT, OUTPUT, Mediator, StopForward, current_mediator re-exported
     BARRIER,
     CALL,
@@ -489,9 +490,10 @@ class Interleaver(InlineBodies):
                 self._throw(mediator, GenerationEnded())
                 continue
             step = f" at call {it}" if it else ""
+            below_mock = not_run_message(self.modules[idx], self.path(idx), KIND_NAME[kind])
             self._throw(
                 mediator,
-                ModuleNotCalledError(
+                ModuleNotCalledError(below_mock) if below_mock is not None else ModuleNotCalledError(
                     f"`{self.path(idx)}.{KIND_NAME[kind]}`{step} was requested, but the forward "
                     f"ended without {self.path(idx)} running"
                     + (f" a {it + 1}th time" if it else "")
