@@ -33,6 +33,7 @@ then fails with the model left changed (said in its message).
 from __future__ import annotations
 
 import operator
+import threading
 from itertools import chain
 import types
 import weakref
@@ -47,8 +48,16 @@ from . import process_state
 from .fake import fake_run_active
 
 __all__ = [
-    "Integrity", "ModelGuard", "SIMULATION_SNAPSHOT_MAX_BYTES", "guard_for", "needs_recycle",
+    "BUILD_LOCK", "Integrity", "ModelGuard", "SIMULATION_SNAPSHOT_MAX_BYTES", "guard_for", "needs_recycle",
 ]
+
+#: Held while this process builds a transformers model (`models/`: `from_pretrained`,
+#: `from_config`, and transformers' lazy first import). Building patches process-wide state and
+#: puts it back after (`PreTrainedModel.tie_weights` swapped for a no-op, the default dtype,
+#: `torch.nn.init`): two builds in two threads save each other's patch as "the original", and
+#: every later load in the process leaves its tied weights (`lm_head`) on the meta device. A
+#: guard's baseline and restore take it too, so they never record or put back a build's patch.
+BUILD_LOCK = threading.RLock()
 
 #: The simulation keeps a CPU copy of the caller's weights (to undo a job that changed them)
 #: only for models up to this size; a server always keeps one.
@@ -355,6 +364,10 @@ class ModelGuard:
     def begin(self) -> Any:
         """Before a job: the process state to return to (and, under the simulation, a fresh
         baseline when the caller changed the model since the last job)."""
+        with BUILD_LOCK:  # never a baseline of a build's passing patch (`BUILD_LOCK`)
+            return self._begin()
+
+    def _begin(self) -> Any:
         if self.follow_caller:
             # Every trace (the caller's local ones too) registers and removes the engine's own
             # hooks, so a moved hook counter alone is no change: only what it could mean is
@@ -382,6 +395,10 @@ class ModelGuard:
     def verify_and_restore(self, before: Any) -> Integrity:
         """After a job (whether it ended well or not): compare with the baseline, put back
         what differs, and say what differed and what could not be put back."""
+        with BUILD_LOCK:  # never puts back (or undoes) a build's passing patch
+            return self._verify_and_restore(before)
+
+    def _verify_and_restore(self, before: Any) -> Integrity:
         report = Integrity()
         for name in process_state.restore(before, report.unrestored):
             report.changed.append(f"process state: {name}")
@@ -500,8 +517,13 @@ def guard_for(model: Any, *, server: bool = False, pristine: bool = True) -> "Mo
                 dispatch()
             except Exception:  # noqa: BLE001 - no weights here at all: the run fails by itself
                 return _NO_GUARD
-            return guard_for(model, server=server, pristine=pristine)
-        guard = _GUARDS[module] = ModelGuard(module, pristine=pristine, follow_caller=not server, host=model)
+            module = model._module
+            meta = [name for name, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
+            if meta:  # (asking again would recurse forever: loading left these unloaded)
+                raise RuntimeError(f"the model's weights were loaded, but {', '.join(meta[:5])} "
+                                   "are still on the meta device (not in its checkpoint?)")
+        with BUILD_LOCK:  # (the baseline reads class dicts a build in another thread patches)
+            guard = _GUARDS[module] = ModelGuard(module, pristine=pristine, follow_caller=not server, host=model)
     return guard
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import TracingError
 from ..execution.fake import fake_run_active
+from ..execution.integrity import BUILD_LOCK
 from ..contract.model_meta import FILE_NAME, META_FORMAT, REFUSED_SUFFIXES
 
 __all__ = ["HostedModel", "HostedModelError", "load_hosted", "build_hosted", "no_local_weights_error", "refuse_local_run"]
@@ -115,7 +116,7 @@ def _build_module(config: Any, meta: dict[str, Any], model_key: str) -> torch.nn
     name = meta.get("architecture")
     cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
     try:
-        with torch.device("meta"):
+        with BUILD_LOCK, torch.device("meta"):  # one build at a time (see `BUILD_LOCK`)
             if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
                 module = cls._from_config(config, dtype=dtype)
             else:

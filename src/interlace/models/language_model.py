@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import TracingError
+from ..execution.integrity import BUILD_LOCK
 from ..tracing.interleaver import Interleaver
 from ..tracing.with_detection import enters_with
 from .generation import GenerateTracer, Generator, run_generate
@@ -67,7 +68,8 @@ class LanguageModel(NNsight):
         envoys: Any = CLASS_DEFAULT,
         **load_kwargs: Any,
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        with BUILD_LOCK:  # transformers' first (lazy) import fails in a thread racing another
+            from transformers import AutoConfig, AutoModelForCausalLM
 
         from .demo import DEMO_MODEL_KEY, build_demo_model
 
@@ -99,7 +101,7 @@ class LanguageModel(NNsight):
             else:
                 config_kwargs = {k: v for k, v in load_kwargs.items() if k in ("revision", "trust_remote_code", "cache_dir", "token")}
                 config = AutoConfig.from_pretrained(repo_id, **config_kwargs)
-                with torch.device("meta"):
+                with BUILD_LOCK, torch.device("meta"):  # (see `_load`)
                     module = AutoModelForCausalLM.from_config(config, trust_remote_code=load_kwargs.get("trust_remote_code", False))
                 dispatched = False
         else:
@@ -148,7 +150,11 @@ class LanguageModel(NNsight):
     def _load(repo_id: str, load_kwargs: dict[str, Any]) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        module = AutoModelForCausalLM.from_pretrained(repo_id, **load_kwargs)
+        # One build at a time in this process: transformers patches classes and process state
+        # while it builds, and two builds in threads (several models traced from threads, or
+        # hosted by one server process) leave `tie_weights` a no-op for good (`BUILD_LOCK`).
+        with BUILD_LOCK:
+            module = AutoModelForCausalLM.from_pretrained(repo_id, **load_kwargs)
         module.eval()
         return module
 
