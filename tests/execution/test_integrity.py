@@ -338,3 +338,25 @@ def test_a_tokenizer_whose_vocabulary_grew_asks_for_a_new_worker(lm):
     report = guard.verify_and_restore(before)
     assert report.needs_recycle and any("tokenizer vocabulary" in item for item in report.unrestored)
     assert needs_recycle(lm)
+
+
+def test_the_dict_version_fast_path_still_compares_by_identity(lm):
+    # Namespaces are fingerprinted by CPython's dict version counter (`dict_versions.py`): an
+    # equal value that is another object is a change, and a dict changed and put back between
+    # two checks is compared in full once, then fingerprinted again.
+    from interlace.execution import dict_versions
+
+    assert dict_versions.TAGS  # CPython 3.11-3.13: on
+    guard = _guarded(lm)
+    original = torch.e
+    before = guard.begin()
+    torch.e = float(repr(original))  # equal, not the same object
+    assert torch.e == original and torch.e is not original
+    report = guard.verify_and_restore(before)
+    assert any("module torch: e" in c for c in report.changed) and torch.e is original
+    block = lm._module.transformer.h[0]
+    block.extra = 1
+    del block.extra  # the counter moved, the entries are the same
+    assert guard.verify_and_restore(before).clean and guard.verify_and_restore(before).clean
+    block.training = not block.training
+    assert not guard.verify_and_restore(before).clean and guard.verify_and_restore(before).clean

@@ -17,7 +17,8 @@ by; this layer does not trust them. A `ModelGuard` keeps a *baseline* of one mod
   later job).
 
 `begin()` before a job and `verify_and_restore()` after it compare the model with the
-baseline by identity (no copy: a few hundred microseconds for GPT-2 small, see
+baseline by identity (no copy, and a namespace whose dict version counter has not moved is
+not looked into, `dict_versions.py`: a few hundred microseconds for GPT-2 small, see
 `tests/execution/test_integrity.py`) and put back whatever differs: entries and containers
 from the baseline's shallow copies, weight values from the pristine CPU copy. What cannot be
 put back exactly is reported (`Integrity.needs_recycle`, `needs_recycle(model)`): the server's
@@ -45,6 +46,7 @@ import torch
 
 from ..tracing.source import accessors
 from . import process_state
+from .dict_versions import tag_cell, tag_value
 from .fake import fake_run_active
 
 __all__ = [
@@ -321,8 +323,14 @@ class ModelGuard:
         # compared entry by entry.
         self._lives = tuple(d.live for d in dicts)
         self._lens = list(map(len, self._lives))
-        self._full = tuple(d.live for d in dicts if d.live)
-        self._dict_lives = tuple(d.live for d in dicts if d.live and isinstance(d, _Dict))
+        # Non-empty dicts by their version counter (`dict_versions.py`); the rest (lists, sets, a
+        # dict without one) entry by entry.
+        cells = [(d, tag_cell(d.live)) if d.live and isinstance(d, _Dict) else (d, None) for d in dicts]
+        self._tagged = [d for d, c in cells if c is not None]
+        self._cells = tuple(c for d, c in cells if c is not None)
+        self._tags = list(map(tag_value, self._cells))
+        self._full = tuple(d.live for d, c in cells if d.live and c is None)
+        self._dict_lives = tuple(d.live for d, c in cells if d.live and c is None and isinstance(d, _Dict))
         self._flat_keys = tuple(chain.from_iterable(self._full))
         self._flat_values = tuple(chain.from_iterable(map(_values, self._dict_lives)))
         self.tensors = self._tensor_baseline()
@@ -386,11 +394,21 @@ class ModelGuard:
 
     def _dicts_same(self) -> bool:
         try:
-            return (list(map(len, self._lives)) == self._lens
+            if not (list(map(len, self._lives)) == self._lens
                     and tuple(chain.from_iterable(self._full)) == self._flat_keys
-                    and all(map(_is, chain.from_iterable(map(_values, self._dict_lives)), self._flat_values)))
+                    and all(map(_is, chain.from_iterable(map(_values, self._dict_lives)), self._flat_values))):
+                return False
         except Exception:  # noqa: BLE001 - a changed entry whose `==` raises (a tensor), or a
             return False   # namespace another thread changed meanwhile: compare one by one
+        tags = list(map(tag_value, self._cells))
+        if tags == self._tags:
+            return True
+        for i, (now, then) in enumerate(zip(tags, self._tags)):
+            if now != then:  # changed since: compare it in full
+                if not _same(self._tagged[i]):
+                    return False
+                self._tags[i] = now  # changed and put back (the engine's hooks come and go): same
+        return True
 
     def verify_and_restore(self, before: Any) -> Integrity:
         """After a job (whether it ended well or not): compare with the baseline, put back

@@ -117,12 +117,12 @@ def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: Host
         remote_print = builtins_dict.get("print", log)
         set_log_line(lambda line: remote_print(line))
     registry = push_registry()
-    modules = list(model._module.modules())
     # Layer 4: the model and the process as the job found them (`integrity.py`).
     guard = guard_for(model)
     before = guard.begin()
     grad_mode = _grad_mode_for(request)
-    grads = clear_grads(modules) if grad_mode is _GRAD_ON else None
+    # (The module walk only for a job that may keep a graph: most run without one.)
+    grads = clear_grads(list(model._module.modules())) if grad_mode is _GRAD_ON else None
     edits = keep_edits(model)
     try:
         with grad_mode, running_shipped_body(), body_mode():  # body_mode: a dry run's fake tensors (`fake.py`)
