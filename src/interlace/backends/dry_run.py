@@ -36,17 +36,16 @@ import torch
 
 from ..contract.errors import UnsupportedValueError
 from ..contract.policy import Policy
-from ..contract.problems import RemoteValidationError
 from ..contract.result import UnsendableResult
 from ..contract.values.encode import ValueEncoder
 from ..contract.values.grammar import is_hf_output_class
 from ..errors import InterlaceError, RemoteException, collecting_warnings
-from ..execution.errors import BadRequest, JobFailed
+from ..execution.errors import JobFailed
 from ..execution.fake import DATA_DEPENDENT_ERRORS, FakeRun, fake_run
-from ..execution.receive import prepare_payload
 from ..execution.run import execute_request
 from ..tracing.backend import CapturedTrace
 from .history_store import JobRun
+from .simulation import receive_as_server
 from .outbound import encode_for_remote, model_key_of, policy_for_simulation, warn_if_large
 
 __all__ = [
@@ -316,12 +315,7 @@ class DryRunBackend:
 
     def _run(self, payload: bytes, key: str, policy: Policy, stop_after: int | None) -> tuple[dict[str, Any], DryRunReport]:
         # Received as the simulation receives it (`simulation.py`), so refused alike.
-        try:
-            prepared = prepare_payload(payload, policy, {key: self.model})
-        except BadRequest as e:
-            if e.problems:
-                raise RemoteValidationError(e.problems) from None
-            raise RemoteException(e.message, category=f"HTTP {e.status}") from None
+        prepared = receive_as_server(payload, policy, {key: self.model})
         with fake_run(self.model, stop_after=stop_after) as fake:
             try:
                 with collecting_warnings() as caught:  # the job's warnings, raised here as a result's are

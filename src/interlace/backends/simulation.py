@@ -46,13 +46,25 @@ from .history_store import JobRun, ModelNotFromFiles, model_load_spec
 from .local_runner import runner_for
 from .outbound import encode_for_remote, model_key_of, policy_for_simulation, warn_if_large
 
-__all__ = ["LocalSimulationBackend", "MSG_NOT_FROM_FILES", "close_isolated_workers"]
+__all__ = ["LocalSimulationBackend", "MSG_NOT_FROM_FILES", "close_isolated_workers", "receive_as_server"]
 
 MSG_NOT_FROM_FILES = (
     "`isolate=True` runs the job in a worker process that loads the model from its files, but "
     "this {kind} was not loaded from a path or hub id, so there is nothing to load. Load it with "
     "`interlace.LanguageModel(path_or_hub_id)`, or trace without `isolate=True`."
 )
+
+
+def receive_as_server(payload: bytes, policy: Policy, models: dict[str, Any]) -> Any:
+    """`execution.receive.prepare_payload`, with a refusal raised as the user sees a server's:
+    RemoteValidationError with the problems, else RemoteException with the HTTP status. Every
+    in-process remote mode (this simulation, dry runs) receives a payload through here."""
+    try:
+        return prepare_payload(payload, policy, models)
+    except BadRequest as e:
+        if e.problems:
+            raise RemoteValidationError(e.problems) from None
+        raise RemoteException(e.message, category=f"HTTP {e.status}") from None
 
 
 class LocalSimulationBackend:
@@ -124,12 +136,7 @@ class LocalSimulationBackend:
 
     def _receive_and_run(self, payload: bytes, key: str, policy: Policy, trace: CapturedTrace | None,
                          run: JobRun | None) -> bytes:
-        try:
-            prepared = prepare_payload(payload, policy, {key: self.model})
-        except BadRequest as e:
-            if e.problems:
-                raise RemoteValidationError(e.problems) from None
-            raise RemoteException(e.message, category=f"HTTP {e.status}") from None
+        prepared = receive_as_server(payload, policy, {key: self.model})
         if run is not None:
             run.status("RUNNING")
         # The body's `with interlace.local():` blocks run here, on the caller's side of the
