@@ -144,7 +144,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         data_dir=data_dir, host=args.host, port=args.port, insecure=args.insecure,
         result_ttl=args.result_ttl, result_store=args.result_store,
-        sweep_interval=args.sweep_interval,
+        sweep_interval=args.sweep_interval, cobatch=not args.no_cobatch, batch_rows=args.batch_rows,
+        batch_tokens=args.batch_tokens, batch_wait_ms=args.batch_wait_ms,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not is_loopback(args.host) and missing:
@@ -186,6 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         report = ", ".join(f"{name} {'on' if on else 'OFF'}" for name, on in active.items())
         state = "complete" if all(active.values()) else "PARTIAL"
         print(f"Sandbox layer 3 (the process, --isolation {args.isolation}): {state}: {report}", flush=True)
+        print(app.state.service.cobatch_summary(), flush=True)
         hint = f"interlace keys create --name YOUR_NAME --data-dir {data_dir}"
         if no_keys:
             print(f"No API keys yet. Create one with: {hint}", flush=True)
@@ -434,6 +436,47 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
                        f"follows it (default {P.local_grace_seconds:.0f})")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text!r} (e.g. 64)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _batch_wait_ms(text: str) -> float:
+    from .server.settings import MAX_BATCH_WAIT_MS
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds, got {text!r} (e.g. 2)") from None
+    if not 0 <= value <= MAX_BATCH_WAIT_MS:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_BATCH_WAIT_MS:g} ms, got {text} "
+                                         "(0: never wait; --no-cobatch: never share)")
+    return value
+
+
+def _add_cobatch_flags(serve: argparse.ArgumentParser) -> None:
+    """Co-batching (`execution/cobatch.py`): queued jobs of one model that may share a forward run as one."""
+    from .execution.cobatch import BatchLimits
+
+    B = BatchLimits()
+    serve.add_argument("--batch-rows", type=_positive_int, default=B.max_rows, metavar="N",
+                       help="co-batching: most input rows of one shared forward, all its jobs together "
+                       f"(default {B.max_rows})")
+    serve.add_argument("--batch-tokens", type=_positive_int, default=B.max_tokens, metavar="N",
+                       help=f"co-batching: most tokens of one shared forward (default {B.max_tokens})")
+    serve.add_argument("--batch-wait-ms", type=_batch_wait_ms, default=B.wait_seconds * 1000, metavar="MS",
+                       help="co-batching: longest a model's worker waits, after taking a job that may share, for "
+                       f"more such jobs to arrive; 0 to 1000 (default {B.wait_seconds * 1000:g})")
+    serve.add_argument("--no-cobatch", action="store_true",
+                       help="run every job alone, in its own forward (co-batching off); results are the same "
+                       "either way")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interlace", description="Interlace: trace and edit PyTorch models.")
     parser.add_argument("--version", action="version", version=f"interlace {__version__}")
@@ -458,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fsspec URL for results, e.g. s3://bucket/prefix (default: DATA_DIR/results)")
     serve.add_argument("--max-upload-mb", type=float, default=256.0, help="largest accepted payload (MiB)")
     _add_limit_flags(serve)
+    _add_cobatch_flags(serve)
     serve.add_argument("--sweep-interval", type=float, default=60.0, metavar="SECONDS",
                        help="how often expired results are deleted")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])

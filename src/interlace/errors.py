@@ -197,6 +197,13 @@ def warn(message: str, category: type[Warning] = UserWarning, stacklevel: int = 
     warnings.warn(message, category, stacklevel=stacklevel + 1)
 
 
+def swap_warnings(caught: list[tuple[type[Warning], str]] | None) -> list[tuple[type[Warning], str]] | None:
+    """Make `caught` the list this thread's `warn(...)` calls go to; returns the previous one.
+    Several jobs sharing one forward (`tracing/shared.py`) each collect their own."""
+    previous, _collector.caught = _collector.caught, caught
+    return previous
+
+
 @contextlib.contextmanager
 def collecting_warnings() -> Iterator[list[tuple[type[Warning], str]]]:
     """Collect `warn(...)` calls of this thread instead of raising them."""

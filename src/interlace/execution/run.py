@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+import zlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -37,7 +39,8 @@ from ..tracing.envoy import source_envoy
 if TYPE_CHECKING:
     from .receive import PreparedRequest
 
-__all__ = ["execute_request", "run_prepared", "user_traceback"]
+__all__ = ["JobBody", "execute_request", "failure_category", "model_modified_text", "prepare_body", "run_prepared",
+           "user_traceback"]
 
 # Layer 2 of the sandbox: every body compiled under a shipped file name (the body, and the
 # nested `with` blocks captured while shipped code runs) is compiled after the guard transform.
@@ -63,19 +66,49 @@ def execute_request(
 
 def _execute(request: TraceRequest, tensors: dict[str, Any], model: HostedModel, *, policy: Policy,
              log: Callable[[str], None], local: LocalPeer | None) -> dict[str, Any]:
-    filename = remote_filename(request.block.filename)
+    job = prepare_body(request, tensors, model, policy=policy, log=log, local=local)
+    try:
+        return _run_body(job, model)
+    finally:
+        job.guards.close()  # code the job left behind (a `__del__`) stops at its first tick
+
+
+@dataclass
+class JobBody:
+    """One job made ready to run beside its model: its guards (the deadline and memory limit
+    start when it is made), the body's namespace with its values decoded, and the tracer the
+    body runs as (its `args` / `kwargs` are the job's input and options)."""
+
+    request: TraceRequest
+    block: Any
+    guards: JobGuards
+    ns: dict[str, Any]
+    tracer: Any
+
+
+def prepare_body(request: TraceRequest, tensors: dict[str, Any], model: HostedModel, *, policy: Policy,
+                 log: Callable[[str], None], local: LocalPeer | None) -> JobBody:
+    """Decode the job's values and make its tracer; a failure is the job's `JobFailed`. The
+    caller closes `guards` when the job is over. (Shared by a job run alone and one that shares
+    a forward, `cobatch.py`.)"""
+    # Content-addressed, as shipped functions are (`code/decode.py`): two jobs from files of
+    # the same name (two users' `notebook.py`) never show each other's lines in a traceback,
+    # even when their failures are formatted after both ran (a shared forward, `cobatch.py`).
+    filename = remote_filename(request.block.filename, f"body:{zlib.crc32(request.block.source.encode('utf-8', 'replace')):08x}")
     block = block_from_source(request.block.source, filename, request.block.first_lineno)
     # Layer 2: the job's guards (its deadline and memory limit start now), protecting the
     # hosted model's modules, weights and buffers from the job's writes.
     guards = JobGuards(policy, protected=tuple(model._module.named_modules()), remote_module=REMOTE_MODULE)
     try:
-        return _execute_guarded(request, tensors, model, block, guards, policy=policy, log=log, local=local)
-    finally:
-        guards.close()  # code the job left behind (a `__del__`) stops at its first tick
+        return _prepare_guarded(request, tensors, model, block, guards, policy=policy, log=log, local=local)
+    except BaseException:
+        guards.close()
+        raise
 
 
-def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: HostedModel, block: Any, guards: JobGuards,
-                     *, policy: Policy, log: Callable[[str], None], local: LocalPeer | None) -> dict[str, Any]:
+def _prepare_guarded(request: TraceRequest, tensors: dict[str, Any], model: HostedModel, block: Any,
+                     guards: JobGuards, *, policy: Policy, log: Callable[[str], None],
+                     local: LocalPeer | None) -> JobBody:
     builtins_dict = restricted_builtins(policy, log, guards)
     objects = {key: spec.model_dump() for key, spec in request.objects.items()}
     decoder = ValueDecoder(tensors, extension=CodeDecoder(objects, policy, builtins_dict, model=model))
@@ -116,6 +149,11 @@ def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: Host
     if set_log_line is not None:  # `tracer.log(...)` in the body is a LOG line, as `print` is (bounded alike)
         remote_print = builtins_dict.get("print", log)
         set_log_line(lambda line: remote_print(line))
+    return JobBody(request, block, guards, ns, tracer)
+
+
+def _run_body(job: JobBody, model: HostedModel) -> dict[str, Any]:
+    request, block, ns, tracer = job.request, job.block, job.ns, job.tracer
     registry = push_registry()
     # Layer 4: the model and the process as the job found them (`integrity.py`).
     guard = guard_for(model)
@@ -131,7 +169,7 @@ def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: Host
         raise JobFailed(_frames_text(aborted, request) + aborted.text, aborted.category) from None
     except BaseException as error:  # noqa: BLE001 - every failure becomes the job's ERROR
         # (A guard's refusal names its own category: `model-modified` for a weight write.)
-        raise JobFailed(user_traceback(error, request), getattr(error, "category", None) or type(error).__name__) from None
+        raise JobFailed(user_traceback(error, request), failure_category(error)) from None
     finally:
         pop_registry()
         if grads is not None:
@@ -140,15 +178,23 @@ def _execute_guarded(request: TraceRequest, tensors: dict[str, Any], model: Host
         integrity = guard.verify_and_restore(before)
     changed = integrity.weights
     if changed or integrity.unrestored:
-        changed = changed or integrity.unrestored
-        raise JobFailed(
-            "ModelModifiedError: this job changed the hosted model's weights or buffers in place ("
-            + ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
-            + "). On a shared server the model is read-only between jobs: edit activations "
-            "(`module.output[:] = ...`) or work on a copy (`w = model.lm_head.weight.clone()`).",
-            "model-modified",
-        )
+        raise JobFailed(model_modified_text(changed or integrity.unrestored), "model-modified")
     return registry.select(ns, visibly_saved=block.saved_names)
+
+
+def failure_category(error: BaseException) -> str:
+    """The category a job's failure is reported under: a guard's own (`model-modified` for a
+    weight write), else the exception's class name."""
+    return getattr(error, "category", None) or type(error).__name__
+
+
+def model_modified_text(changed: list[str]) -> str:
+    return (
+        "ModelModifiedError: this job changed the hosted model's weights or buffers in place ("
+        + ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
+        + "). On a shared server the model is read-only between jobs: edit activations "
+        "(`module.output[:] = ...`) or work on a copy (`w = model.lm_head.weight.clone()`)."
+    )
 
 
 _GRAD_ON = contextlib.nullcontext()

@@ -1,6 +1,6 @@
 """The worker process's side: serve jobs for one hosted model over a `Channel`.
 
-A worker is started by `process.WorkerProcess` (the server's `ProcessJobRunner`, or
+A worker is started by `worker_process.WorkerProcess` (the server's `ProcessJobRunner`, or
 `remote='local', isolate=True`), through `python -m interlace.models.worker`: that entry point
 sits in `models/` because loading a model by its path is `models/`' work, which this layer may
 not import; it loads the model and calls `serve(...)` here with it.
@@ -18,10 +18,25 @@ The conversation, framed messages over the socketpair (`channel.py`; never pickl
     {"op": "local-msg", "msg"} + bytes    ->   or failed; a reply per read; any number of blocks)
                                           <-  {"op": "done"} + result bytes
                                               or {"op": "failed", "text", "category"}
+    {"op": "batch", "sizes", "limits"}    ->  (a co-batch, `batch_channel.py`: several jobs'
+      + payload 1 | payload 2 | ...            payloads; each decoded here, the valid ones run
+                                               by `cobatch.run_batch`, one answer for all)
+                                          <-  {"op": "batch-done", "recycle", "outcomes":
+                                                [{"log_size", "size", "failed", "rows"}, ...]}
+                                                + logs 1 | result 1 | logs 2 | result 2 | ...
+                                              or {"op": "batch-failed", "text", "category"}
     {"op": "stop"} or the channel closes  ->  the worker exits
 
-After a job that changed the model in a way it cannot put back, the answer carries
-`"recycle": true` and the worker exits; the parent starts a fresh one from the files.
+After a job (or a batch) that changed the model in a way it cannot put back, the answer
+carries `"recycle": true` and the worker exits; the parent starts a fresh one from the files.
+
+A batch sends no "log" messages: each job's printed lines come back in its outcome, because
+`cobatch.run_batch` may run a job again alone after the shared attempt, and only the lines of
+the attempt whose result counts may reach the user. Its CPU allowance is n jobs' (the parent's
+wall clock likewise); each job's own guard still stops it at its own limit. A payload that does
+not decode is that job's outcome ("invalid-request"), as for a single job; "batch-failed" (a
+bug of ours, memory exhausted between jobs) ends the worker, and the parent runs each job
+alone.
 """
 
 from __future__ import annotations
@@ -35,7 +50,10 @@ from typing import Any, Callable
 
 from ..contract.model_meta import NotDescribable, describe_model
 from ..contract.policy import Policy
+from .batch_channel import OP_BATCH, OP_BATCH_DONE, OP_BATCH_FAILED, MalformedBatch, encode_outcomes, \
+    limits_from_json, split_payloads
 from .channel import Channel, ChannelClosed
+from .cobatch import BatchLimits, JobOutcome, run_batch
 from .confine import confine, reset_cpu_limit
 from .errors import BadRequest, JobFailed
 from .hosted import HostedModel
@@ -96,6 +114,15 @@ def serve(channel: Channel, init: dict[str, Any], load: Loader) -> int:
         op = header.get("op")
         if op == "stop":
             return 0
+        if op == OP_BATCH:
+            try:
+                payloads = split_payloads(header, payload)
+            except MalformedBatch as exc:
+                channel.send({"op": "fatal", "text": f"a malformed batch from the parent: {exc}"})
+                return 1
+            if not _run_batch(channel, payloads, limits_from_json(header.get("limits")), models, model, policy):
+                return 0
+            continue
         if op != "job":
             channel.send({"op": "fatal", "text": f"unknown message {op!r} from the parent"})
             return 1
@@ -142,6 +169,37 @@ def _run_job(channel: Channel, payload: bytes, models: dict[str, Any], model: Ho
     # tokenizer vocabulary, ...): the parent starts a fresh worker from the model's files.
     recycle = needs_recycle(model)
     channel.send({"op": "done", "recycle": recycle}, result)
+    return not recycle
+
+
+def _run_batch(channel: Channel, payloads: list[bytes], limits: BatchLimits, models: dict[str, Any], model: HostedModel,
+               policy: Policy) -> bool:
+    """Run one co-batch and answer; False when the worker must exit (as `_run_job`)."""
+    reset_cpu_limit(policy.cpu_seconds * max(1, len(payloads)))
+    try:
+        outcomes: list[JobOutcome | None] = []
+        prepared = []
+        for payload in payloads:
+            try:
+                # Decoded here, as a single job's payload is: trust only the bytes.
+                prepared.append(prepare_payload(payload, policy, models))
+                outcomes.append(None)
+            except BadRequest as bad:
+                outcomes.append(JobOutcome(failure=JobFailed(bad.message, "invalid-request")))
+        ran = run_batch(prepared, model, policy, limits) if prepared else []
+        if len(ran) != len(prepared):
+            raise RuntimeError(f"run_batch gave {len(ran)} outcomes for {len(prepared)} jobs")
+        given = iter(ran)
+        done = [outcome if outcome is not None else next(given) for outcome in outcomes]
+        entries, body = encode_outcomes(done)
+        # As after a single job: a MemoryError or a model the guard could not put back.
+        recycle = needs_recycle(model) or any(
+            o.failure is not None and o.failure.category in ("model-modified", "MemoryError") for o in done)
+    except Exception as exc:  # noqa: BLE001 - MemoryError, a bug of ours: the parent runs each job alone
+        channel.send({"op": OP_BATCH_FAILED, "category": "memory" if isinstance(exc, MemoryError) else "internal-error",
+                      "text": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"})
+        return False
+    channel.send({"op": OP_BATCH_DONE, "outcomes": entries, "recycle": recycle}, body)
     return not recycle
 
 

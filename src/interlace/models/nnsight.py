@@ -444,7 +444,8 @@ class NNsight(Envoy):
 
         return edit_mediators(self, ns)
 
-    def _new_interleaver(self, mediators: list[Mediator], batch_size: int, steps: int | None) -> Interleaver:
+    def _new_interleaver(self, mediators: list[Mediator], batch_size: int, steps: int | None,
+                         kind: type[Interleaver] = Interleaver) -> Interleaver:
         d = self.__dict__
         if d["_index_map"] is None:
             self._rebuild_index()
@@ -452,7 +453,7 @@ class NNsight(Envoy):
         hooks = d.get("_hooks")
         if hooks is None or hooks.modules is not modules:
             hooks = d["_hooks"] = ModuleHooks(modules)  # made once per module index
-        return Interleaver(modules, d["_paths_list"], mediators, batch_size, steps, hooks, d.get("_n_core"))
+        return kind(modules, d["_paths_list"], mediators, batch_size, steps, hooks, d.get("_n_core"))
 
     def _begin_run(self, interleaver: Interleaver) -> None:
         d = self.__dict__

@@ -15,7 +15,9 @@ from typing import Any, Iterator
 
 __all__ = ["Database", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+#: 1: the first schema; 2: `jobs.batch_rows` (co-batching: the rows of the forward a job ran
+#: in, NULL when it ran alone), added to a version-1 file by `_migrate`.
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -36,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated REAL NOT NULL,
     started REAL,
     finished REAL,
-    expires_at REAL
+    expires_at REAL,
+    batch_rows INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
@@ -83,7 +86,19 @@ class Database:
                     f"this one knows {SCHEMA_VERSION}). Upgrade Interlace or use another --data-dir."
                 )
             self._conn.executescript(SCHEMA)
-            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version < SCHEMA_VERSION:
+                self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older file up to SCHEMA_VERSION in place (a new file already has it all).
+
+        In one write transaction that looks again at what the file has: a CLI command and the
+        server opening the same old file at once must not both add a column."""
+        with self.transaction() as conn:
+            columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+            if "batch_rows" not in columns:  # version 1 -> 2
+                conn.execute("ALTER TABLE jobs ADD COLUMN batch_rows INTEGER")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -9,23 +9,31 @@ serve`, `--isolation process`) runs each model's jobs in a confined worker proce
 (`execution/process.py`): the API process only receives and validates payloads and never
 runs user code or holds the weights; `DefaultJobRunner` (`--isolation thread`) runs them in a
 thread of the API process, beside the loaded model.
+
+Both are `types.BatchingJobRunner`s too (co-batching): `share_key(job)` and `rows(job)` come
+from `execution/cobatch.py`'s rule, and `run_batch(jobs, limits)` runs several queued jobs
+of one model through `cobatch.run_batch`: here under the model's lock, or in the model's
+worker process as one message (`WorkerSupervisor.run_batch`, which runs each job again alone
+if the worker dies during the batch).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..contract.local_block import LocalPeer
 from ..contract.model_meta import NotDescribable, describe_model
 from ..contract.policy import DEFAULT_POLICY, Policy
+from ..execution import cobatch
+from ..execution.cobatch import BatchLimits, JobOutcome, ShareKey
 from ..execution.integrity import guard_for
 from ..execution.receive import PreparedRequest, prepare_payload
 from ..execution.process import WorkerSpec, WorkerSupervisor
 from ..execution.run import run_prepared
 
-__all__ = ["DefaultJobRunner", "PayloadJob", "ProcessJobRunner"]
+__all__ = ["DefaultJobRunner", "MSG_SEVERAL_MODELS", "PayloadJob", "ProcessJobRunner"]
 
 
 class DefaultJobRunner:
@@ -49,6 +57,19 @@ class DefaultJobRunner:
             model = self.models[job.model_key]
             return run_prepared(job, model, self._policy, log, local=local)
 
+    def share_key(self, job: PreparedRequest) -> ShareKey | None:
+        return cobatch.share_key(job.request)
+
+    def rows(self, job: PreparedRequest) -> int:
+        return cobatch.estimated_rows(job.request)
+
+    def run_batch(self, jobs: Sequence[PreparedRequest], limits: BatchLimits) -> list[JobOutcome]:
+        if not jobs:
+            return []
+        key = _one_model(jobs)
+        with self._locks[key]:
+            return cobatch.run_batch(list(jobs), self.models[key], self._policy, limits)
+
     def model_keys(self) -> list[str]:
         return list(self.models)
 
@@ -64,10 +85,25 @@ class DefaultJobRunner:
 @dataclass
 class PayloadJob:
     """A job accepted by `ProcessJobRunner.prepare`: its model key and its bytes, which go to
-    the model's worker as they came (the worker decodes them for itself)."""
+    the model's worker as they came (the worker decodes them for itself); its co-batching
+    `share_key` and `rows`, worked out at prepare from the request decoded there, so the
+    server can gather jobs without decoding them again."""
 
     model_key: str
     payload: bytes
+    share_key: ShareKey | None = None
+    rows: int = 1
+
+
+MSG_SEVERAL_MODELS = ("run_batch got jobs of several models {keys}; a batch comes from one model's queue: "
+                      "runner.run_batch([job for job in jobs if job.model_key == key], limits)")
+
+
+def _one_model(jobs: Sequence[Any]) -> str:
+    keys = {job.model_key for job in jobs}
+    if len(keys) != 1:
+        raise ValueError(MSG_SEVERAL_MODELS.format(keys=sorted(keys)))
+    return keys.pop()
 
 
 class ProcessJobRunner:
@@ -95,12 +131,25 @@ class ProcessJobRunner:
         # Decoded and validated here, in the API process, to answer 4xx at once; no user code
         # runs in this step (decoding rebuilds values, the body runs only in the worker).
         prepared = prepare_payload(payload, self._policy, self.supervisors)
-        return PayloadJob(prepared.model_key, payload)
+        return PayloadJob(prepared.model_key, payload, cobatch.share_key(prepared.request),
+                          cobatch.estimated_rows(prepared.request))
 
     def run(self, job: PayloadJob, log: Callable[[str], None], local: LocalPeer | None = None) -> bytes:
         # The worker asks its parent for local blocks over its channel; the supervisor relays
         # them to `local` (the server's HTTP side).
         return self.supervisors[job.model_key].run(job.payload, log, local=local)
+
+    def share_key(self, job: PayloadJob) -> ShareKey | None:
+        return job.share_key
+
+    def rows(self, job: PayloadJob) -> int:
+        return job.rows
+
+    def run_batch(self, jobs: Sequence[PayloadJob], limits: BatchLimits) -> list[JobOutcome]:
+        # One message to the model's worker, which decodes and runs them (`worker.py`).
+        if not jobs:
+            return []
+        return self.supervisors[_one_model(jobs)].run_batch([job.payload for job in jobs], limits)
 
     def model_keys(self) -> list[str]:
         return list(self.supervisors)

@@ -17,12 +17,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
 from .auth import KeyStore, User
 from .db import Database
+from ..execution.cobatch import JobOutcome
 from ..execution.errors import BadRequest, JobFailed
 from .events import EventHub
 from .local_exchange import ExchangeError, ServerLocalPeer
@@ -32,12 +33,17 @@ from .results import ResultStore
 from .settings import ServerSettings
 from .store import Event, JobRecord, JobStore, queued_text
 from ..contract.http import JOB, JobStatus
-from .types import JobRunner, LogFn
+from .types import BatchingJobRunner, JobRunner, LogFn
 from .workers import QueuedJob, WorkerPool
 
-__all__ = ["JobService", "NotFound", "Conflict", "TooManyRequests"]
+__all__ = ["JobService", "MSG_INTERNAL_ERROR", "NotFound", "Conflict", "TooManyRequests"]
 
 log = logging.getLogger("interlace.server")
+
+MSG_INTERNAL_ERROR = (
+    "Internal server error while running the job: {error}\n"
+    "This is a server problem, not your code; report it to the server operator."
+)
 
 
 class NotFound(Exception):
@@ -64,7 +70,10 @@ class JobService:
         self.limits = served_limits(runner.policy())
         self.rate = RateLimiter(self.limits.requests_per_minute)
         self._accepting = threading.Lock()  # the per-key queue check and the enqueue, together
-        self.pool = WorkerPool(self.model_keys, self._execute, self._announce_positions)
+        # Co-batching's limits when it is on and the runner batches; None: every job runs alone.
+        self.batch_limits = settings.batch_limits if settings.cobatch and isinstance(runner, BatchingJobRunner) \
+            else None
+        self.pool = WorkerPool(self.model_keys, self._execute_jobs, self._announce_positions, self.batch_limits)
         # Callbacks go out on their own threads so a slow receiver never delays the next job.
         self._callbacks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="interlace-callback")
         self._started = False
@@ -101,6 +110,7 @@ class JobService:
         if not self.pool.hosts(model_key):
             raise BadRequest(self._unknown_model_text(model_key), status=404)
         job_id = uuid.uuid4().hex
+        entry = self._queued(job_id, prepared)  # outside the lock below: it asks the runner
         path = self._payload_path(job_id)
         self._write_payload(path, payload)
 
@@ -121,11 +131,35 @@ class JobService:
         try:
             with self._accepting:
                 self._check_in_flight(user)
-                position = self.pool.enqueue(model_key, QueuedJob(job_id, prepared), before=commit)
+                position = self.pool.enqueue(model_key, entry, before=commit)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         return job_id, position
+
+    def _queued(self, job_id: str, prepared: Any, attempts: int = 0) -> QueuedJob:
+        """The queue's entry for a job, with its co-batching key and rows (asked of the runner
+        once, here, not each time a worker looks through the queue)."""
+        if self.batch_limits is None:
+            return QueuedJob(job_id, prepared, attempts)
+        runner: Any = self.runner
+        try:
+            key, rows = runner.share_key(prepared), max(1, int(runner.rows(prepared)))
+        except Exception:  # a runner's bug must not refuse the job: it runs alone, as before
+            log.exception("co-batching: could not key job %s; it runs alone", job_id)
+            key, rows = None, 1
+        return QueuedJob(job_id, prepared, attempts, share_key=key, rows=rows)
+
+    def cobatch_summary(self) -> str:
+        """One line for the start-up report: is co-batching on, and with which limits."""
+        limits = self.settings.batch_limits
+        if not limits.enabled:
+            return "Co-batching: off (--no-cobatch); every job runs alone."
+        if self.batch_limits is None:
+            return "Co-batching: off (this job runner does not batch); every job runs alone."
+        return (f"Co-batching: on: up to {limits.max_rows} rows and {limits.max_tokens} tokens a forward, "
+                f"waiting up to {self.settings.batch_wait_ms:g} ms for more jobs "
+                "(--batch-rows, --batch-tokens, --batch-wait-ms, --no-cobatch).")
 
     def _check_in_flight(self, user: User) -> None:
         limit = self.limits.max_queued_per_key
@@ -176,16 +210,28 @@ class JobService:
 
     # -- execution (worker threads) -------------------------------------------------------
 
-    def _execute(self, job: QueuedJob) -> None:
-        job_id = job.job_id
-        started = time.time()
+    def _execute_jobs(self, jobs: list[QueuedJob]) -> None:
+        """What a worker took: one job (the path without co-batching), or jobs with equal
+        share keys that may share a forward."""
+        if len(jobs) == 1:
+            if self._start(jobs[0]):
+                self._run_one(jobs[0])
+        else:
+            self._execute_batch(jobs)
+
+    def _start(self, job: QueuedJob) -> bool:
+        """QUEUED -> RUNNING; False if the job was cancelled or finished meanwhile."""
         event = self.store.transition(
-            job_id, JobStatus.RUNNING, "Running.", expect=(JobStatus.QUEUED,),
-            started=started, attempts=job.attempts + 1,
+            job.job_id, JobStatus.RUNNING, "Running.", expect=(JobStatus.QUEUED,),
+            started=time.time(), attempts=job.attempts + 1,
         )
-        if event is None:  # cancelled or finished meanwhile
-            return
+        if event is None:
+            return False
         self.hub.publish(event)
+        return True
+
+    def _log_emitter(self, job_id: str) -> LogFn:
+        """The job's `log(line)`: stores and announces each line, within the job's bounds."""
         limit = self.settings.max_log_events
         # Printed text kept per job (`--max-log-kb`): a print loop ends in one notice, never in
         # a full disk or memory. The worker bounds what it sends too; this is the last word.
@@ -206,6 +252,12 @@ class JobService:
             if logged is not None:
                 self.hub.publish(logged)
 
+        return emit_log
+
+    def _run_one(self, job: QueuedJob) -> None:
+        """Run a RUNNING job alone (`JobRunner.run`) and finish it."""
+        job_id = job.job_id
+        emit_log = self._log_emitter(job_id)
         # Cheap, and most jobs never call it: the job's side of `with interlace.local():`.
         peer = ServerLocalPeer(
             job_id, block_seconds=self.limits.local_block_seconds, grace_seconds=self.limits.local_grace_seconds,
@@ -214,33 +266,63 @@ class JobService:
         with self._peers_lock:
             self._peers[job_id] = peer
         try:
-            self._run(job_id, job, emit_log, peer)
+            self._settle(job_id, partial(self.runner.run, job.prepared, emit_log, local=peer))
         finally:
             # After `_finish`: a client's request about the job now finds it ended (409).
             peer.close()
             with self._peers_lock:
                 self._peers.pop(job_id, None)
 
-    def _run(self, job_id: str, job: QueuedJob, emit_log: LogFn, peer: ServerLocalPeer) -> None:
+    def _execute_batch(self, jobs: list[QueuedJob]) -> None:
+        """Co-batching: start every job (a cancelled one drops out), run them in one
+        `run_batch`, then finish each in order with its own outcome, as if it ran alone."""
+        started = [job for job in jobs if self._start(job)]
+        if len(started) <= 1:
+            for job in started:  # the others were cancelled: it has no one to share with
+                self._run_one(job)
+            return
+        limits = self.batch_limits or self.settings.batch_limits
         try:
-            result = self.runner.run(job.prepared, emit_log, local=peer)
+            outcomes = self.runner.run_batch([job.prepared for job in started], limits)  # type: ignore[attr-defined]
+            if len(outcomes) != len(started):
+                raise RuntimeError(f"JobRunner.run_batch returned {len(outcomes)} outcomes for {len(started)} jobs")
+        except Exception as exc:
+            # The batch's own failure (not a job's): every job of it gets the internal error.
+            text = self._internal_error(", ".join(job.job_id for job in started), exc)
+            for job in started:
+                self._finish(job.job_id, JobStatus.ERROR, text, error_category="internal")
+            return
+        for job, outcome in zip(started, outcomes):
+            emit_log = self._log_emitter(job.job_id)
+            for line in outcome.logs:
+                emit_log(line)
+            self._settle(job.job_id, partial(_outcome_result, outcome), batch_rows=outcome.rows or None)
+
+    def _settle(self, job_id: str, produce: Callable[[], Any], *, batch_rows: int | None = None) -> None:
+        """Finish a RUNNING job with what `produce()` gives: result bytes (stored, then
+        COMPLETED), `JobFailed` (ERROR with its traceback and category) or any other exception
+        (ERROR, internal). `batch_rows`: the rows of the shared forward it ran in, if any."""
+        try:
+            result = produce()
             if not isinstance(result, (bytes, bytearray, memoryview)):
                 raise TypeError(f"JobRunner.run returned {type(result).__name__}, expected bytes")
             data = bytes(result)
             self.results.put(job_id, data)
         except JobFailed as failed:
-            self._finish(job_id, JobStatus.ERROR, failed.traceback_text, error_category=failed.category)
+            self._finish(job_id, JobStatus.ERROR, failed.traceback_text, error_category=failed.category,
+                         batch_rows=batch_rows)
         except Exception as exc:
-            log.error("job %s failed inside the server:\n%s", job_id, traceback.format_exc())
-            text = (
-                f"Internal server error while running the job: {type(exc).__name__}: {exc}\n"
-                "This is a server problem, not your code; report it to the server operator."
-            )
-            self._finish(job_id, JobStatus.ERROR, text, error_category="internal")
+            self._finish(job_id, JobStatus.ERROR, self._internal_error(job_id, exc), error_category="internal",
+                         batch_rows=batch_rows)
         else:
-            self._finish(
-                job_id, JobStatus.COMPLETED, f"Result ready ({len(data)} bytes).", result_size=len(data)
-            )
+            self._finish(job_id, JobStatus.COMPLETED, f"Result ready ({len(data)} bytes).", result_size=len(data),
+                         batch_rows=batch_rows)
+
+    @staticmethod
+    def _internal_error(job_ids: str, exc: Exception) -> str:
+        """Log a failure inside the server (called in its `except`); the text its jobs end with."""
+        log.error("job(s) %s failed inside the server:\n%s", job_ids, traceback.format_exc())
+        return MSG_INTERNAL_ERROR.format(error=f"{type(exc).__name__}: {exc}")
 
     def _finish(self, job_id: str, status: JobStatus, description: str, **fields: Any) -> Event | None:
         now = time.time()
@@ -405,7 +487,7 @@ class JobService:
             if event is not None:
                 self.hub.publish(event)
 
-        self.pool.enqueue(prepared.model_key, QueuedJob(record.id, prepared, record.attempts), before=commit)
+        self.pool.enqueue(prepared.model_key, self._queued(record.id, prepared, record.attempts), before=commit)
 
     def sweep(self, now: float | None = None) -> int:
         """Delete expired results; returns how many jobs expired."""
@@ -420,3 +502,12 @@ class JobService:
                 self.hub.publish(event)
                 count += 1
         return count
+
+
+def _outcome_result(outcome: JobOutcome) -> bytes:
+    """A batch job's result bytes, or its failure raised (for `JobService._settle`)."""
+    if outcome.failure is not None:
+        raise outcome.failure
+    if outcome.result is None:
+        raise TypeError("JobRunner.run_batch gave an outcome with neither a result nor a failure")
+    return outcome.result

@@ -7,9 +7,18 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ServerSettings", "MiB", "default_data_dir", "is_loopback", "LOOPBACK_HOSTS"]
+from ..execution.cobatch import BatchLimits
+
+__all__ = ["ServerSettings", "MiB", "default_data_dir", "is_loopback", "LOOPBACK_HOSTS", "MAX_BATCH_WAIT_MS"]
 
 MiB = 1024 * 1024
+
+
+#: The longest `--batch-wait-ms`: a lone job never waits longer than this for company, so the
+#: wait stays a small share of even the shortest job's latency.
+MAX_BATCH_WAIT_MS = 1000.0
+
+_DEFAULT_BATCH = BatchLimits()
 
 
 def default_data_dir() -> Path:
@@ -50,6 +59,21 @@ class ServerSettings(BaseModel):
     # fsync payload files and use synchronous=FULL: survives power loss, costs latency.
     # Off by default: WAL + synchronous=NORMAL already survives a killed process.
     fsync: bool = False
+    # Co-batching (`execution/cobatch.py`; `interlace serve --batch-rows/--batch-tokens/
+    # --batch-wait-ms/--no-cobatch`): queued jobs of one model that may share a forward run as
+    # one batch of at most `batch_rows` rows and `batch_tokens` tokens; a worker that took a
+    # job waits at most `batch_wait_ms` for more. Only runners that batch
+    # (`types.BatchingJobRunner`) ever do.
+    cobatch: bool = _DEFAULT_BATCH.enabled
+    batch_rows: int = Field(default=_DEFAULT_BATCH.max_rows, gt=0)
+    batch_tokens: int = Field(default=_DEFAULT_BATCH.max_tokens, gt=0)
+    batch_wait_ms: float = Field(default=_DEFAULT_BATCH.wait_seconds * 1000.0, ge=0.0, le=MAX_BATCH_WAIT_MS)
+
+    @property
+    def batch_limits(self) -> BatchLimits:
+        """The co-batching settings as the engine takes them (`run_batch(jobs, limits)`)."""
+        return BatchLimits(max_rows=self.batch_rows, max_tokens=self.batch_tokens,
+                           wait_seconds=self.batch_wait_ms / 1000.0, enabled=self.cobatch)
 
     @property
     def db_path(self) -> Path:

@@ -17,7 +17,7 @@ from .._version import PROTOCOL_VERSION, __version__
 from .auth import User
 from .service import JobService
 
-__all__ = ["MAX_RECENT_JOBS", "MODEL_STATES", "RECENT_JOBS", "model_states", "server_status"]
+__all__ = ["MAX_RECENT_JOBS", "MODEL_STATES", "RECENT_JOBS", "cobatch_state", "model_states", "server_status"]
 
 #: Jobs listed by default, newest first (`?limit=` asks for up to MAX_RECENT_JOBS).
 RECENT_JOBS: Final = 20
@@ -67,7 +67,16 @@ def server_status(service: JobService, user: User, *, limit: int = RECENT_JOBS) 
             "per_job": {name: getattr(limits, name) for name in _JOB_LIMITS},
             "result_ttl": service.settings.result_ttl,
         },
+        "cobatch": cobatch_state(service),
     }
+
+
+def cobatch_state(service: JobService) -> dict[str, Any]:
+    """Co-batching as this server does it: `enabled` (on, and the runner batches) and the
+    limits of one shared forward (`interlace serve --batch-rows/--batch-tokens/--batch-wait-ms`)."""
+    limits = service.settings.batch_limits
+    return {"enabled": service.batch_limits is not None, "max_rows": limits.max_rows,
+            "max_tokens": limits.max_tokens, "wait_ms": service.settings.batch_wait_ms}
 
 
 def model_states(service: JobService) -> list[dict[str, Any]]:
@@ -87,6 +96,7 @@ def model_states(service: JobService) -> list[dict[str, Any]]:
             "detail": MODEL_STATES[state],
             "queue_length": len(worker),  # waiting, not counting the one running
             "running": running,
+            "running_jobs": len(worker.running),  # more than 1: a co-batched forward
             "isolation": "process" if supervisor is not None else "in-process",
             "restarts": getattr(supervisor, "restarts", 0),
         })

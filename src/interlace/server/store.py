@@ -84,6 +84,8 @@ class JobRecord:
     started: float | None
     finished: float | None
     expires_at: float | None
+    # Co-batching: the rows of the shared forward the job ran in; None when it ran alone.
+    batch_rows: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "JobRecord":

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ..contract.local_block import LocalPeer
+    from ..execution.cobatch import BatchLimits, JobOutcome, ShareKey
 
-__all__ = ["PreparedJob", "JobRunner", "LogFn"]
+__all__ = ["BatchingJobRunner", "PreparedJob", "JobRunner", "LogFn"]
 
 
 @runtime_checkable
@@ -45,6 +46,26 @@ class JobRunner(Protocol):
 
     def policy(self) -> dict[str, Any]:
         """JSON-able server policy (limits, allowed modules), served at GET /v1/policy."""
+        ...
+
+
+@runtime_checkable
+class BatchingJobRunner(JobRunner, Protocol):
+    """A runner that can run several queued jobs of one model as one batched forward
+    (co-batching; the rule for which jobs may share is `execution/cobatch.py`)."""
+
+    def share_key(self, job: PreparedJob) -> "ShareKey | None":
+        """Jobs with equal keys may be run together by `run_batch`; None: the job runs alone."""
+        ...
+
+    def rows(self, job: PreparedJob) -> int:
+        """How many batch rows the job's input takes (an estimate before tokenizing)."""
+        ...
+
+    def run_batch(self, jobs: list[PreparedJob], limits: "BatchLimits") -> "list[JobOutcome]":
+        """Run `jobs` (equal `share_key`s, one model); one outcome per job, in order. A job's
+        failure is its outcome's `failure`, never an exception; its printed lines come in
+        its outcome's `logs`. No local blocks: jobs that have them never share."""
         ...
 
 

@@ -127,8 +127,10 @@ class Host(EnvoyLike, Protocol):
         """Whether a one-read trace may run with no interleaver (`inline.run_one_read`)."""
         ...
 
-    def _new_interleaver(self, mediators: list[Mediator], batch_size: int, steps: int | None) -> Interleaver:
-        """A new interleaver for one run over this host's module index."""
+    def _new_interleaver(self, mediators: list[Mediator], batch_size: int, steps: int | None,
+                         kind: type[Interleaver] = ...) -> Interleaver:
+        """A new interleaver (of class `kind`, `Interleaver` by default) for one run over this
+        host's module index."""
         ...
 
     def _begin_run(self, interleaver: Interleaver) -> None:

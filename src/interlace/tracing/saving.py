@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["save", "SaveRegistry", "active_registry", "push_registry", "pop_registry"]
+__all__ = ["save", "SaveRegistry", "active_registry", "push_registry", "pop_registry", "swap_registries"]
 
 T = TypeVar("T")
 
@@ -78,6 +78,13 @@ def push_registry() -> SaveRegistry:
 
 def pop_registry() -> None:
     _local.stack.pop()
+
+
+def swap_registries(stack: list[SaveRegistry]) -> list[SaveRegistry]:
+    """Make `stack` this thread's registries; returns the previous ones. A shared forward
+    (`shared.py`) gives each job's body its own while that body runs."""
+    previous, _local.stack = _local.stack, stack
+    return previous
 
 
 def save(value: T) -> T:
