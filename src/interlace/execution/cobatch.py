@@ -62,7 +62,7 @@ from .isolation import keep_edits, restore_edits
 from .run import JobBody, failure_category, prepare_body, run_prepared, user_traceback
 
 __all__ = [
-    "BatchLimits", "JobOutcome", "ShareKey", "SOLO_FEATURES", "estimated_rows", "run_batch", "share_key",
+    "CATEGORY_INTERNAL", "MSG_INTERNAL", "BatchLimits", "JobOutcome", "ShareKey", "SOLO_FEATURES", "estimated_rows", "run_batch", "share_key",
     "solo_reason",
 ]
 
@@ -169,6 +169,9 @@ def run_batch(jobs: Sequence[Any], model: HostedModel, policy: Policy,
         except JobFailed as failed:
             outcomes[index].failure = failed
             continue
+        except Exception:  # noqa: BLE001 - whatever it is, the lone run reports it for this job only
+            alone.append(index)
+            continue
         shape = _input_shape(model, body)
         if shape is None:  # padded, or an input the model refuses: alone says exactly what
             body.guards.close()
@@ -189,7 +192,15 @@ def run_batch(jobs: Sequence[Any], model: HostedModel, policy: Policy,
             outcome.result = run_prepared(jobs[index], model, policy, outcome.logs.append)
         except JobFailed as failed:
             outcome.failure = failed
+        except Exception as exc:  # noqa: BLE001 - a bug of ours ends this job only, never its neighbours
+            outcome.failure = JobFailed(MSG_INTERNAL.format(error=f"{type(exc).__name__}: {exc}"), CATEGORY_INTERNAL)
     return outcomes
+
+
+#: A job that met a bug of the server's own (the worker process is replaced after it).
+CATEGORY_INTERNAL = "internal-error"
+MSG_INTERNAL = ("Internal server error while running the job: {error}\nThis is a server problem, not your code; "
+                "report it to the server operator with the job id.")
 
 
 @dataclass
@@ -261,7 +272,7 @@ def _run_group(group: list[_Ready], model: HostedModel, policy: Policy, outcomes
         bodies.append(SharedBody(item.body.tracer, item.body.ns, item.prepared,
                                  enter=clocks.enter_fn(item.body.guards, caught), leave=clocks.leave))
         clocks.caught.append(caught)
-    clocks.start([item.body.guards for item in group])
+    clocks.start([item.body.guards for item in group], [item.rows for item in group])
     guard = guard_for(model)
     before = guard.begin()
     edits = keep_edits(model)
@@ -309,27 +320,37 @@ def _memory_tripped(error: BaseException | None, guards: JobGuards) -> bool:
 
 
 class _Clocks:
-    """Each job's wall clock in a shared forward counts its own body and the forward, not its
-    neighbours' bodies; and its warnings go to its own list."""
+    """Each job's wall clock in a shared forward, and its warnings.
+
+    A job is charged its own body's time and its share of the rest (the forward, by rows:
+    what its rows would have cost alone, near enough), never its neighbours' bodies: a job
+    that passes its time limit alone passes it beside 63 others, and a spinner beside it
+    does not time it out. The deadline is set each time the body is entered; while it runs,
+    its charge and the wall clock advance together, so the guard's tick needs no change."""
 
     def __init__(self) -> None:
         self.caught: list[list[tuple[type[Warning], str]]] = []
+        self._start = 0.0
         self._bodies_time = 0.0  # time spent in every body so far
         self._own: dict[int, float] = {}
-        self._base: dict[int, float] = {}
+        self._share: dict[int, float] = {}
         self._entered: tuple[JobGuards, float, Any] | None = None
 
-    def start(self, all_guards: list[JobGuards]) -> None:
-        now = time.monotonic()
-        for guards in all_guards:
+    def start(self, all_guards: list[JobGuards], rows: list[int]) -> None:
+        self._start = time.monotonic()
+        total = sum(rows)
+        for guards, n in zip(all_guards, rows):
             self._own[id(guards)] = 0.0
-            self._base[id(guards)] = now + guards.timeout
+            self._share[id(guards)] = n / total
 
     def enter_fn(self, guards: JobGuards, caught: list[tuple[type[Warning], str]]) -> Callable[[], None]:
         def enter() -> None:
             key = id(guards)
-            guards.deadline = self._base[key] + (self._bodies_time - self._own[key])
-            self._entered = (guards, time.monotonic(), swap_warnings(caught))
+            now = time.monotonic()
+            rest = (now - self._start) - self._bodies_time  # the forward's time so far, and the engine's
+            charged = self._own[key] + rest * self._share[key]
+            guards.deadline = now + guards.timeout - charged
+            self._entered = (guards, now, swap_warnings(caught))
 
         return enter
 

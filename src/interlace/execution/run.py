@@ -18,7 +18,7 @@ import torch
 from ..contract.local_block import LocalPeer
 from ..contract.policy import Policy
 from ..contract.result import UnsendableResult, encode_result
-from ..errors import collecting_warnings
+from ..errors import TracingError, collecting_warnings
 from ..contract.request import TraceRequest
 from ..contract.code.decode import CodeDecoder, decode_failure_text, resolve_model_path, restricted_builtins
 from ..contract.code.origin import FILE_PREFIX, REMOTE_MODULE, original_filename, remote_filename
@@ -95,7 +95,11 @@ def prepare_body(request: TraceRequest, tensors: dict[str, Any], model: HostedMo
     # the same name (two users' `notebook.py`) never show each other's lines in a traceback,
     # even when their failures are formatted after both ran (a shared forward, `cobatch.py`).
     filename = remote_filename(request.block.filename, f"body:{zlib.crc32(request.block.source.encode('utf-8', 'replace')):08x}")
-    block = block_from_source(request.block.source, filename, request.block.first_lineno)
+    try:
+        block = block_from_source(request.block.source, filename, request.block.first_lineno)
+    except (TracingError, SyntaxError) as error:  # a body the checks let through that does not compile
+        text = str(error).replace(filename, request.block.filename)
+        raise JobFailed(f"{type(error).__name__}: {text}", "invalid-request") from None
     # Layer 2: the job's guards (its deadline and memory limit start now), protecting the
     # hosted model's modules, weights and buffers from the job's writes.
     guards = JobGuards(policy, protected=tuple(model._module.named_modules()), remote_module=REMOTE_MODULE)

@@ -53,7 +53,7 @@ from ..contract.policy import Policy
 from .batch_channel import OP_BATCH, OP_BATCH_DONE, OP_BATCH_FAILED, MalformedBatch, encode_outcomes, \
     limits_from_json, split_payloads
 from .channel import Channel, ChannelClosed
-from .cobatch import BatchLimits, JobOutcome, run_batch
+from .cobatch import CATEGORY_INTERNAL, BatchLimits, JobOutcome, run_batch
 from .confine import confine, reset_cpu_limit
 from .errors import BadRequest, JobFailed
 from .hosted import HostedModel
@@ -194,7 +194,8 @@ def _run_batch(channel: Channel, payloads: list[bytes], limits: BatchLimits, mod
         entries, body = encode_outcomes(done)
         # As after a single job: a MemoryError or a model the guard could not put back.
         recycle = needs_recycle(model) or any(
-            o.failure is not None and o.failure.category in ("model-modified", "MemoryError") for o in done)
+            o.failure is not None and o.failure.category in ("model-modified", "MemoryError", CATEGORY_INTERNAL)
+            for o in done)
     except Exception as exc:  # noqa: BLE001 - MemoryError, a bug of ours: the parent runs each job alone
         channel.send({"op": OP_BATCH_FAILED, "category": "memory" if isinstance(exc, MemoryError) else "internal-error",
                       "text": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"})
