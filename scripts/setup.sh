@@ -37,8 +37,13 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     apt_install "the status page's browser test is skipped here (and fails on CI)" \
         chromium chromium-driver fonts-liberation
 fi
+# The PostgreSQL job-store tests (tests/postgres.py starts a throwaway server): Debian's
+# server binaries (initdb, pg_ctl in /usr/lib/postgresql/<version>/bin).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    apt_install "the PostgreSQL job-store tests are skipped here (and fail on CI)" postgresql
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,ray]"

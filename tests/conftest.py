@@ -141,9 +141,11 @@ def real_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_path: Path, 
                 tiny_gpt2_sdpa_path: Path):
     """One real server (real runner, no fakes) hosting the tiny GPT-2 (eager and sdpa) and Llama, by path."""
     from interlace.testing import ServerProcess
+    from server_flavor import serve_args  # tests/server_flavor.py: embedded, or on Ray
 
     proc = ServerProcess(tmp_path_factory.mktemp("real-server"),
-                         models=[str(tiny_gpt2_path), str(tiny_llama_path), str(tiny_gpt2_sdpa_path)], fake=False)
+                         models=[str(tiny_gpt2_path), str(tiny_llama_path), str(tiny_gpt2_sdpa_path)], fake=False,
+                         args=serve_args())
     # Waits for the server to answer, up to a bound generous enough for a machine busy with
     # other test runs (starting it and loading three models can take over 30 s there).
     proc.start(timeout=180)

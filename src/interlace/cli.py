@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._version import PROTOCOL_VERSION, __version__
+from .server.ray_options import add_ray_flags, ray_options
 
 __all__ = ["main", "build_parser", "FAKE_RUNNER_ENV"]
 
@@ -40,16 +41,19 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def _open_db(args: argparse.Namespace):
-    from .server.db import Database
+    """The server's database: SQLite in the data dir, or the `--store postgresql://...` one."""
+    from .server.db import open_database, redact_url
 
     data_dir = _data_dir(args)
-    return Database(data_dir / "interlace.db"), data_dir
+    store = getattr(args, "store", None)
+    return open_database(store, data_dir), (redact_url(store) if store else data_dir)
 
 
 # -- serve ------------------------------------------------------------------------------------
 
 
-def _build_runner(models: list[str], data_dir: Path, policy: Any, isolation: str = "process") -> Any:
+def _build_runner(models: list[str], data_dir: Path, policy: Any, isolation: str = "process",
+                  ray: Any = None) -> Any:
     """Load the hosted models and wrap them in the engine's job runner (imported lazily).
 
     `isolation="process"`: each model is loaded by its own confined worker process
@@ -79,6 +83,10 @@ def _build_runner(models: list[str], data_dir: Path, policy: Any, isolation: str
                             hidden_paths=(str(data_dir.resolve()),), threads=torch.get_num_threads())
             for key, path in paths.items()
         }
+        if ray is not None:  # `--ray`: the same worker specs, each model's workers in Ray actors
+            from .server.ray_runner import RayJobRunner
+
+            return RayJobRunner(specs, policy=policy, options=ray)
         return ProcessJobRunner(specs, policy=policy)
     from .server.runner import DefaultJobRunner
     import interlace
@@ -143,7 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(MSG_NO_SANDBOX.format(host=args.host, missing=", ".join(missing)))
     settings = ServerSettings(
         data_dir=data_dir, host=args.host, port=args.port, insecure=args.insecure,
-        result_ttl=args.result_ttl, result_store=args.result_store,
+        result_ttl=args.result_ttl, result_store=args.result_store, store=args.store,
+        advertise_url=args.advertise_url,
         sweep_interval=args.sweep_interval, cobatch=not args.no_cobatch, batch_rows=args.batch_rows,
         batch_tokens=args.batch_tokens, batch_wait_ms=args.batch_wait_ms,
     )
@@ -155,7 +164,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"this machine as this user.\n{banner}",
               file=sys.stderr)
     try:
-        runner = _build_runner(args.model or [], data_dir, _policy_from_args(args), args.isolation)
+        runner = _build_runner(args.model or [], data_dir, _policy_from_args(args), args.isolation,
+                               ray=ray_options(args))
+    except (RuntimeError, ValueError) as exc:  # `--ray`: no Ray here, a cluster it cannot reach, --isolation thread
+        return _fail(str(exc))
     except ImportError as exc:
         return _fail(f"cannot load the job runner or models: {exc}. Is Interlace fully installed?")
 
@@ -188,7 +200,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state = "complete" if all(active.values()) else "PARTIAL"
         print(f"Sandbox layer 3 (the process, --isolation {args.isolation}): {state}: {report}", flush=True)
         print(app.state.service.cobatch_summary(), flush=True)
+        if hasattr(runner, "ray_summary"):  # `--ray`: the cluster, the replicas, the resources
+            print(runner.ray_summary(), flush=True)
         hint = f"interlace keys create --name YOUR_NAME --data-dir {data_dir}"
+        if args.store:  # the keys live in the shared database (shown without its password)
+            hint = f"interlace keys create --name YOUR_NAME --store '{app.state.service.db.describe()}'"
         if no_keys:
             print(f"No API keys yet. Create one with: {hint}", flush=True)
         else:
@@ -212,7 +228,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from .server.auth import KeyStore
 
-    db, data_dir = _open_db(args)
+    try:
+        db, data_dir = _open_db(args)
+    except (RuntimeError, ValueError) as exc:  # a --store URL that is wrong or unreachable
+        return _fail(str(exc))
     keys = KeyStore(db)
     if args.keys_command == "create":
         key, info = keys.create(args.name)
@@ -244,7 +263,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     """`interlace jobs ...`: the local job history (`interlace.jobs`), or with `list
     --server-data DIR` a server's job store, for its operator."""
-    if args.jobs_command == "list" and args.server_data:
+    if args.jobs_command == "list" and (args.server_data or args.store):
         return _server_jobs(args)
     import interlace
     from .backends.history import JobHistoryError
@@ -276,11 +295,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _server_jobs(args: argparse.Namespace) -> int:
-    from .server.db import Database
+    from .server.db import open_database, redact_url
     from .server.store import JobStore
 
-    data_dir = Path(args.server_data).expanduser()
-    records = JobStore(Database(data_dir / "interlace.db")).list_jobs(args.user, status=args.status, limit=args.limit)
+    data_dir = Path(args.server_data or ".").expanduser()
+    try:
+        db = open_database(args.store, data_dir)
+    except (RuntimeError, ValueError) as exc:  # a --store URL that is wrong or unreachable
+        return _fail(str(exc))
+    data_dir = redact_url(args.store) if args.store else data_dir  # type: ignore[assignment]
+    records = JobStore(db).list_jobs(args.user, status=args.status, limit=args.limit)
     if not records:
         print(f"No jobs in {data_dir}.")
         return 0
@@ -482,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"interlace {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     data_help = "server data directory (default: $INTERLACE_DATA_DIR or ~/.local/share/interlace)"
+    store_help = ("job store: a PostgreSQL URL (postgresql://user@host:5432/db) that several API replicas "
+                  "share; default: SQLite in the data directory")
 
     serve = sub.add_parser("serve", help="run the server (API, job store, workers) in one process")
     serve.add_argument("--model", action="append", metavar="PATH_OR_ID",
@@ -499,9 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long finished results stay downloadable (default 86400)")
     serve.add_argument("--result-store", metavar="URL",
                        help="fsspec URL for results, e.g. s3://bucket/prefix (default: DATA_DIR/results)")
+    serve.add_argument("--store", metavar="URL", help=store_help)
+    serve.add_argument("--advertise-url", metavar="URL",
+                       help="with --store: the URL other replicas' clients are sent to for this replica's "
+                       "jobs (default http://HOST:PORT)")
     serve.add_argument("--max-upload-mb", type=float, default=256.0, help="largest accepted payload (MiB)")
     _add_limit_flags(serve)
     _add_cobatch_flags(serve)
+    add_ray_flags(serve)
     serve.add_argument("--sweep-interval", type=float, default=60.0, metavar="SECONDS",
                        help="how often expired results are deleted")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -515,11 +546,14 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys_sub.add_parser("create", help="create a key (printed once)")
     create.add_argument("--name", help="the user the key belongs to (keys with one name share jobs)")
     create.add_argument("--data-dir", help=data_help)
+    create.add_argument("--store", metavar="URL", help=store_help)
     listing = keys_sub.add_parser("list", help="list keys")
     listing.add_argument("--data-dir", help=data_help)
+    listing.add_argument("--store", metavar="URL", help=store_help)
     revoke = keys_sub.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
     revoke.add_argument("--data-dir", help=data_help)
+    revoke.add_argument("--store", metavar="URL", help=store_help)
     keys.set_defaults(func=cmd_keys)
 
     jobs = sub.add_parser("jobs", help="your job history: every remote=True and remote='local' run")
@@ -530,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", help="COMPLETED, ERROR, ...")
     listing.add_argument("--server-data", metavar="DIR",
                          help="instead, list the jobs in a server's data directory (for its operator)")
+    listing.add_argument("--store", metavar="URL", help="instead, list the jobs in a server's PostgreSQL job store")
     listing.add_argument("--user", help="with --server-data: only this user's jobs")
     show = jobs_sub.add_parser("show", help="one job: timeline, sizes, body, error")
     show.add_argument("id", help="a job id or a unique prefix of one")

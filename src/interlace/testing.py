@@ -224,7 +224,9 @@ class ServerProcess:
     "1"]`). The data (database, results) and `server.log` live in `data_dir`, so a second
     `ServerProcess` on the same `data_dir` is the same server restarted. `start()` waits until
     the server answers; `stop()` shuts it down, `kill()` crashes it (SIGKILL), `log()` is its
-    output so far, and `create_key(name)` makes an API key in its database.
+    output so far, and `create_key(name)` makes an API key in its database. `store`: a
+    `postgresql://` URL the server keeps its jobs and keys in (`interlace serve --store`), which
+    several `ServerProcess`es share as API replicas; `create_key` then writes the key there.
     """
 
     def __init__(
@@ -235,8 +237,10 @@ class ServerProcess:
         args: list[str] | None = None,
         fake: bool = True,
         port: int | None = None,
+        store: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.store = store
         self.models = models
         self.args = list(args or [])
         self.fake = fake
@@ -257,6 +261,8 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "interlace.cli", "serve", "--port", str(self.port),
                "--data-dir", str(self.data_dir), *self.args]
+        if self.store:
+            cmd += ["--store", self.store]
         for model in self.models or []:
             cmd += ["--model", model]
         env = dict(os.environ)
@@ -301,9 +307,9 @@ class ServerProcess:
 
     def create_key(self, name: str | None = None) -> str:
         from .server.auth import KeyStore
-        from .server.db import Database
+        from .server.db import open_database
 
-        db = Database(self.data_dir / "interlace.db")
+        db = open_database(self.store, self.data_dir)
         try:
             return KeyStore(db).create(name)[0]
         finally:

@@ -35,6 +35,7 @@ from interlace._version import __version__
 from interlace.contract.policy import DEFAULT_POLICY
 from interlace.contract.result import decode_result
 from interlace.testing import ServerProcess
+from server_flavor import serve_args  # tests/server_flavor.py: embedded, or on Ray
 
 #: The co-batching server's per-job wall-clock limit: what the spinner runs into. The other
 #: jobs take milliseconds of their own time (their clocks exclude their neighbours' bodies).
@@ -209,7 +210,7 @@ def jobs(tiny_gpt2_path: Path, raw: RawTruth) -> dict[str, Job]:
 
 
 def _serve(data_dir: Path, model: Path, *args: str) -> ServerProcess:
-    server = ServerProcess(data_dir, models=[str(model)], fake=False, args=list(args)).start()
+    server = ServerProcess(data_dir, models=[str(model)], fake=False, args=serve_args(*args)).start()
     server.keys = [server.create_key(f"user-{i}") for i in range(4)]  # type: ignore[attr-defined]
     return server
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from interlace.testing import ServerProcess
+from postgres import SKIP_REASON, PostgresServer  # tests/postgres.py
 
 UPLOAD_LIMIT_MB = 0.01  # about 10 KiB: oversize uploads are cheap to test
 
@@ -17,3 +18,23 @@ def shared_server(tmp_path_factory):
         proc.alice = proc.create_key("alice")
         proc.bob = proc.create_key("bob")
         yield proc
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (tests/postgres.py); skipped, with the reason,
+    only where its binaries are not installed."""
+    bin_dir = PostgresServer.find()
+    if bin_dir is None:
+        pytest.skip(SKIP_REASON)
+    server = PostgresServer(bin_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()

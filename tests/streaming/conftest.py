@@ -17,6 +17,7 @@ import pytest
 
 import interlace
 from raw_truth import RawLM  # tests/raw_truth.py
+from server_flavor import serve_args  # tests/server_flavor.py: embedded, or on Ray
 from streaming_helpers import BLOCK_LIMIT_S, GRACE_S
 
 
@@ -37,7 +38,7 @@ def limits_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_path: Path
     from interlace.testing import ServerProcess
 
     proc = ServerProcess(tmp_path_factory.mktemp("limits-server"), models=[str(tiny_gpt2_path)], fake=False,
-                         args=["--local-block-timeout", str(BLOCK_LIMIT_S), "--local-grace", str(GRACE_S)])
+                         args=serve_args("--local-block-timeout", str(BLOCK_LIMIT_S), "--local-grace", str(GRACE_S)))
     proc.start(timeout=180)
     try:
         proc.key = proc.create_key("streaming-limits")

@@ -55,6 +55,7 @@ from . import versions
 from .auth import MSG_INVALID_KEY, MSG_MISSING_KEY, User
 from .limits import TooManyRequests
 from .local_exchange import ExchangeError
+from .replica_proxy import LocalElsewhere, forward_frame_soon, forward_local
 from .service import Conflict, JobService, NotFound
 from .settings import MiB, ServerSettings
 from .status import RECENT_JOBS, server_status
@@ -320,7 +321,11 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
     async def local_values(request: Request, job_id: str, exchange: str) -> Response:
         user = authenticate(request)
         number = _exchange_number(exchange)
-        return Response(service.local_peer(user, job_id).values(number), media_type="application/octet-stream")
+        try:
+            peer = service.local_peer(user, job_id)
+        except LocalElsewhere as away:  # several API replicas: the one running the job answers
+            return await forward_local(request, away, job_id, exchange, service.forward_timeout)
+        return Response(peer.values(number), media_type="application/octet-stream")
 
     @app.post(
         JOB_LOCAL, status_code=200,
@@ -341,7 +346,10 @@ def create_app(settings: ServerSettings, runner: JobRunner) -> FastAPI:
 
     async def _local_message(request: Request, user: User, job_id: str, exchange: str) -> Response:
         number = _exchange_number(exchange)
-        peer = service.local_peer(user, job_id)
+        try:
+            peer = service.local_peer(user, job_id)
+        except LocalElsewhere as away:  # several API replicas: the one running the job answers
+            return await forward_local(request, away, job_id, exchange, service.forward_timeout)
         op = request.headers.get(LOCAL_HEADER)
         if op not in LOCAL_OPS:
             raise ApiError(400, MSG_LOCAL_OP.format(header=LOCAL_HEADER, ops=", ".join(LOCAL_OPS), got=op))
@@ -497,6 +505,7 @@ async def _stream_events(service: JobService, ws: WebSocket, job_id: str, after:
     # Subscribe before reading history: events committed meanwhile arrive on the queue and
     # are de-duplicated by seq, so nothing falls between the two.
     sub = service.hub.subscribe(job_id, serves_local=ws.query_params.get(LOCAL_QUERY) == "1")
+    ws.state.interlace_auth = (key, version)  # a final frame for another replica goes on with it
     receiver = asyncio.ensure_future(_until_disconnect(ws, service, user, job_id))
     try:
         events = service.store.events_after(job_id, after) or [service.current_event(record)]
@@ -556,10 +565,10 @@ async def _until_disconnect(ws: WebSocket, service: JobService, user: User, job_
                 return
             frame = message.get("bytes")
             if frame:
-                _take_local_frame(service, user, job_id, frame)
+                _take_local_frame(service, user, job_id, frame, ws)
 
 
-def _take_local_frame(service: JobService, user: User, job_id: str, frame: bytes) -> None:
+def _take_local_frame(service: JobService, user: User, job_id: str, frame: bytes, ws: WebSocket) -> None:
     """Hand a WebSocket frame's final message to the job's local block. A frame that is not one
     (or comes too late: the block timed out, the job ended) is dropped: the client learns what
     became of the block from the job's events, as after a POST answered 404/409."""
@@ -571,5 +580,7 @@ def _take_local_frame(service: JobService, user: User, job_id: str, frame: bytes
         if isinstance(message, ReadRequest):  # a read needs its answer: POST it
             return
         service.local_peer(user, job_id).post(number, message)
+    except LocalElsewhere as away:  # several API replicas: POSTed to the one running the job
+        forward_frame_soon(away, job_id, frame, *ws.state.interlace_auth, service.forward_timeout)
     except (ValueError, WireFormatError, ExchangeError, NotFound):
         return

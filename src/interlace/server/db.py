@@ -1,8 +1,16 @@
-"""The SQLite database shared by the job store and the key store.
+"""The database shared by the job store and the key store: SQLite here, PostgreSQL beside.
 
-One connection guarded by a lock: the server's writes are tiny (a row and an event), so a
-lock is cheaper than a connection pool, and WAL lets the CLI (`interlace jobs`, `keys`) read
-and write from another process while the server runs.
+`open_database(store, data_dir)` is the one place that picks: no `--store` is this file's
+SQLite `Database` in the data directory (the embedded default); `--store postgresql://...` is
+`db_postgres.PostgresDatabase`, which several API replicas share. Both have the same face
+(`transaction()`, `query()`, `query_one()`, `close()`, `?` placeholders, rows indexed by
+position or name) and say what differs in three attributes the stores read: `dialect`,
+`shared_queue` (the queue lives in the database, so every replica claims from it) and
+`lock_rows` (the suffix that locks selected rows for the transaction).
+
+SQLite: one connection guarded by a lock: the server's writes are tiny (a row and an event),
+so a lock is cheaper than a connection pool, and WAL lets the CLI (`interlace jobs`, `keys`)
+read and write from another process while the server runs.
 """
 
 from __future__ import annotations
@@ -13,7 +21,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["Database", "SCHEMA_VERSION"]
+# (psycopg itself is imported only when a PostgreSQL store is opened.)
+from .db_postgres import PostgresDatabase, redact_url
+
+__all__ = ["Database", "SCHEMA_VERSION", "POSTGRES_SCHEMES", "is_postgres_url", "open_database",
+           "redact_url"]
+
+#: `--store` URL schemes that select PostgreSQL.
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+MSG_BAD_STORE = (
+    "--store {store!r} is not a PostgreSQL URL. Leave --store out for the embedded SQLite store in "
+    "the data directory, or give one like: --store postgresql://interlace@db-host:5432/interlace"
+)
 
 #: 1: the first schema; 2: `jobs.batch_rows` (co-batching: the rows of the forward a job ran
 #: in, NULL when it ran alone), added to a version-1 file by `_migrate`.
@@ -65,6 +85,12 @@ CREATE TABLE IF NOT EXISTS api_keys (
 
 
 class Database:
+    """SQLite in one file (the embedded default): the queue stays in memory (`workers.py`)."""
+
+    dialect = "sqlite"
+    shared_queue = False  # one server per file: its queue is in memory
+    lock_rows = ""  # BEGIN IMMEDIATE already holds the whole file for the transaction
+
     def __init__(self, path: Path | str, *, fsync: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,3 +152,21 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def describe(self) -> str:
+        """Where the data lives, for messages."""
+        return str(self.path)
+
+
+def is_postgres_url(store: str | None) -> bool:
+    return bool(store) and str(store).startswith(POSTGRES_SCHEMES)
+
+
+def open_database(store: str | None, data_dir: Path | str, *, fsync: bool = False) -> Any:
+    """The server's database: `store` None is SQLite at `data_dir/interlace.db` (unchanged
+    default); a `postgresql://` URL is a PostgreSQL database that several API replicas share."""
+    if not store:
+        return Database(Path(data_dir) / "interlace.db", fsync=fsync)
+    if not is_postgres_url(store):
+        raise ValueError(MSG_BAD_STORE.format(store=store))
+    return PostgresDatabase(store)

@@ -1,5 +1,8 @@
 """Limits per key (the sandbox's layer 5): requests per minute and jobs in flight, answered 429.
 
+With several API replicas on one PostgreSQL job store, the bucket of each key is a database
+row (`SharedRateLimiter`), so the replicas together allow what one server would.
+
 The numbers are the served policy's (`GET /v1/policy`; `interlace serve --requests-per-minute`,
 `--max-queued-per-key`), read from the job runner, which enforces the per-job ones (size, time,
 memory, printed text): one policy, one source for every limit (`served_limits`).
@@ -14,7 +17,8 @@ from typing import Any, Callable, Final
 
 from ..contract.policy import Policy
 
-__all__ = ["MSG_QUEUE_FULL", "MSG_RATE_LIMITED", "MSG_LOG_TRUNCATED", "RateLimiter", "TooManyRequests", "served_limits"]
+__all__ = ["MSG_QUEUE_FULL", "MSG_RATE_LIMITED", "MSG_LOG_TRUNCATED", "RateLimiter", "SharedRateLimiter",
+           "TooManyRequests", "served_limits"]
 
 MSG_RATE_LIMITED: Final = (
     "Too many requests: this API key made more than {limit} requests in the last minute (the server "
@@ -76,3 +80,38 @@ class RateLimiter:
                 raise TooManyRequests(MSG_RATE_LIMITED.format(limit=self.per_minute, retry=retry),
                                       retry_after=retry, limit=self.per_minute)
             self._buckets[key] = (tokens - 1.0, now)
+
+
+# One statement: the key's row is locked for it, so two replicas' requests are counted one
+# after the other. Every SET expression reads the row as it was: `ok` says whether a token
+# was there (refilled since `updated` on the database's clock, one clock for every replica).
+_REFILLED = "LEAST(?, key_buckets.tokens + (EXTRACT(EPOCH FROM now()) - key_buckets.updated) * ?)"
+_TAKE_SQL = (
+    "INSERT INTO key_buckets (key_id, tokens, updated, ok) VALUES (?, ?, EXTRACT(EPOCH FROM now()), TRUE)"
+    f" ON CONFLICT (key_id) DO UPDATE SET ok = {_REFILLED} >= 1,"
+    f" tokens = CASE WHEN {_REFILLED} >= 1 THEN {_REFILLED} - 1 ELSE {_REFILLED} END,"
+    " updated = EXTRACT(EPOCH FROM now()) RETURNING ok, tokens"
+)
+
+
+class SharedRateLimiter:
+    """`RateLimiter`'s token bucket, kept in the shared database's `key_buckets` table
+    (`replica_proxy.SHARED_SCHEMA`): the same limit, refill and 429 text, counted once for
+    all the API replicas. `db` is the PostgreSQL database (`db_postgres.PostgresDatabase`)."""
+
+    def __init__(self, db: Any, per_minute: int) -> None:
+        self.db = db
+        self.per_minute = per_minute
+        self._rate = per_minute / 60.0
+
+    def take(self, key: str) -> None:
+        """Count one request of `key`; raises TooManyRequests when it has none left."""
+        cap, rate = float(self.per_minute), self._rate
+        params = (key, cap - 1.0, *([cap, rate] * 4))
+        with self.db.transaction() as conn:
+            row = conn.execute(_TAKE_SQL, params).fetchone()
+        ok, tokens = bool(row[0]), float(row[1])
+        if not ok:
+            retry = max(1, math.ceil((1.0 - tokens) / rate))
+            raise TooManyRequests(MSG_RATE_LIMITED.format(limit=self.per_minute, retry=retry),
+                                  retry_after=retry, limit=self.per_minute)

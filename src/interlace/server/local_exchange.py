@@ -22,6 +22,7 @@ request about it: `CATEGORY_CLIENT_GONE`), so a vanished client frees the worker
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -51,6 +52,7 @@ __all__ = [
     "MSG_SERVER_TURN",
     "MSG_JOB_ENDED",
     "INLINE_VALUES_BYTES",
+    "make_stream_event",
 ]
 
 MSG_LOCAL_TIMEOUT: Final = (
@@ -139,6 +141,7 @@ class ServerLocalPeer:
         publish: Callable[[Event], None],
         watched: Callable[[], bool],
         clock: Callable[[], float] = time.monotonic,
+        ended: Callable[[int], None] | None = None,
     ) -> None:
         self.job_id = job_id
         self.block_seconds = block_seconds
@@ -146,6 +149,9 @@ class ServerLocalPeer:
         self._publish = publish
         self._watched = watched
         self._clock = clock
+        # Told (worker thread) the number of each exchange once it is over for the worker: the
+        # shared store forgets the pending block (`replica_proxy.LocalBlockBoard`).
+        self._ended = ended
         self._lock = threading.Lock()
         self._inbox: queue.Queue[ClientMessage] = queue.Queue()
         self._current: Exchange | None = None
@@ -162,7 +168,7 @@ class ServerLocalPeer:
             # The grace counts from here: between blocks nobody needed the client.
             self._seen = now
         self._publish(self._event(exchange))
-        return self._wait(exchange)
+        return self._told(exchange, self._wait(exchange))
 
     def reply(self, value: bytes) -> ClientMessage:
         with self._lock:
@@ -174,7 +180,15 @@ class ServerLocalPeer:
             answer, exchange.answer = exchange.answer, None
             if answer is None or not _resolve(answer, bytes(value)):
                 exchange.kept = (exchange.last_read, bytes(value))
-        return self._wait(exchange)
+        return self._told(exchange, self._wait(exchange))
+
+    def _told(self, exchange: Exchange, message: ClientMessage) -> ClientMessage:
+        if self._ended is not None and not isinstance(message, ReadRequest):
+            try:
+                self._ended(exchange.number)
+            except Exception:  # bookkeeping for other replicas must not fail the job's block
+                logging.getLogger("interlace.server").exception("local block of %s: end hook failed", self.job_id)
+        return message
 
     def _wait(self, exchange: Exchange) -> ClientMessage:
         block_end = exchange.started + self.block_seconds
@@ -289,11 +303,17 @@ class ServerLocalPeer:
 
     def _event(self, exchange: Exchange) -> Event:
         inline = exchange.values if len(exchange.values) <= INLINE_VALUES_BYTES else None
-        return Event(self.job_id, JobStatus.STREAM.value, MSG_STREAM.format(line=exchange.line), None, time.time(),
-                     exchange=exchange.number, line=exchange.line, values=inline)
+        return make_stream_event(self.job_id, exchange.number, exchange.line, inline)
 
     def __repr__(self) -> str:
         return f"ServerLocalPeer({self.job_id!r})"
+
+
+def make_stream_event(job_id: str, exchange: int, line: int, values: bytes | None) -> Event:
+    """The transient STREAM event of a job's local block `exchange` (`values`: inline, or None
+    when too large: the client GETs them). One builder for the holder and the other replicas."""
+    return Event(job_id, JobStatus.STREAM.value, MSG_STREAM.format(line=line), None, time.time(),
+                 exchange=exchange, line=line, values=values)
 
 
 def _resolve(answer: "Future[bytes]", value: bytes) -> bool:

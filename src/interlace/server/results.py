@@ -3,6 +3,10 @@
 The local directory is the default (no extra services); any fsspec URL works (memory://,
 file://, s3://...). Writes go to a temporary name and are then moved into place, so a reader
 never sees half a result and a crash never leaves one behind under the final name.
+
+`DatabaseResultStore` keeps results in the job store's PostgreSQL database instead (the
+`results` table): with several API replicas (`--store postgresql://...`) and no shared
+`--result-store` URL, a result any replica wrote is one any replica can serve.
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["ResultStore"]
+__all__ = ["ResultStore", "DatabaseResultStore"]
 
 CHUNK = 256 * 1024
 
@@ -73,3 +77,48 @@ class ResultStore:
             self.fs.rm_file(self._path(job_id))
         except FileNotFoundError:
             pass
+
+
+class DatabaseResultStore:
+    """Result bytes in the shared database's `results` table; the same face as `ResultStore`.
+
+    One row a result: a result is at most the served policy's result size, and a row write is
+    atomic, so no reader sees half of one."""
+
+    local = False
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.url = f"the job store's results table ({db.describe()})"
+
+    def local_path(self, job_id: str) -> Path | None:
+        return None
+
+    def put(self, job_id: str, data: bytes) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("INSERT INTO results (job_id, data) VALUES (?, ?)"
+                         " ON CONFLICT (job_id) DO UPDATE SET data = excluded.data", (job_id, data))
+
+    def exists(self, job_id: str) -> bool:
+        return self.db.query_one("SELECT 1 FROM results WHERE job_id = ?", (job_id,)) is not None
+
+    def size(self, job_id: str) -> int:
+        row = self.db.query_one("SELECT octet_length(data) FROM results WHERE job_id = ?", (job_id,))
+        if row is None:
+            raise FileNotFoundError(job_id)
+        return int(row[0])
+
+    def read(self, job_id: str) -> bytes:
+        row = self.db.query_one("SELECT data FROM results WHERE job_id = ?", (job_id,))
+        if row is None:
+            raise FileNotFoundError(job_id)
+        return bytes(row[0])
+
+    def iter_chunks(self, job_id: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        data = self.read(job_id)
+        for start in range(0, len(data), chunk_size):
+            yield data[start:start + chunk_size]
+
+    def delete(self, job_id: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM results WHERE job_id = ?", (job_id,))

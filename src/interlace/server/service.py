@@ -1,4 +1,5 @@
-"""The job lifecycle, independent of HTTP: receive, queue, run, finish, cancel, recover, expire.
+"""The job lifecycle, independent of HTTP: receive, queue, run, finish, cancel (recover and
+expire: `service_recovery.py`; what several API replicas share: `replica_proxy.py`).
 
 Rule followed everywhere here: commit to the store first, then publish the event, then act on
 memory (queues) or the outside world (callbacks). A crash at any point leaves the database
@@ -15,6 +16,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -22,16 +24,20 @@ from typing import Any, Callable
 import httpx
 
 from .auth import KeyStore, User
-from .db import Database
+from .db import open_database
 from ..execution.cobatch import JobOutcome
 from ..execution.errors import BadRequest, JobFailed
 from .events import EventHub
 from .local_exchange import ExchangeError, ServerLocalPeer
-from .limits import MSG_LOG_TRUNCATED, MSG_QUEUE_FULL, RateLimiter, TooManyRequests, served_limits
+from .limits import MSG_LOG_TRUNCATED, MSG_QUEUE_FULL, RateLimiter, SharedRateLimiter, TooManyRequests, served_limits
 from ..contract.model_meta import NotDescribable
-from .results import ResultStore
+from .replica_proxy import LocalBlockBoard, LocalElsewhere, ensure_shared_tables, lock_key
+from .results import DatabaseResultStore, ResultStore
+from .shared_queue import MSG_LOCAL_ELSEWHERE, SharedQueuePool
 from .settings import ServerSettings
+from .service_recovery import RecoveryMixin
 from .store import Event, JobRecord, JobStore, queued_text
+from .store_queue import SharedQueueStore
 from ..contract.http import JOB, JobStatus
 from .types import BatchingJobRunner, JobRunner, LogFn
 from .workers import QueuedJob, WorkerPool
@@ -54,26 +60,53 @@ class Conflict(Exception):
     pass
 
 
-class JobService:
+class JobService(RecoveryMixin):
     def __init__(self, settings: ServerSettings, runner: JobRunner) -> None:
         self.settings = settings
         self.runner = runner
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         settings.payload_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(settings.db_path, fsync=settings.fsync)
+        # SQLite in the data dir (default) or the PostgreSQL `--store` several replicas share.
+        self.db = open_database(settings.store, settings.data_dir, fsync=settings.fsync)
         self.store = JobStore(self.db)
         self.keys = KeyStore(self.db)
-        self.results = ResultStore(settings.result_url)
+        # Shared queue: the queue, payloads and (without --result-store) results live in the
+        # database, where every replica reads them.
+        self.shared = bool(self.db.shared_queue)
+        self.replica_id = uuid.uuid4().hex[:12]
+        self.queue = SharedQueueStore(self.db, self.replica_id) if self.shared else None
+        # Shared: limits counted in the database and local blocks visible to every replica.
+        self.board = LocalBlockBoard(self.db, self.replica_id) if self.shared else None
+        if self.shared:
+            ensure_shared_tables(self.db)
+        self.results: Any = DatabaseResultStore(self.db) if self.shared and not settings.result_store \
+            else ResultStore(settings.result_url)
         self.hub = EventHub()
         self.model_keys = list(runner.model_keys())
         # Every limit the server enforces is the runner's served policy (one source, see limits.py).
         self.limits = served_limits(runner.policy())
-        self.rate = RateLimiter(self.limits.requests_per_minute)
+        self.rate: Any = SharedRateLimiter(self.db, self.limits.requests_per_minute) if self.shared else \
+            RateLimiter(self.limits.requests_per_minute)
+        # How long a replica waits for the holder's answer to a forwarded local-block request.
+        self.forward_timeout = self.limits.local_block_seconds + 30.0
         self._accepting = threading.Lock()  # the per-key queue check and the enqueue, together
         # Co-batching's limits when it is on and the runner batches; None: every job runs alone.
         self.batch_limits = settings.batch_limits if settings.cobatch and isinstance(runner, BatchingJobRunner) \
             else None
-        self.pool = WorkerPool(self.model_keys, self._execute_jobs, self._announce_positions, self.batch_limits)
+        # Threads per model: the runner's replicas of it (the Ray runner), else 1.
+        concurrency = getattr(runner, "concurrency", None) or (lambda key: 1)
+        self.pool: Any
+        if self.queue is not None:
+            self.pool = SharedQueuePool(
+                self.model_keys, self._execute_jobs, self.queue, prepare=self._prepare_claim,
+                publish=self.hub.publish, watched=self.hub.has_subscribers, on_stale=self._requeue_stale,
+                board=self.board, local_watched=self.hub.has_local_watchers,
+                url=settings.public_url, limits=self.batch_limits, concurrency=concurrency,
+                poll_interval=settings.poll_interval, lease_seconds=settings.lease_seconds,
+            )
+        else:
+            self.pool = WorkerPool(self.model_keys, self._execute_jobs, self._announce_positions, self.batch_limits,
+                                   concurrency)
         # Callbacks go out on their own threads so a slow receiver never delays the next job.
         self._callbacks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="interlace-callback")
         self._started = False
@@ -89,7 +122,8 @@ class JobService:
         if self._started:
             return
         self._started = True
-        self.recover()
+        if not self.shared:  # shared: other replicas run on; the lease keeper requeues the dead's
+            self.recover()
         self.pool.start()
 
     def stop(self) -> None:
@@ -110,12 +144,15 @@ class JobService:
         if not self.pool.hosts(model_key):
             raise BadRequest(self._unknown_model_text(model_key), status=404)
         job_id = uuid.uuid4().hex
-        entry = self._queued(job_id, prepared)  # outside the lock below: it asks the runner
+        entry = self._queued(job_id, prepared, fair_key=user.key_id)  # outside the lock: asks the runner
         path = self._payload_path(job_id)
-        self._write_payload(path, payload)
+        if not self.shared:  # shared: the payload goes into the database with the job's row
+            self._write_payload(path, payload)
+
+        created: list[Event] = []
 
         def commit(position: int) -> None:
-            events = self.store.create(
+            created[:] = self.store.create(
                 job_id,
                 owner=user.name,
                 key_id=user.key_id,
@@ -124,31 +161,49 @@ class JobService:
                 callback=callback,
                 client_version=client_version,
                 queue_position=position,
+                payload=payload if self.shared else None,
+                share_key=None if entry.share_key is None else repr(entry.share_key),
+                share_rows=entry.rows,
             )
-            for event in events:
-                self.hub.publish(event)
+            if not self.shared:  # committed already; shared: after the outer transaction below
+                for event in created:
+                    self.hub.publish(event)
 
         try:
-            with self._accepting:
-                self._check_in_flight(user)
-                position = self.pool.enqueue(model_key, entry, before=commit)
+            if self.shared:
+                # Every replica's accepts for this key, one at a time: count and insert in
+                # one transaction, so N replicas never let N jobs past the limit at once.
+                with self.db.transaction() as conn:
+                    lock_key(conn, user.key_id)
+                    self._check_in_flight(user)
+                    position = self.pool.enqueue(model_key, entry, before=commit)
+                self.pool.wake()  # committed now: the claim its wake-up looked for is there
+            else:
+                with self._accepting:
+                    self._check_in_flight(user)
+                    position = self.pool.enqueue(model_key, entry, before=commit)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        if self.shared:
+            for event in created:  # after the outer transaction's commit
+                self.hub.publish(event)
         return job_id, position
 
-    def _queued(self, job_id: str, prepared: Any, attempts: int = 0) -> QueuedJob:
+    def _queued(self, job_id: str, prepared: Any, attempts: int = 0, *, fair_key: str | None = None,
+                claimed: bool = False) -> QueuedJob:
         """The queue's entry for a job, with its co-batching key and rows (asked of the runner
-        once, here, not each time a worker looks through the queue)."""
+        once, here, not each time a worker looks through the queue) and its API key (the
+        queue takes turns between keys)."""
         if self.batch_limits is None:
-            return QueuedJob(job_id, prepared, attempts)
+            return QueuedJob(job_id, prepared, attempts, fair_key=fair_key, claimed=claimed)
         runner: Any = self.runner
         try:
             key, rows = runner.share_key(prepared), max(1, int(runner.rows(prepared)))
         except Exception:  # a runner's bug must not refuse the job: it runs alone, as before
             log.exception("co-batching: could not key job %s; it runs alone", job_id)
             key, rows = None, 1
-        return QueuedJob(job_id, prepared, attempts, share_key=key, rows=rows)
+        return QueuedJob(job_id, prepared, attempts, share_key=key, rows=rows, fair_key=fair_key, claimed=claimed)
 
     def cobatch_summary(self) -> str:
         """One line for the start-up report: is co-batching on, and with which limits."""
@@ -220,7 +275,10 @@ class JobService:
             self._execute_batch(jobs)
 
     def _start(self, job: QueuedJob) -> bool:
-        """QUEUED -> RUNNING; False if the job was cancelled or finished meanwhile."""
+        """QUEUED -> RUNNING; False if the job was cancelled or finished meanwhile. A shared
+        queue's claim already did it, in the claim's commit."""
+        if job.claimed:
+            return True
         event = self.store.transition(
             job.job_id, JobStatus.RUNNING, "Running.", expect=(JobStatus.QUEUED,),
             started=time.time(), attempts=job.attempts + 1,
@@ -259,9 +317,12 @@ class JobService:
         job_id = job.job_id
         emit_log = self._log_emitter(job_id)
         # Cheap, and most jobs never call it: the job's side of `with interlace.local():`.
+        board = self.board
         peer = ServerLocalPeer(
             job_id, block_seconds=self.limits.local_block_seconds, grace_seconds=self.limits.local_grace_seconds,
-            publish=self.hub.publish, watched=partial(self.hub.has_local_watchers, job_id),
+            publish=self.hub.publish if board is None else partial(self._publish_block, board),
+            watched=partial(self._local_watched, job_id),
+            ended=None if board is None else partial(board.clear, job_id),
         )
         with self._peers_lock:
             self._peers[job_id] = peer
@@ -272,6 +333,23 @@ class JobService:
             peer.close()
             with self._peers_lock:
                 self._peers.pop(job_id, None)
+            if board is not None:
+                with suppress(Exception):  # the row is ignored once the job is not RUNNING
+                    board.clear(job_id)
+
+    def _publish_block(self, board: LocalBlockBoard, event: Event) -> None:
+        """A local block started here: stored for the other replicas (status JSON, their
+        WebSockets), then announced to this replica's watchers."""
+        if event.exchange is not None and event.line is not None:
+            board.put(event.job_id, event.exchange, event.line, event.values)
+        self.hub.publish(event)
+
+    def _local_watched(self, job_id: str) -> bool:
+        """A client runs the job's local blocks: it watches here, or (shared) through another
+        replica, which marks the block seen."""
+        if self.hub.has_local_watchers(job_id):
+            return True
+        return self.board is not None and self.board.seen_recently(job_id)
 
     def _execute_batch(self, jobs: list[QueuedJob]) -> None:
         """Co-batching: start every job (a cancelled one drops out), run them in one
@@ -324,22 +402,29 @@ class JobService:
         log.error("job(s) %s failed inside the server:\n%s", job_ids, traceback.format_exc())
         return MSG_INTERNAL_ERROR.format(error=f"{type(exc).__name__}: {exc}")
 
-    def _finish(self, job_id: str, status: JobStatus, description: str, **fields: Any) -> Event | None:
+    def _finish(self, job_id: str, status: JobStatus, description: str, *,
+                expect: tuple[JobStatus, ...] = (JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING),
+                **fields: Any) -> Event | None:
         now = time.time()
         event = self.store.transition(
-            job_id, status, description,
-            expect=(JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING),
+            job_id, status, description, expect=expect,
             finished=now, expires_at=now + self.settings.result_ttl, **fields,
         )
         if event is None:
             return None
         self.hub.publish(event)
         # The payload is only kept to re-run the job after a crash; a finished job needs none.
-        self._payload_path(job_id).unlink(missing_ok=True)
+        self._drop_payload(job_id)
         record = self.store.get(job_id)
         if record is not None and record.callback:
             self._callbacks.submit(self._post_callback, record)
         return event
+
+    def _drop_payload(self, job_id: str) -> None:
+        if self.queue is not None:
+            self.queue.delete_payload(job_id)
+        else:
+            self._payload_path(job_id).unlink(missing_ok=True)
 
     def _announce_positions(self, model_key: str, waiting: list[str]) -> None:
         # Positions are transient (not stored, seq=None): they are derived from the in-memory
@@ -374,6 +459,9 @@ class JobService:
         data = record.to_json(queue_position=position)
         peer = self._peers.get(record.id)
         pending = peer.pending() if peer is not None else None
+        if peer is None and self.board is not None and record.status == JobStatus.RUNNING.value:
+            stored = self.board.get(record.id)  # run by another replica: what it stored
+            pending = None if stored is None else (stored.exchange, stored.line)
         data["local_block"] = None if pending is None else {"exchange": pending[0], "line": pending[1]}
         return data
 
@@ -382,6 +470,8 @@ class JobService:
         peer = self._peers.get(job_id)
         if peer is not None:
             peer.touch()
+        elif self.board is not None:
+            self.board.touch([job_id])  # the holder (another replica) reads it
 
     def local_peer(self, user: User, job_id: str) -> ServerLocalPeer:
         """The local-block peer of `user`'s running job `job_id` (404 for another user's job,
@@ -390,6 +480,10 @@ class JobService:
         peer = self._peers.get(job_id)
         if peer is not None:
             return peer
+        holder = self.queue.holder(job_id) if self.queue is not None else None
+        if holder is not None and holder[0] != self.replica_id:
+            # app.py forwards the request to the holder (replica_proxy.forward_local).
+            raise LocalElsewhere(MSG_LOCAL_ELSEWHERE.format(job_id=job_id, url=holder[1] or "unknown"), holder[1])
         if record.terminal:
             raise ExchangeError(409, f"Job {job_id} already ended ({record.status}); it waits for no local "
                                      f"block. GET {JOB.format(job_id=job_id)} says how it ended.")
@@ -399,7 +493,10 @@ class JobService:
     def stream_event(self, job_id: str) -> Event | None:
         """The STREAM event of the local block job `job_id` waits for now, if any."""
         peer = self._peers.get(job_id)
-        return peer.stream_event() if peer is not None else None
+        if peer is not None:
+            return peer.stream_event()
+        stored = self.board.get(job_id) if self.board is not None else None
+        return None if stored is None else stored.event()
 
     def current_event(self, record: JobRecord) -> Event:
         """The job's state as one event (for a client reconnecting with nothing new to see)."""
@@ -411,98 +508,23 @@ class JobService:
             return latest
         return Event(record.id, record.status, record.description, None, record.updated, latest.seq if latest else 0)
 
-    # -- cancel, recover, expire ----------------------------------------------------------
+    # -- cancel --------------------------------------------------------------------------
 
     def cancel(self, user: User, job_id: str) -> JobRecord:
         record = self.owned(user, job_id)
         if record.status == JobStatus.QUEUED.value and self.pool.remove(record.model_key, job_id):
-            self._finish(job_id, JobStatus.CANCELLED, "Cancelled by the user before it ran.")
+            # Shared queue: only a job still QUEUED in the store (no replica claimed it).
+            cancelled = self._finish(job_id, JobStatus.CANCELLED, "Cancelled by the user before it ran.",
+                                     expect=(JobStatus.QUEUED,) if self.shared else
+                                     (JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.RUNNING))
             updated = self.store.get(job_id)
             assert updated is not None
-            return updated
+            if cancelled is not None or not self.shared:
+                return updated
+            record = updated  # another replica claimed it first: say what it is now
         if record.status == JobStatus.RUNNING.value or record.status == JobStatus.QUEUED.value:
             raise Conflict(f"Job {job_id} is already running and cannot be cancelled; wait for it to finish.")
         raise Conflict(f"Job {job_id} already finished ({record.status}); there is nothing to cancel.")
-
-    def recover(self) -> None:
-        """Requeue what a previous server process left unfinished, or end it with a clear ERROR."""
-        pending = self.store.pending()
-        self._remove_orphan_payloads({record.id for record in pending})
-        for record in pending:
-            try:
-                self._requeue(record)
-            except Exception as exc:
-                log.exception("could not requeue job %s", record.id)
-                self._finish(
-                    record.id, JobStatus.ERROR,
-                    f"The server restarted and could not requeue this job: {type(exc).__name__}: {exc}",
-                    error_category="requeue",
-                )
-
-    def _remove_orphan_payloads(self, keep: set[str]) -> None:
-        # A crash between writing a payload and committing its job (or while writing it)
-        # leaves a file no job refers to; the client got no 202 for it, so it can go.
-        for path in self.settings.payload_dir.iterdir():
-            if path.stem not in keep or path.suffix != ".bin":
-                path.unlink(missing_ok=True)
-
-    def _requeue(self, record: JobRecord) -> None:
-        interrupted = record.status == JobStatus.RUNNING.value
-        if record.attempts >= self.settings.max_attempts:
-            self._finish(
-                record.id, JobStatus.ERROR,
-                f"The server stopped {record.attempts} times while this job ran; it is not retried again "
-                "in case the job itself brings the server down. Check its memory and time use, then "
-                "submit it again.",
-                error_category="interrupted",
-            )
-            return
-        path = self._payload_path(record.id)
-        if not path.is_file():
-            self._finish(record.id, JobStatus.ERROR,
-                         "The server restarted and this job's payload file is missing; submit it again.",
-                         error_category="requeue")
-            return
-        try:
-            prepared = self.runner.prepare(path.read_bytes())
-        except BadRequest as exc:
-            self._finish(record.id, JobStatus.ERROR,
-                         f"The server restarted and can no longer run this job: {exc.message}",
-                         error_category="requeue")
-            return
-        if not self.pool.hosts(prepared.model_key):
-            self._finish(record.id, JobStatus.ERROR,
-                         "The server restarted and can no longer run this job: "
-                         + self._unknown_model_text(prepared.model_key),
-                         error_category="requeue")
-            return
-        note = "Requeued after the server was interrupted while it ran." if interrupted else \
-            "Requeued after a server restart."
-
-        def commit(position: int) -> None:
-            event = self.store.transition(
-                record.id, JobStatus.QUEUED, f"{note} {queued_text(position)}",
-                queue_position=position, started=None,
-            )
-            if event is not None:
-                self.hub.publish(event)
-
-        self.pool.enqueue(prepared.model_key, self._queued(record.id, prepared, record.attempts), before=commit)
-
-    def sweep(self, now: float | None = None) -> int:
-        """Delete expired results; returns how many jobs expired."""
-        count = 0
-        for record in self.store.expired(time.time() if now is None else now):
-            # Delete the bytes first: a crash in between leaves a COMPLETED record without a
-            # file, which the result endpoint already answers with 410.
-            self.results.delete(record.id)
-            self._payload_path(record.id).unlink(missing_ok=True)
-            event = self.store.expire(record.id)
-            if event is not None:
-                self.hub.publish(event)
-                count += 1
-        return count
-
 
 def _outcome_result(outcome: JobOutcome) -> bytes:
     """A batch job's result bytes, or its failure raised (for `JobService._settle`)."""

@@ -68,6 +68,19 @@ class ServerSettings(BaseModel):
     batch_rows: int = Field(default=_DEFAULT_BATCH.max_rows, gt=0)
     batch_tokens: int = Field(default=_DEFAULT_BATCH.max_tokens, gt=0)
     batch_wait_ms: float = Field(default=_DEFAULT_BATCH.wait_seconds * 1000.0, ge=0.0, le=MAX_BATCH_WAIT_MS)
+    # The job store (`interlace serve --store`): None is SQLite in `data_dir` with the queue in
+    # memory (the embedded default); a `postgresql://` URL is a database several API replicas
+    # share, the queue included (`db.py`, `store_queue.py`, `shared_queue.py`).
+    store: str | None = None
+    # How other replicas and clients reach this one (`--advertise-url`; default `base_url`):
+    # named in the answer to a local-block request that reached the wrong replica.
+    advertise_url: str | None = None
+    # Shared queue only: a replica that has not beaten for `lease_seconds` is taken for dead
+    # and its RUNNING jobs are requeued by the others; it beats every `lease_seconds / 5`.
+    lease_seconds: float = Field(default=30.0, gt=0.0)
+    # Shared queue only: how often an idle worker looks for jobs other replicas accepted (its
+    # own replica's submissions wake it at once) and the event relay for other replicas' events.
+    poll_interval: float = Field(default=0.2, gt=0.0)
 
     @property
     def batch_limits(self) -> BatchLimits:
@@ -86,6 +99,10 @@ class ServerSettings(BaseModel):
     @property
     def result_url(self) -> str:
         return self.result_store or str(self.data_dir / "results")
+
+    @property
+    def public_url(self) -> str:
+        return self.advertise_url or self.base_url
 
     @property
     def base_url(self) -> str:

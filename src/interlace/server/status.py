@@ -29,7 +29,11 @@ MODEL_STATES: Final = {
     "loading": "a fresh worker process is loading the model for the next job",
     "stopped": "no worker process now (the last one was replaced after a job); the next job starts one",
     "failed": "its worker process exited; the next job starts a fresh one",
+    # `interlace serve --ray` (the runner's `model_states`, `ray_replicas.py`):
+    "hot": "loaded in its Ray replicas; takes jobs",
+    "cold": "not loaded (never used, or stopped for a more recently used model); the next job loads it",
 }
+# A Ray model loading reads as MODEL_STATES["loading"] too: its replicas are starting.
 
 # The policy's limits that apply to each job (the rest of the policy says what code may do).
 _JOB_LIMITS: Final = ("max_upload_bytes", "max_result_bytes", "max_source_bytes", "timeout_seconds", "cpu_seconds",
@@ -80,16 +84,23 @@ def cobatch_state(service: JobService) -> dict[str, Any]:
 
 
 def model_states(service: JobService) -> list[dict[str, Any]]:
-    """Each hosted model: its state (a key of MODEL_STATES), jobs waiting, whether one runs."""
+    """Each hosted model: its state (a key of MODEL_STATES), jobs waiting, whether one runs;
+    with Ray, its `replicas` (actor id and name, node, jobs in flight, jobs run)."""
     # A ProcessJobRunner keeps one WorkerSupervisor a model; other runners (in-process
     # models, the test fake) loaded theirs before the server started, so they are ready.
     supervisors = getattr(service.runner, "supervisors", None) or {}
+    # A runner with replicas (`--ray`) says where each model is itself (`types.py`).
+    states_of = getattr(service.runner, "model_states", None)
+    placed: dict[str, dict[str, Any]] = states_of() if callable(states_of) else {}
     found = []
     for key in service.model_keys:
         worker = service.pool.workers[key]
         running = worker.current is not None
         supervisor = supervisors.get(key)
         state = "ready" if supervisor is None else _process_state(supervisor, running)
+        where = placed.get(key)
+        if where is not None:
+            state = where["state"]
         found.append({
             "key": key,
             "state": state,
@@ -97,9 +108,11 @@ def model_states(service: JobService) -> list[dict[str, Any]]:
             "queue_length": len(worker),  # waiting, not counting the one running
             "running": running,
             "running_jobs": len(worker.running),  # more than 1: a co-batched forward
-            "isolation": "process" if supervisor is not None else "in-process",
+            "isolation": "ray" if where is not None else "process" if supervisor is not None else "in-process",
             "restarts": getattr(supervisor, "restarts", 0),
         })
+        if where is not None:
+            found[-1]["replicas"] = where.get("replicas", [])
     return found
 
 

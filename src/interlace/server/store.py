@@ -1,22 +1,23 @@
-"""The durable job store: job rows and their status events, in SQLite.
+"""The durable job store: job rows and their status events, in SQLite or PostgreSQL (`db.py`).
 
 Every state change is one transaction that updates the job row and appends an event; the
 caller announces the returned event only after the commit, which is how "the server never
-loses a job" holds: anything a client was told is already on disk.
+loses a job" holds: anything a client was told is already on disk. The SQL is written once
+for both databases (`?` placeholders; `db.lock_rows` where a row must not change under a
+read-then-write); the shared queue's claims are `store_queue.py`.
 """
 
 from __future__ import annotations
 
 import base64
-import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 from ..contract.http import PENDING, TERMINAL, JobStatus
 from .db import Database
 
-__all__ = ["Event", "JobRecord", "JobStore", "queued_text"]
+__all__ = ["Event", "JobRecord", "JobStore", "queued_text", "insert_event", "event_from_row"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ class JobRecord:
     batch_rows: int | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "JobRecord":
-        return cls(**{k: row[k] for k in row.keys()})
+    def from_row(cls, row: Any) -> "JobRecord":
+        # Only the record's fields: PostgreSQL's jobs table has the shared queue's columns too.
+        return cls(**{k: row[k] for k in row.keys() if k in _RECORD_FIELDS})
 
     @property
     def terminal(self) -> bool:
@@ -105,7 +107,10 @@ class JobRecord:
         return data
 
 
-def _event_from_row(row: sqlite3.Row) -> Event:
+_RECORD_FIELDS = frozenset(f.name for f in fields(JobRecord))
+
+
+def event_from_row(row: Any) -> Event:
     return Event(
         job_id=row["job_id"],
         status=row["status"],
@@ -117,8 +122,8 @@ def _event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
-def _insert_event(
-    conn: sqlite3.Connection,
+def insert_event(
+    conn: Any,
     job_id: str,
     status: str,
     description: str,
@@ -126,12 +131,13 @@ def _insert_event(
     now: float,
     category: str | None = None,
 ) -> Event:
-    cur = conn.execute(
+    # RETURNING (SQLite 3.35+, PostgreSQL): PostgreSQL has no lastrowid.
+    row = conn.execute(
         "INSERT INTO events (job_id, status, description, queue_position, time, category)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
         (job_id, status, description, position, now, category),
-    )
-    return Event(job_id, status, description, position, now, cur.lastrowid, category)
+    ).fetchone()
+    return Event(job_id, status, description, position, now, int(row[0]), category)
 
 
 class JobStore:
@@ -151,8 +157,14 @@ class JobStore:
         callback: str | None,
         client_version: str | None,
         queue_position: int,
+        payload: bytes | None = None,
+        share_key: str | None = None,
+        share_rows: int = 1,
     ) -> list[Event]:
-        """Insert a job already QUEUED, with its RECEIVED and QUEUED events, in one commit."""
+        """Insert a job already QUEUED, with its RECEIVED and QUEUED events, in one commit.
+
+        With a shared queue (`db.shared_queue`), `payload` goes in the same commit (every
+        replica reads it from there) with the co-batching key and rows its claim needs."""
         now = time.time()
         with self.db.transaction() as conn:
             conn.execute(
@@ -161,8 +173,13 @@ class JobStore:
                 (job_id, owner, key_id, model_key, JobStatus.QUEUED.value, callback, client_version,
                  payload_size, now, now),
             )
-            received = _insert_event(conn, job_id, "RECEIVED", "Payload received and validated.", None, now)
-            queued = _insert_event(conn, job_id, "QUEUED", queued_text(queue_position), queue_position, now)
+            if self.db.shared_queue:
+                conn.execute("UPDATE jobs SET share_key = ?, share_rows = ? WHERE id = ?",
+                             (share_key, share_rows, job_id))
+                if payload is not None:
+                    conn.execute("INSERT INTO payloads (job_id, data) VALUES (?, ?)", (job_id, payload))
+            received = insert_event(conn, job_id, "RECEIVED", "Payload received and validated.", None, now)
+            queued = insert_event(conn, job_id, "QUEUED", queued_text(queue_position), queue_position, now)
         return [received, queued]
 
     # -- reads ----------------------------------------------------------------------------
@@ -207,14 +224,14 @@ class JobStore:
 
     def events_after(self, job_id: str, after: int = 0) -> list[Event]:
         rows = self.db.query("SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after))
-        return [_event_from_row(r) for r in rows]
+        return [event_from_row(r) for r in rows]
 
     def latest_event(self, job_id: str) -> Event | None:
         # The latest *state* event: a LOG line is not the job's state.
         row = self.db.query_one(
             "SELECT * FROM events WHERE job_id = ? AND status != 'LOG' ORDER BY seq DESC LIMIT 1", (job_id,)
         )
-        return _event_from_row(row) if row else None
+        return event_from_row(row) if row else None
 
     def timelines(self, job_ids: list[str]) -> dict[str, list[Event]]:
         """Each job's stored state events, oldest first, without its LOG lines (up to
@@ -226,7 +243,7 @@ class JobStore:
                 f"SELECT * FROM events WHERE job_id IN ({marks}) AND status != 'LOG' ORDER BY seq", tuple(found)
             )
             for row in rows:
-                found[row["job_id"]].append(_event_from_row(row))
+                found[row["job_id"]].append(event_from_row(row))
         return found
 
     def expired(self, now: float) -> list[JobRecord]:
@@ -268,20 +285,20 @@ class JobStore:
         with self.db.transaction() as conn:
             if conn.execute(sql, params).rowcount == 0:
                 return None
-            return _insert_event(conn, job_id, status.value, description, queue_position, now,
+            return insert_event(conn, job_id, status.value, description, queue_position, now,
                                  fields.get("error_category"))
 
     def add_log(self, job_id: str, line: str, *, limit: int) -> Event | None:
         """Record one LOG line; past `limit` lines per job, one notice and then nothing."""
         now = time.time()
         with self.db.transaction() as conn:
-            row = conn.execute("SELECT log_count FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute(f"SELECT log_count FROM jobs WHERE id = ?{self.db.lock_rows}", (job_id,)).fetchone()
             if row is None or row[0] > limit:
                 return None
             conn.execute("UPDATE jobs SET log_count = log_count + 1 WHERE id = ?", (job_id,))
             if row[0] == limit:
                 line = f"[interlace] more than {limit} log lines; further output of this job is dropped."
-            return _insert_event(conn, job_id, "LOG", line, None, now)
+            return insert_event(conn, job_id, "LOG", line, None, now)
 
     def expire(self, job_id: str) -> Event | None:
         """Mark a finished job EXPIRED and drop its event history (its LOG lines can be large)."""
@@ -296,7 +313,7 @@ class JobStore:
             if cur.rowcount == 0:
                 return None
             conn.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
-            return _insert_event(conn, job_id, "EXPIRED", _EXPIRED_TEXT, None, now)
+            return insert_event(conn, job_id, "EXPIRED", _EXPIRED_TEXT, None, now)
 
 
 _EXPIRED_TEXT = "The result expired and was deleted; submit the job again."

@@ -49,6 +49,15 @@ class JobRunner(Protocol):
         ...
 
 
+# Optional on a runner (read with getattr; absent means the embedded default):
+#   concurrency(model_key) -> int: how many of the model's jobs (or co-batches) may run at
+#       once: its replicas (`--ray --replicas N`); the pool runs that many worker threads for
+#       the model. Default 1.
+#   model_states() -> dict[model_key, dict]: where each model is and whether it is loaded:
+#       {"state": "hot" | "loading" | "cold", "replicas": [{"id", "node", "busy"}...]};
+#       merged into GET /v1/status. Default: every model hot, in this process.
+
+
 @runtime_checkable
 class BatchingJobRunner(JobRunner, Protocol):
     """A runner that can run several queued jobs of one model as one batched forward
