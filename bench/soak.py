@@ -160,7 +160,7 @@ def check_results(path: Path, inputs: list[list[int]], results: dict[int, tuple[
     wrong = 0
     with torch.no_grad():
         for i, (_, data) in results.items():
-            values = data if isinstance(data, dict) else decode_result(data)[0]
+            values = decode_result(data)
             truth = model(torch.tensor([inputs[i]])).logits[:, -1]
             if not torch.allclose(values["last"], truth, atol=1e-4, rtol=1e-4):
                 wrong += 1
