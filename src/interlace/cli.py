@@ -527,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fsspec URL for results, e.g. s3://bucket/prefix (default: DATA_DIR/results)")
     serve.add_argument("--store", metavar="URL", help=store_help)
     serve.add_argument("--advertise-url", metavar="URL",
-                       help="with --store: the URL other replicas' clients are sent to for this replica's "
-                       "jobs (default http://HOST:PORT)")
+                       help="with --store: the URL at which the other replicas reach this one, to forward "
+                       "local-block requests for the jobs it runs (default http://HOST:PORT)")
     serve.add_argument("--max-upload-mb", type=float, default=256.0, help="largest accepted payload (MiB)")
     _add_limit_flags(serve)
     _add_cobatch_flags(serve)
