@@ -25,8 +25,6 @@ from typing import Any
 
 from ..contract.errors import WireFormatError
 from ..contract.local_block import (
-    CATEGORY_NO_CLIENT,
-    BlockFailed,
     ClientMessage,
     LocalPeer,
     ReadRequest,
@@ -34,7 +32,7 @@ from ..contract.local_block import (
     message_to_wire,
 )
 from .channel import Channel
-from .local_exchange import MSG_NO_CLIENT, checked_message, peer_failure
+from .local_exchange import ask_peer
 
 __all__ = ["OP_LOCAL_MSG", "OP_LOCAL_REPLY", "OP_LOCAL_START", "ChannelPeer", "LocalRelay", "MalformedLocalMessage"]
 
@@ -90,17 +88,8 @@ class LocalRelay:
                 raise MalformedLocalMessage("a local-reply with no local block open")
         else:
             raise MalformedLocalMessage(f"not a local block message: {op!r}")
-        message = self._ask(op, line, body)
+        message = ask_peer(self._peer, op == OP_LOCAL_START, line, body)
         self._open = line if isinstance(message, ReadRequest) else None
         wire, data = message_to_wire(message)
         return {"op": OP_LOCAL_MSG, "msg": wire}, data
 
-    def _ask(self, op: str, line: int, body: bytes) -> ClientMessage:
-        peer = self._peer
-        if peer is None:
-            return BlockFailed(MSG_NO_CLIENT.format(line=line), CATEGORY_NO_CLIENT)
-        try:
-            message = peer.start(line, body) if op == OP_LOCAL_START else peer.reply(body)
-        except Exception as error:  # noqa: BLE001 - the job fails with it; the worker goes on
-            return peer_failure(line, error)
-        return checked_message(line, message)

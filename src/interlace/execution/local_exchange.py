@@ -55,7 +55,7 @@ from ..tracing.local_block import LOCAL_HELPER  # capture compiles `with X.local
 
 __all__ = [
     "LOCAL_HELPER", "LocalBlocks", "LocalBlockAborted", "READ_VALUE", "MSG_NO_CLIENT", "MSG_UNKNOWN_LINE",
-    "MSG_NOT_A_WRITE", "MSG_BAD_VALUES", "MSG_BAD_READ", "MSG_PEER_BROKE", "checked_message", "peer_failure",
+    "MSG_NOT_A_WRITE", "MSG_BAD_VALUES", "MSG_BAD_READ", "MSG_PEER_BROKE", "ask_peer", "checked_message", "peer_failure",
 ]
 
 #: The one key of a read's answer: `encode_local_values({READ_VALUE: value})`.
@@ -228,3 +228,16 @@ def checked_message(line: int, message: Any) -> ClientMessage:
         return message
     return BlockFailed(MSG_PEER_BROKE.format(line=line, reason=f"its peer answered {type(message).__name__}"),
                        CATEGORY_CLIENT_GONE)
+
+
+def ask_peer(peer: LocalPeer | None, start: bool, line: int, body: bytes) -> ClientMessage:
+    """One hop of a relayed local block (a worker's parent, a Ray replica's API process): the
+    client's answer through `peer` (`start(line, values)` or `reply(value)`), never raising:
+    no peer, a peer that raised or one that answered nonsense is the block's `BlockFailed`."""
+    if peer is None:
+        return BlockFailed(MSG_NO_CLIENT.format(line=line), CATEGORY_NO_CLIENT)
+    try:
+        message = peer.start(line, body) if start else peer.reply(body)
+    except Exception as error:  # noqa: BLE001 - the job fails with it; the relay goes on
+        return peer_failure(line, error)
+    return checked_message(line, message)

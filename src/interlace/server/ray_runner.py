@@ -29,7 +29,7 @@ from ..execution import cobatch
 from ..execution.cobatch import BatchLimits, JobOutcome
 from ..execution.confine import available_layers
 from ..execution.errors import JobFailed
-from ..execution.local_exchange import MSG_NO_CLIENT, checked_message, peer_failure
+from ..execution.local_exchange import ask_peer
 from ..execution.process import WorkerSpec
 from ..execution.receive import prepare_payload
 from ..execution.replica import (
@@ -191,7 +191,7 @@ class RayJobRunner:
             elif kind in (EVENT_LOCAL_START, EVENT_LOCAL_REPLY):
                 if kind == EVENT_LOCAL_START:
                     line = int(event[1])
-                header, body = message_to_wire(_ask(local, kind, line, event[-1]))
+                header, body = message_to_wire(ask_peer(local, kind == EVENT_LOCAL_START, line, event[-1]))
                 replica.handle.local_answer.remote(token, header, body)
             elif kind == EVENT_DONE:
                 return bytes(event[1])
@@ -287,20 +287,6 @@ class RayJobRunner:
         self.replicas.close()
         if self._owns_ray:
             self._ray.shutdown()
-
-
-def _ask(local: LocalPeer | None, kind: str, line: int, body: bytes) -> Any:
-    """The client's answer to one local-block hop, through the job's peer (as
-    `execution.local_channel.LocalRelay` does for a worker process)."""
-    from ..contract.local_block import CATEGORY_NO_CLIENT, BlockFailed
-
-    if local is None:
-        return BlockFailed(MSG_NO_CLIENT.format(line=line), CATEGORY_NO_CLIENT)
-    try:
-        message = local.start(line, body) if kind == EVENT_LOCAL_START else local.reply(body)
-    except Exception as error:  # noqa: BLE001 - the job fails with it; the replica goes on
-        return peer_failure(line, error)
-    return checked_message(line, message)
 
 
 def _first_line(error: BaseException) -> str:
